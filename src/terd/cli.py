@@ -1,0 +1,148 @@
+"""The ``terd`` command line: a thin layer over the public API.
+
+Every command turns a :class:`~terd.errors.TerdError` (bad path, corrupt file, wrong shape...) into one
+line on stderr and exit code 2; ``terd --debug CMD`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+
+from terd.errors import TerdError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Protect diffusion models against backdoors: train, attack, scan, check inputs.")
+_state = {"debug": False}
+F = TypeVar("F", bound=Callable)
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
+    _state["debug"] = debug
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"terd: error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def command(fn: F) -> F:
+    """Register a command whose user errors become one line + exit 2 (tracebacks only with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):  # noqa: ANN202
+        try:
+            return fn(*args, **kwargs)
+        except TerdError as exc:
+            if _state["debug"]:
+                raise
+            raise fail(str(exc)) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted", 130) from None
+
+    return app.command()(wrapper)
+
+
+def _device(device: str | None) -> str:
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TerdError("--device cuda requested but no CUDA device is available")
+    return device
+
+
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")]
+
+
+@command
+def train(
+    out: Annotated[Path, typer.Option("--out", help="Output directory (a diffusers pipeline dir).")],
+    preset: Annotated[str, typer.Option(help="tiny-digits16, tiny-photos32 or ddpm-cifar10.")] = "tiny-digits16",
+    epochs: Annotated[int | None, typer.Option(help="Epochs (default: the preset's).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    data: Annotated[str | None, typer.Option(help="digits16, photos32, an image folder, a CIFAR-10 dir or .npz.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out directory.")] = False,
+    device: DeviceOpt = None,
+) -> None:
+    """Train a clean DDPM (EMA, resumable checkpoints, sample grid, diffusers pipeline dir)."""
+    from terd.data import load_dataset
+    from terd.presets import get_preset
+    from terd.train import train as run_train
+
+    p = get_preset(preset)
+    ds = load_dataset(data or p.dataset, channels=p.channels, size=p.size)
+    res = run_train(p, ds, out, epochs=epochs, seed=seed, device=_device(device), overwrite=overwrite)
+    resumed = f" (resumed at epoch {res.resumed_from_epoch})" if res.resumed_from_epoch else ""
+    typer.echo(f"trained {p.name} on {ds.name} for {res.epochs} epochs in {res.seconds:.0f}s{resumed}; "
+               f"loss {res.final_loss:.4f}; model: {out}  samples: {out / 'samples.png'}")
+
+
+@command
+def sample(
+    model: Annotated[str, typer.Argument(help="Model dir, DDIM-repo checkpoint or hub id.")],
+    out: Annotated[Path, typer.Option("--out", help="PNG grid to write.")],
+    n: Annotated[int, typer.Option("--n", help="Number of images.")] = 64,
+    init: Annotated[Path | None, typer.Option(help="Initial noises (safetensors tensor 'x' or .npy), N x C x H x W.")] = None,
+    sampler: Annotated[str, typer.Option(help="ddpm (1000 steps) or ddim (unclipped, --steps).")] = "ddpm",
+    steps: Annotated[int, typer.Option(help="DDIM steps.")] = 50,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: DeviceOpt = None,
+) -> None:
+    """Generate a sample grid, optionally from given initial noises x_T."""
+    from terd.imaging import save_grid
+    from terd.models import load_denoiser
+    from terd.sampling import initial_noise, sample_images
+    from terd.tensors import load_noise
+
+    if out.suffix.lower() != ".png":
+        raise TerdError(f"--out must be a .png file, got {out}")
+    dev = _device(device)
+    den = load_denoiser(model, device=dev)
+    x_T = load_noise(init, den.image_shape).to(dev) if init else initial_noise(n, den.image_shape, seed=seed, device=dev)
+    if sampler not in ("ddim", "ddpm"):
+        raise TerdError(f"--sampler must be ddim or ddpm, got {sampler!r}")
+    imgs = sample_images(den, x_T, sampler=sampler, steps=steps, seed=seed)
+    save_grid(imgs, out)
+    typer.echo(f"wrote {len(imgs)} samples to {out}")
+
+
+@command
+def info(model: Annotated[str, typer.Argument(help="Model dir, DDIM-repo checkpoint or hub id.")]) -> None:
+    """Print what terd sees in a model (architecture, size, schedule) as JSON."""
+    from terd.models import load_denoiser
+
+    den = load_denoiser(model)
+    typer.echo(json.dumps({"source": model, "family": den.family, "image_shape": list(den.image_shape),
+                           "parameters": den.num_parameters(), "timesteps": den.num_timesteps,
+                           "beta_schedule": den.schedule.config.get("beta_schedule")}, indent=2))
+
+
+@command
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Where the demo writes its models and pictures.")] = Path("demo-output"),
+    epochs: Annotated[int | None, typer.Option(help="Training epochs for the demo model.")] = None,
+) -> None:
+    """The main job on the embedded default: train (or reuse) a tiny digits model and write its samples."""
+    from terd.demo import run_demo
+
+    run_demo(out, epochs=epochs, echo=typer.echo)
+
+
+def main() -> None:
+    try:
+        app()
+    except BrokenPipeError:  # e.g. `terd info M | head`
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

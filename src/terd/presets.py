@@ -1,0 +1,54 @@
+"""Named model sizes: tiny presets for CPUs (the default here) and the full CIFAR-10 DDPM for GPUs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from terd.errors import TerdError
+from terd.models.ddim_repo import DDIMRepoConfig, diffusers_config
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    dataset: str  # default training data (a built-in name)
+    channels: int
+    size: int
+    unet: dict = field(default_factory=dict)
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    ema_decay: float = 0.995
+    summary: str = ""
+
+    def unet_config(self) -> dict:
+        return {"sample_size": self.size, "in_channels": self.channels, "out_channels": self.channels, **self.unet}
+
+
+_TINY_UNET = {
+    "block_out_channels": (32, 64, 64), "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+}
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("tiny-digits16", "digits16", 1, 16, _TINY_UNET, epochs=40,
+               summary="1.1M-parameter UNet on 16x16 digits; a few minutes on 2 CPU cores"),
+        Preset("tiny-photos32", "photos32", 3, 32, _TINY_UNET, epochs=30,
+               summary="1.1M-parameter UNet on 32x32 photo crops; CPU-sized"),
+        Preset("ddpm-cifar10", "photos32", 3, 32,
+               {k: v for k, v in diffusers_config(DDIMRepoConfig()).items()
+                if k not in ("sample_size", "in_channels", "out_channels")},
+               epochs=100, batch_size=128, lr=2e-4, warmup_steps=500, ema_decay=0.9999,
+               summary="google/ddpm-cifar10-32 architecture (35.7M parameters): GPU work; pass --data CIFAR_DIR"),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise TerdError(f"unknown preset {name!r} (available: {', '.join(PRESETS)})")
+    return PRESETS[name]
