@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import GaussianOracle, PointMassOracle, oracle_denoiser
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from conftest import GaussianOracle, PointMassOracle, oracle_denoiser
 from terd.models import Denoiser, NoiseSchedule
 from terd.sampling import ddim_sample, ddim_timesteps, ddpm_sample, ddpm_step, predict_x0
 
