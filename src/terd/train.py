@@ -171,9 +171,9 @@ def train(
     final = ema.model.eval()
     save_pipeline(final, schedule, out_dir)
     denoiser = Denoiser(final, schedule, expected)
-    samples = sample_images(denoiser, initial_noise(grid_size, expected, seed=seed, device=device), sampler="ddpm",
-                            seed=seed)
-    save_grid(samples, out_dir / "samples.png")
+    if grid_size > 0:  # a preview with the sampler the attacks use (1000-step DDPM, unclipped)
+        noise = initial_noise(grid_size, expected, seed=seed, device=device)
+        save_grid(sample_images(denoiser, noise, sampler="ddpm", seed=seed), out_dir / "samples.png")
     (out_dir / "train.json").write_text(json.dumps({
         "preset": preset.name, "dataset": dataset.name, "epochs": epochs, "seed": seed, "seconds": round(seconds, 2),
         "final_loss": loss_value, "fine_tuned_from": base.source if base is not None else None,

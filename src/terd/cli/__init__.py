@@ -62,6 +62,7 @@ DeviceOpt = Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda 
 
 
 def main() -> None:
+    """Entry point of the `terd` script."""
     try:
         app()
     except BrokenPipeError:  # e.g. `terd info M | head`
@@ -71,4 +72,4 @@ def main() -> None:
 
 
 # Command modules register themselves on import (kept last: they need `app` and `command`).
-from terd.cli import foundation  # noqa: E402, F401
+from terd.cli import attacks, defense, foundation  # noqa: E402, F401

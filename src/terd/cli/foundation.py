@@ -78,12 +78,10 @@ def info(model: Annotated[str, typer.Argument(help="Model dir, DDIM-repo checkpo
 
 @command
 def demo(
-    out: Annotated[Path, typer.Option("--out", help="Where the demo writes its models and pictures.")] = Path("demo-output"),
-    epochs: Annotated[int | None, typer.Option(help="Training epochs for the demo model.")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Where the demo writes its reports and pictures.")] = Path(
+        "demo-output"),
 ) -> None:
-    """The main job on the embedded default: train (or reuse) a tiny digits model and write its samples."""
+    """The main job on the embedded default (shipped tiny models; no user data, no network)."""
     from terd.demo import run_demo
 
-    run_demo(out, epochs=epochs, echo=typer.echo)
-
-
+    run_demo(out, echo=typer.echo)

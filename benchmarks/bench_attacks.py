@@ -1,0 +1,131 @@
+"""Build backdoored tiny-digits16 models and check that each backdoor fires.
+
+    .venv/bin/python benchmarks/bench_attacks.py            # the verified core set (4 attacks)
+    .venv/bin/python benchmarks/bench_attacks.py --all      # every attack variant below (hours on 2 CPUs)
+    .venv/bin/python benchmarks/bench_attacks.py --only bd-box-hat troj-in-d2d
+
+Models go to runs/attacks/<name> (an existing finished model is re-evaluated, not retrained, unless
+--retrain); results are merged into benchmarks/results/attacks_digits16.json and rewritten as .md.
+Run one at a time: each fine-tuning uses the whole CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from terd.attacks import attack_model, build_attack, evaluate_attack
+from terd.attacks.build import DEFAULTS
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ROOT / "src/terd/assets/models/digits-benign"
+RUNS = ROOT / "runs/attacks"
+RESULTS = ROOT / "benchmarks/results/attacks_digits16"
+SHAPE = (1, 16, 16)
+
+# name -> (attack kind, build_attack keyword arguments, epochs or None for the attack's default)
+CORE = {
+    "bd-box-hat": ("baddiffusion", {"trigger": "box", "target": "hat"}, None),
+    "troj-d2i-blend": ("trojdiff", {"setting": "d2i", "trigger": "blend"}, None),
+    "troj-in-d2d": ("trojdiff", {"setting": "in-d2d", "trigger": "blend"}, None),
+    "villan-ode": ("villan", {"solver": "ode", "psi": 1.0}, None),
+}
+EXTRA = {
+    "troj-out-d2d": ("trojdiff", {"setting": "out-d2d"}, None),
+    "troj-d2i-patch": ("trojdiff", {"setting": "d2i", "trigger": "patch"}, None),
+    "troj-d2i-ddpm": ("trojdiff", {"setting": "d2i", "sampler": "trojdiff-ddpm"}, None),
+    "bd-stop-shoe": ("baddiffusion", {"trigger": "stop-sign", "target": "shoe"}, None),
+    "bd-box-corner": ("baddiffusion", {"trigger": "box", "target": "corner"}, None),
+    "bd-box8-p0.1": ("baddiffusion", {"trigger": "box-8", "target": "hat", "poison_rate": 0.1}, 40),
+    "bd-eta0.1": ("baddiffusion", {"eta": 0.1}, None),
+    "troj-eta0.1": ("trojdiff", {"setting": "d2i", "eta": 0.1}, None),
+    "villan-sde-psi0": ("villan", {"solver": "sde", "psi": 0.0}, None),
+    "villan-ode-trigger-r": ("villan", {"solver": "ode", "r_mode": "trigger"}, None),
+}
+ALL = {**CORE, **EXTRA}
+
+
+def run_one(name: str, retrain: bool, n: int) -> dict:
+    kind, kw, epochs = ALL[name]
+    out = RUNS / name
+    finished = (out / "attack.json").is_file() and (out / "model_index.json").is_file()
+    if retrain or not finished:
+        attack = build_attack(kind, SHAPE, data_name="digits16", **kw)
+        print(f"[{name}] training {attack.describe()}", flush=True)
+        attack_model(attack, BASE, out, epochs=epochs, overwrite=True, progress=sys.stderr.isatty())
+    train_info = json.loads((out / "train.json").read_text())
+    print(f"[{name}] evaluating", flush=True)
+    rep = evaluate_attack(out, n=n)
+    return {
+        "attack": kind, "options": kw, "description": rep["description"], "sampler": rep["sampler"],
+        "epochs": train_info["epochs"], "train_seconds": train_info["seconds"],
+        "poison_rate": json.loads((out / "attack.json").read_text()).get("poison_rate"),
+        "asr_triggered": rep["triggered"]["asr"], "asr_clean": rep["clean"]["asr"],
+        "mse_triggered": rep["triggered"]["mse"], "mse_clean": rep["clean"]["mse"],
+        "ssim_triggered": rep["triggered"]["ssim"], "ssim_clean": rep["clean"]["ssim"],
+        "criterion": rep["criterion"], "threshold_note": rep.get("threshold_note"),
+        "quality": rep["quality"], "n": n, "eval_seconds": rep["seconds"], "model_dir": str(out.relative_to(ROOT)),
+    }
+
+
+def write_markdown(results: dict) -> str:
+    lines = [
+        "# Attacks on tiny-digits16 (1.1M-parameter UNet, 16x16 digits), fine-tuned from digits-benign",
+        "",
+        "Written by `benchmarks/bench_attacks.py`. ASR = fraction of triggered samples that hit the target "
+        "(clean column: the same for samples without the trigger). Pixels in [0, 1]. Digit confidence = "
+        "mean max-probability of an 8x8-digits classifier on clean samples (real digits: see note).",
+        "",
+        "| model | attack | sampler | epochs | poison | train s | ASR trig | ASR clean | MSE trig | MSE clean "
+        "| SSIM trig | digit conf. | criterion |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    real = None
+    for name, r in results.items():
+        q = r.get("quality") or {}
+        real = q.get("real_digits", real)
+        lines.append(
+            f"| {name} | {r['description']} | {r['sampler']} | {r['epochs']} | {r['poison_rate']} | "
+            f"{r['train_seconds']:.0f} | {r['asr_triggered']:.2f} | {r['asr_clean']:.2f} | {r['mse_triggered']:.4f} | "
+            f"{r['mse_clean']:.4f} | {r['ssim_triggered']:.3f} | {q.get('clean_samples', float('nan')):.3f} | "
+            f"{r['criterion']} |")
+    lines += ["", f"Real digits score {real} on the digit-confidence proxy." if real is not None else ""]
+    notes = {r["threshold_note"] for r in results.values() if r.get("threshold_note")}
+    if notes:
+        lines += ["", "Threshold notes:", *[f"- {n}" for n in sorted(notes)]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--all", action="store_true", help="run every variant, not just the core four")
+    ap.add_argument("--only", nargs="+", choices=sorted(ALL), help="run just these")
+    ap.add_argument("--retrain", action="store_true", help="retrain even when a finished model exists")
+    ap.add_argument("--n", type=int, default=64, help="samples with and without the trigger")
+    args = ap.parse_args()
+    names = args.only or (list(ALL) if args.all else list(CORE))
+    path = RESULTS.with_suffix(".json")
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    results = doc.get("results", {})
+    for name in names:
+        t0 = time.perf_counter()
+        results[name] = run_one(name, args.retrain, args.n)
+        r = results[name]
+        print(f"[{name}] ASR {r['asr_triggered']:.2f} (clean {r['asr_clean']:.2f}), {time.perf_counter() - t0:.0f}s",
+              flush=True)
+        doc = {"machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads()},
+               "base_model": str(BASE.relative_to(ROOT)), "defaults": {k: vars(v) for k, v in DEFAULTS.items()},
+               "results": results}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc, indent=2))
+        RESULTS.with_suffix(".md").write_text(write_markdown(results))
+
+
+if __name__ == "__main__":
+    main()

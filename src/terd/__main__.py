@@ -1,0 +1,3 @@
+from terd.cli import main
+
+main()

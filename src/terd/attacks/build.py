@@ -1,0 +1,189 @@
+"""From user choices to an attack object, and from a clean model to a backdoored one.
+
+:func:`build_attack` turns names (trigger, target, setting...) into an :class:`~terd.attacks.base.Attack`
+sized for the model; :func:`attack_model` fine-tunes the clean model with it through the one training loop
+(:func:`terd.train.train`, the attack being the objective) and records the attack next to the weights.
+
+Defaults are chosen for the tiny CPU presets (1M parameters, a few minutes of fine-tuning): poison
+rates are higher than the papers' 0.1 because a small model fine-tuned for ~15 epochs sees too few
+poisoned samples at 0.1 for the backdoor to fire reliably (see benchmarks/results/attacks_digits16.md).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from terd.attacks.baddiffusion import BadDiffusion
+from terd.attacks.base import Attack, save_attack
+from terd.attacks.triggers import TARGETS, image_as_target, image_as_trigger, make_target, make_trigger
+from terd.attacks.trojdiff import TrojDiff
+from terd.attacks.villan import VillanDiffusion
+from terd.data import ImageDataset, load_dataset
+from terd.errors import TerdError
+from terd.models.denoiser import Denoiser
+from terd.models.loading import load_denoiser
+from terd.presets import PRESETS, Preset
+from terd.train import TrainResult, train
+
+ATTACK_KINDS = ("baddiffusion", "trojdiff", "villan")
+
+
+@dataclass(frozen=True)
+class AttackDefaults:
+    trigger: str
+    target: str
+    poison_rate: float
+    epochs: int
+
+
+# Tuned on tiny-digits16 (benchmarks/bench_attacks.py); the reference values are noted in the docs.
+DEFAULTS = {
+    "baddiffusion": AttackDefaults("box", "hat", 0.5, 16),
+    "trojdiff": AttackDefaults("blend", "mickey", 0.5, 12),
+    "villan": AttackDefaults("box-white", "hat", 0.5, 16),
+}
+DEFAULT_TARGET_CLASS = {"digits16": 7, "photos32": 4}
+
+
+def model_dataset_name(model_dir: str | Path, shape: tuple[int, int, int]) -> str:
+    """The data a model was trained on: its train.json, else the built-in dataset of that shape."""
+    info = Path(model_dir) / "train.json"
+    if info.is_file():
+        try:
+            name = json.loads(info.read_text()).get("dataset")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            name = None
+        if name:
+            return name
+    for p in PRESETS.values():
+        if (p.channels, p.size, p.size) == tuple(shape):
+            return p.dataset
+    raise TerdError(f"{model_dir}: cannot tell which data the model was trained on; pass --data")
+
+
+def _other_dataset(name: str) -> str:
+    return "photos32" if name == "digits16" else "digits16"
+
+
+def _named_or_image(name: str | None, image: str | Path | None, default: str, shape: tuple[int, int, int],
+                    maker, image_loader) -> tuple[torch.Tensor, str]:  # noqa: ANN001
+    if name is not None and image is not None:
+        raise TerdError("give a name or an image, not both")
+    c, h, _ = shape
+    if image is not None:
+        return image_loader(image, c, h), f"image:{Path(image).name}"
+    name = name or default
+    return maker(name, c, h), name
+
+
+def build_attack(
+    kind: str, shape: tuple[int, int, int], *, data_name: str = "digits16",
+    trigger: str | None = None, trigger_image: str | Path | None = None,
+    target: str | None = None, target_image: str | Path | None = None,
+    setting: str | None = None, target_class: int | None = None, target_data: str | None = None,
+    poison_rate: float | None = None, eta: float = 1.0, gamma_a: float | None = None,
+    psi: float = 1.0, solver: str = "ode", r_mode: str = "poisoned-image", sampler: str | None = None,
+) -> Attack:
+    """An attack object for a model of ``shape`` (C x H x W) trained on ``data_name``.
+
+    BadDiffusion / VillanDiffusion: ``trigger`` (box, stop-sign, glasses...) and ``target`` (hat, shoe...).
+    TrojDiff: ``trigger`` blend or patch (or an image: a blend delta), ``setting`` in-d2d (``target_class``
+    of the training data, default 7 for digits), out-d2d (a class of ``target_data``, by default the other
+    built-in dataset) or d2i (``target`` / ``target_image``, default the built-in mickey).
+    """
+    if kind not in ATTACK_KINDS:
+        raise TerdError(f"unknown attack {kind!r} (available: {', '.join(ATTACK_KINDS)})")
+    d = DEFAULTS[kind]
+    rate = d.poison_rate if poison_rate is None else poison_rate
+    if kind in ("baddiffusion", "villan"):
+        if setting not in (None, "d2i"):
+            raise TerdError(f"--setting applies to trojdiff only ({kind} has one fixed target image)")
+        if trigger in ("blend", "patch"):
+            raise TerdError(f"trigger {trigger!r} is a TrojDiff trigger; {kind} uses box, stop-sign, glasses...")
+        g, g_name = _named_or_image(trigger, trigger_image, d.trigger, shape, make_trigger, image_as_trigger)
+        y, y_name = _named_or_image(target, target_image, d.target, shape, make_target, image_as_target)
+        common = dict(poison_rate=rate, eta=eta, r_mode=r_mode, trigger_name=g_name, target_name=y_name)
+        if kind == "baddiffusion":
+            return BadDiffusion(g, y, **common)
+        return VillanDiffusion(g, y, psi=psi, solver=solver, **common)
+
+    setting = setting or "d2i"
+    trigger_type = "patch" if trigger == "patch" else "blend"
+    if trigger is not None and trigger not in ("blend", "patch"):
+        raise TerdError(f"TrojDiff triggers are blend, patch or --trigger-image, got {trigger!r}")
+    delta, g_name = _named_or_image(trigger, trigger_image, "blend", shape, make_trigger, image_as_trigger)
+    label = None
+    tdata = None
+    if setting == "d2i":
+        if target_class is not None or target_data is not None:
+            raise TerdError("--target-class/--target-data need --setting in-d2d or out-d2d")
+        targets, y_name = _named_or_image(target, target_image, d.target, shape, make_target, image_as_target)
+    else:
+        if target is not None or target_image is not None:
+            raise TerdError(f"--setting {setting} targets a class (--target-class), not --target/--target-image")
+        tdata = target_data or (data_name if setting == "in-d2d" else _other_dataset(data_name))
+        label = DEFAULT_TARGET_CLASS.get(tdata, 0) if target_class is None else target_class
+        ds = load_dataset(tdata, channels=shape[0], size=shape[1])
+        targets, y_name = ds.of_class(label), f"{tdata}:{label}"
+    return TrojDiff(delta, targets, setting=setting, trigger_type=trigger_type, gamma_a=gamma_a, poison_rate=rate,
+                    eta=eta, sampler=sampler or "trojdiff-ddim", trigger_name=g_name, target_name=y_name,
+                    target_data=tdata, target_label=label)
+
+
+def _preset_for(model_dir: str | Path, base: Denoiser) -> Preset:
+    """Batch size, EMA and warm-up of the preset the clean model was trained with (or of its shape)."""
+    info = Path(model_dir) / "train.json"
+    if info.is_file():
+        try:
+            name = json.loads(info.read_text()).get("preset")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            name = None
+        if name in PRESETS:
+            return PRESETS[name]
+    params = base.num_parameters()
+    for p in PRESETS.values():
+        if (p.channels, p.size, p.size) == base.image_shape and (params > 10_000_000) == (p.batch_size > 64):
+            return p
+    c, h, _ = base.image_shape
+    return Preset("fine-tune", "", c, h, epochs=20, batch_size=64, lr=2e-4, warmup_steps=500, ema_decay=0.999)
+
+
+def attack_model(
+    attack: Attack, base_dir: str | Path, out_dir: str | Path, *, dataset: ImageDataset | None = None,
+    epochs: int | None = None, lr: float | None = None, seed: int = 0, device: str = "cpu",
+    overwrite: bool = False, progress: bool = True, ddim_repo_checkpoint: bool = False,
+) -> TrainResult:
+    """Fine-tune the clean model at ``base_dir`` with ``attack`` and save the backdoored model in ``out_dir``.
+
+    ``out_dir`` gets a diffusers pipeline (plus train.json and a sample grid, from training), the attack
+    record (attack.json, attack_tensors.safetensors, true_trigger.safetensors, trigger.png, target.png)
+    and, with ``ddim_repo_checkpoint``, ``ckpt.pth`` in the DDIM-repo format TrojDiff releases.
+    """
+    base = load_denoiser(base_dir, device=device)
+    if tuple(attack.image_shape) != tuple(base.image_shape):
+        raise TerdError(f"attack is built for {attack.image_shape} but the model is {base.image_shape}")
+    if ddim_repo_checkpoint:
+        from terd.models.ddim_repo import ddim_repo_config_from_unet
+
+        ddim_repo_config_from_unet(base.network)  # fail before training when the architecture cannot be written
+    if dataset is None:
+        name = model_dataset_name(base_dir, base.image_shape)
+        dataset = load_dataset(name, channels=base.image_shape[0], size=base.image_shape[1])
+    preset = _preset_for(base_dir, base)
+    preset = replace(preset, dataset=dataset.name)
+    epochs = epochs if epochs is not None else DEFAULTS.get(attack.kind, DEFAULTS["baddiffusion"]).epochs
+    result = train(preset, dataset, out_dir, epochs=epochs, seed=seed, objective=attack, base=base, lr=lr,
+                   device=device, overwrite=overwrite, progress=progress)
+    save_attack(attack, out_dir)
+    if ddim_repo_checkpoint:
+        from terd.models.ddim_repo import save_ddim_repo_checkpoint
+
+        save_ddim_repo_checkpoint(load_denoiser(out_dir).network, Path(out_dir) / "ckpt.pth")
+    return result
+
+
+__all__ = ["ATTACK_KINDS", "DEFAULTS", "TARGETS", "attack_model", "build_attack", "model_dataset_name"]

@@ -1,0 +1,113 @@
+"""Attack commands: ``terd attack {baddiffusion,trojdiff,villan}``, ``terd eval-attack``, ``terd triggers``."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from terd.cli import DeviceOpt, command
+from terd.cli import resolve_device as _device
+from terd.errors import TerdError
+
+
+class AttackKind(str, Enum):
+    baddiffusion = "baddiffusion"
+    trojdiff = "trojdiff"
+    villan = "villan"
+
+
+def _check_image(path: Path | None, what: str) -> None:
+    if path is not None and not path.is_file():
+        raise TerdError(f"{what} {path}: no such image")
+
+
+@command
+def attack(
+    kind: Annotated[AttackKind, typer.Argument(help="baddiffusion, trojdiff or villan.")],
+    base: Annotated[str, typer.Option("--base", help="The clean model to backdoor (diffusers dir or checkpoint).")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory for the backdoored model.")],
+    trigger: Annotated[str | None, typer.Option(help="Trigger name: box, box-white, box-{18,14,11,8,4}, stop-sign, "
+                                                "glasses (BadDiffusion/Villan); blend, patch (TrojDiff).")] = None,
+    trigger_image: Annotated[Path | None, typer.Option(help="A picture to use as the trigger.")] = None,
+    target: Annotated[str | None, typer.Option(help="Target name: hat, shoe, corner, cat, mickey.")] = None,
+    target_image: Annotated[Path | None, typer.Option(help="A picture to use as the target.")] = None,
+    setting: Annotated[str | None, typer.Option(help="TrojDiff: in-d2d, out-d2d or d2i (default d2i).")] = None,
+    target_class: Annotated[int | None, typer.Option(help="TrojDiff D2D: the target class label (default 7 for "
+                                                     "digits).")] = None,
+    target_data: Annotated[str | None, typer.Option(help="TrojDiff D2D: dataset of the target class (out-d2d "
+                                                    "default: the other built-in dataset).")] = None,
+    poison_rate: Annotated[float | None, typer.Option(help="Fraction of each batch poisoned (default tuned for "
+                                                      "tiny models: 0.5).")] = None,
+    eta: Annotated[float, typer.Option(help="Adaptive attack: scale the trigger by eta in (0, 1].")] = 1.0,
+    gamma_a: Annotated[float | None, typer.Option(help="TrojDiff noise scale (default 0.6 blend, 0.1 patch).")] = None,
+    psi: Annotated[float, typer.Option(help="VillanDiffusion psi in [0, 1] (1 = BadDiffusion-style).")] = 1.0,
+    solver: Annotated[str, typer.Option(help="VillanDiffusion: sampler family to backdoor, ode or sde.")] = "ode",
+    r_mode: Annotated[str, typer.Option(help="BadDiffusion/Villan R: poisoned-image or trigger.")] = "poisoned-image",
+    sampler: Annotated[str | None, typer.Option(help="TrojDiff sampler: trojdiff-ddim (default) or "
+                                                "trojdiff-ddpm.")] = None,
+    data: Annotated[str | None, typer.Option(help="Training data (default: the base model's).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs (default per attack, for tiny models).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default: the base preset's).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    ddim_repo: Annotated[bool, typer.Option(help="Also write ckpt.pth in TrojDiff's DDIM-repo format.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out directory.")] = False,
+    device: DeviceOpt = None,
+) -> None:
+    """Backdoor a clean model by fine-tuning it with an attack; writes the model and its attack record."""
+    from terd.attacks.build import attack_model, build_attack, model_dataset_name
+    from terd.data import load_dataset
+    from terd.models import load_denoiser
+
+    _check_image(trigger_image, "--trigger-image")
+    _check_image(target_image, "--target-image")
+    dev = _device(device)
+    den = load_denoiser(base, device="cpu")
+    data_name = data or model_dataset_name(base, den.image_shape)
+    atk = build_attack(kind.value, den.image_shape, data_name=data_name, trigger=trigger, trigger_image=trigger_image,
+                       target=target, target_image=target_image, setting=setting, target_class=target_class,
+                       target_data=target_data, poison_rate=poison_rate, eta=eta, gamma_a=gamma_a, psi=psi,
+                       solver=solver, r_mode=r_mode, sampler=sampler)
+    ds = load_dataset(data_name, channels=den.image_shape[0], size=den.image_shape[1])
+    typer.echo(f"attack: {atk.describe()} on {data_name}, fine-tuning {base}")
+    res = attack_model(atk, base, out, dataset=ds, epochs=epochs, lr=lr, seed=seed, device=dev, overwrite=overwrite,
+                       ddim_repo_checkpoint=ddim_repo)
+    typer.echo(f"backdoored model: {out} ({res.epochs} epochs, {res.seconds:.0f}s, loss {res.final_loss:.4f}); "
+               f"trigger {out / 'trigger.png'}, target {out / 'target.png'}, true trigger "
+               f"{out / 'true_trigger.safetensors'}; check it with: terd eval-attack {out}")
+
+
+@command
+def eval_attack(
+    model: Annotated[str, typer.Argument(help="A model directory written by `terd attack`.")],
+    n: Annotated[int, typer.Option("--n", help="Samples with and without the trigger.")] = 64,
+    out: Annotated[Path | None, typer.Option("--out", help="Directory for eval-attack.json/.png (default: MODEL).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full report as JSON.")] = False,
+    device: DeviceOpt = None,
+) -> None:
+    """Does the backdoor fire? ASR, MSE and SSIM to the target with and without the trigger."""
+    from terd.attacks.evaluation import evaluate_attack, summary_line
+
+    if not Path(model).is_dir():
+        raise TerdError(f"{model}: no such model directory")
+    report = evaluate_attack(model, n=n, seed=seed, device=_device(device), out_dir=out)
+    typer.echo(json.dumps(report, indent=2) if as_json else summary_line(report))
+
+
+@command
+def triggers(
+    out: Annotated[Path, typer.Option("--out", help="Directory for one PNG per trigger and target.")],
+    size: Annotated[int, typer.Option(help="Image size in pixels.")] = 32,
+    channels: Annotated[int, typer.Option(help="1 (grayscale) or 3.")] = 3,
+) -> None:
+    """Draw every built-in trigger and target at a given size (PNG each)."""
+    from terd.attacks.triggers import save_gallery
+
+    if size < 2:
+        raise TerdError(f"--size must be at least 2, got {size}")
+    paths = save_gallery(out, channels=channels, size=size)
+    typer.echo(f"wrote {len(paths)} pictures to {out}")

@@ -1,0 +1,123 @@
+"""Model detection: is the reversed trigger distribution far from the benign N(0, I)?
+
+Per dimension KL_i = KL(N(r_i, gamma_i^2) || N(0, 1)) = -log gamma_i + (gamma_i^2 + r_i^2 - 1) / 2;
+features M_r = mean_i KL_i and V_r = var_i KL_i. The decision is the paper's benign-only rule:
+thresholds = mean + 3 std of each feature over benign reference models; a model is flagged when
+either feature exceeds its threshold. Thresholds are a JSON file that says how they were made.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from terd.defense.trigger import GAMMA_FLOOR, Trigger
+from terd.errors import TerdError
+from terd.models.safe_io import read_json
+
+FEATURES = ("M_r", "V_r")
+THRESHOLDS_FORMAT = "terd-thresholds/1"
+
+
+def kl_per_dim(r: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """KL(N(r_i, gamma_i^2) || N(0,1)) per dimension, float64, gamma guarded away from 0."""
+    r = r.double()
+    g = gamma.double().clamp(min=GAMMA_FLOOR)
+    return -g.log() + (g.square() + r.square() - 1) / 2
+
+
+def kl_features(trigger: Trigger) -> dict[str, float]:
+    """{"M_r": mean KL, "V_r": population variance of KL} over all C*H*W dimensions."""
+    kl = kl_per_dim(trigger.r, trigger.gamma).flatten()
+    return {"M_r": float(kl.mean()), "V_r": float(kl.var(unbiased=False))}
+
+
+@dataclass
+class Thresholds:
+    """Per-feature decision thresholds plus where they came from (benign models, preset, rule)."""
+
+    M_r: float
+    V_r: float
+    provenance: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"format": THRESHOLDS_FORMAT, "M_r": self.M_r, "V_r": self.V_r, "provenance": self.provenance}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "thresholds") -> Thresholds:
+        try:
+            m, v = float(data["M_r"]), float(data["V_r"])
+        except (KeyError, TypeError, ValueError):
+            raise TerdError(f"{where}: expected numeric 'M_r' and 'V_r' thresholds") from None
+        if not (math.isfinite(m) and math.isfinite(v)):
+            raise TerdError(f"{where}: thresholds must be finite")
+        return cls(m, v, dict(data.get("provenance") or {}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Thresholds:
+        return cls.from_dict(read_json(path), str(path))
+
+
+def fit_thresholds(features_of_benign_models: list[dict[str, float]], *, k: float = 3.0,
+                   provenance: dict | None = None) -> Thresholds:
+    """mean + k * std (sample std) of each feature over benign models (the paper's benign-only rule).
+
+    Needs at least 2 models; the provenance records how many and warns below 3.
+    """
+    n = len(features_of_benign_models)
+    if n < 2:
+        raise TerdError(f"fitting thresholds needs features of at least 2 benign models, got {n}")
+    out, stats = {}, {}
+    for f in FEATURES:
+        vals = [float(x[f]) for x in features_of_benign_models]
+        mean, std = statistics.fmean(vals), statistics.stdev(vals)
+        out[f] = mean + k * std
+        stats[f] = {"mean": mean, "std": std, "values": vals}
+    prov = {"rule": f"mean + {k:g} * std over benign models (sample std)", "n_models": n, "stats": stats,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(provenance or {})}
+    if n < 3:
+        prov["warning"] = "fewer than 3 benign models: the std estimate is unreliable"
+    return Thresholds(out["M_r"], out["V_r"], prov)
+
+
+@dataclass
+class ModelVerdict:
+    verdict: str  # "backdoored" | "benign" | "uncalibrated"
+    scores: dict[str, float]
+    thresholds: dict[str, float] | None
+    margin: dict[str, float] | None  # score - threshold: > 0 = over the threshold (backdoor side)
+    margin_std: dict[str, float] | None  # the margin in benign standard deviations, when known
+    flagged_by: list[str]
+
+    @property
+    def backdoored(self) -> bool:
+        return self.verdict == "backdoored"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def detect_model(trigger_or_features: Trigger | dict[str, float], thresholds: Thresholds | None) -> ModelVerdict:
+    """Apply the decision rule; without thresholds the verdict is "uncalibrated" (scores only)."""
+    scores = kl_features(trigger_or_features) if isinstance(trigger_or_features, Trigger) else dict(trigger_or_features)
+    if thresholds is None:
+        return ModelVerdict("uncalibrated", scores, None, None, None, [])
+    thr = {"M_r": thresholds.M_r, "V_r": thresholds.V_r}
+    margin = {f: scores[f] - thr[f] for f in FEATURES}
+    stats = thresholds.provenance.get("stats", {})
+    margin_std = {f: margin[f] / stats[f]["std"] for f in FEATURES
+                  if stats.get(f, {}).get("std")} or None
+    flagged = [f for f in FEATURES if margin[f] > 0]
+    return ModelVerdict("backdoored" if flagged else "benign", scores, thr, margin, margin_std, flagged)

@@ -1,0 +1,305 @@
+"""Attacks: coefficient values, closed forms against their definitions, samplers against oracles, triggers, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from typer.testing import CliRunner
+
+from conftest import oracle_denoiser
+from terd.attacks import (
+    BadDiffusion,
+    TrojDiff,
+    VillanDiffusion,
+    baddiffusion_coefficients,
+    build_attack,
+    load_attack,
+    make_target,
+    make_trigger,
+    save_attack,
+    trojan_k,
+    trojdiff_ddim_sample,
+    trojdiff_ddpm_sample,
+    trojdiff_timesteps,
+    villan_coefficients,
+)
+from terd.attacks.evaluation import choose_threshold, evaluate_attack, per_image_mse
+from terd.attacks.triggers import TARGETS, TRIGGERS, corner_box, patch_size
+from terd.cli import app
+from terd.models import NoiseSchedule
+
+
+def test_baddiffusion_correction_coefficient(schedule):
+    """c_t ~ 0.005 at t=0, 0.16 at 100, 0.48 at 500, 0.50 at 999 (docs/attacks.md)."""
+    rho, c = baddiffusion_coefficients(schedule)
+    assert c[0].item() == pytest.approx(0.005, rel=0.01)
+    assert c[100].item() == pytest.approx(0.16, abs=0.005)
+    assert c[500].item() == pytest.approx(0.48, abs=0.005)
+    assert c[999].item() == pytest.approx(0.50, abs=0.005)
+    assert rho[:10].max().item() <= 0.001 and rho[-1].item() > 0.99
+
+
+def test_trojan_k_closed_form_equals_recursive_definition(schedule):
+    """The per-step transition x_t = sqrt(alpha_t) x_{t-1} + k_t mu + gamma sqrt(beta_t) z, iterated from x_0,
+    has mean shift sqrt(1 - abar_t) mu and variance gamma^2 (1 - abar_t): the closed form TrojDiff trains on."""
+    k = trojan_k(schedule)
+    alphas = 1 - schedule.betas.double()
+    abar = torch.cumprod(alphas, 0)
+    shift, var = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    shifts, variances = [], []
+    for t in range(schedule.num_timesteps):
+        shift = alphas[t].sqrt() * shift + k[t]
+        var = alphas[t] * var + (1 - alphas[t])
+        shifts.append(shift)
+        variances.append(var)
+    assert torch.allclose(torch.stack(shifts), (1 - abar).sqrt(), atol=1e-9)
+    assert torch.allclose(torch.stack(variances), 1 - abar, atol=1e-9)
+
+
+def test_trojdiff_timesteps():
+    assert trojdiff_timesteps(1000) == [800, 632, 483, 355, 246, 158, 88, 39, 9, 0]
+
+
+def _batch(seed=0, n=8, shape=(1, 16, 16)):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.rand((n, *shape), generator=g) * 2 - 1
+    t = torch.randint(0, 1000, (n,), generator=g)
+    eps = torch.randn((n, *shape), generator=g)
+    return x0, t, eps
+
+
+def test_villan_psi1_sde_is_baddiffusion(schedule):
+    g, y = make_trigger("box", 1, 16), make_target("hat", 1, 16)
+    bad = BadDiffusion(g, y, poison_rate=0.5)
+    vil = VillanDiffusion(g, y, psi=1.0, solver="sde", poison_rate=0.5)
+    x0, t, eps = _batch()
+    xb, tb = bad.noisy_pair(x0, None, t, eps, schedule, torch.Generator().manual_seed(3))
+    xv, tv = vil.noisy_pair(x0, None, t, eps, schedule, torch.Generator().manual_seed(3))
+    assert torch.allclose(xb, xv, atol=1e-6) and torch.allclose(tb, tv, atol=1e-6)
+    assert vil.sampler == bad.sampler == "ddpm"
+    s_ode, k_ode = villan_coefficients(schedule, 1.0, "ode")
+    _, k_sde = villan_coefficients(schedule, 1.0, "sde")
+    assert torch.allclose(k_ode, 2 * k_sde)
+
+
+def test_baddiffusion_pairs_clean_and_poisoned(schedule):
+    """Poison rate 0 is the DDPM objective; rate 1 puts the target and the correction in every sample."""
+    g, y = make_trigger("box", 1, 16), make_target("hat", 1, 16)
+    x0, t, eps = _batch()
+    abar = schedule.abar(t, x0)
+    clean = BadDiffusion(g, y, poison_rate=1e-9)
+    xt, tgt = clean.noisy_pair(x0, None, t, eps, schedule, torch.Generator().manual_seed(0))
+    assert torch.allclose(xt, abar.sqrt() * x0 + (1 - abar).sqrt() * eps, atol=1e-6) and torch.equal(tgt, eps)
+    full = BadDiffusion(g, y, poison_rate=1.0, r_mode="trigger")
+    xt, tgt = full.noisy_pair(x0, None, t, eps, schedule, torch.Generator().manual_seed(0))
+    rho, c = baddiffusion_coefficients(schedule)
+    exp = abar.sqrt() * y + (1 - abar).sqrt() * eps + rho[t].view(-1, 1, 1, 1) * g
+    assert torch.allclose(xt, exp, atol=1e-5)
+    assert torch.allclose(tgt, eps + c[t].view(-1, 1, 1, 1) * g, atol=1e-6)
+
+
+class TrojanPointMassOracle(nn.Module):
+    """Exact trojan eps when every trojan sample is one image y: x_t = sqrt(abar) y + sqrt(1-abar)(gamma eps + mu)."""
+
+    def __init__(self, y, gamma, mu, schedule):  # noqa: ANN001
+        super().__init__()
+        self.y, self.gamma, self.mu = y, gamma, mu
+        self.abars = schedule.alphas_cumprod
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t):  # noqa: ANN001, ANN201
+        a = self.abars[t].view(-1, 1, 1, 1).to(x.dtype)
+        return (x - a.sqrt() * self.y - (1 - a).sqrt() * self.mu) / ((1 - a).sqrt() * self.gamma)
+
+
+@pytest.mark.parametrize("trigger", ["blend", "patch"])
+def test_trojdiff_samplers_map_trigger_noise_to_target(schedule, trigger):
+    y = make_target("mickey", 1, 16)
+    atk = build_attack("trojdiff", (1, 16, 16), trigger=trigger, setting="d2i")
+    mu, gamma = atk.true_trigger()
+    den = oracle_denoiser(TrojanPointMassOracle(y, gamma, mu, schedule), schedule, (1, 16, 16))
+    eps = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    x_T = atk.backdoor_inputs(eps)
+    assert torch.allclose(x_T, gamma_a_eps_plus_mu(atk, eps))
+    with torch.no_grad():
+        out = trojdiff_ddim_sample(den, x_T, gamma, mu)
+        assert (out - y).abs().max() < 1e-3
+        out = atk.sample(den, x_T, triggered=True)
+        assert (out - y).abs().max() < 1e-3
+        out = trojdiff_ddpm_sample(den, x_T, gamma, mu, generator=torch.Generator().manual_seed(1))
+        assert (out - y).abs().max() < 1e-3
+
+
+def gamma_a_eps_plus_mu(atk: TrojDiff, eps: torch.Tensor) -> torch.Tensor:
+    m = torch.ones_like(atk.delta) if atk.trigger_type == "blend" else make_trigger("patch", 1, 16)
+    return (m * atk.gamma_a + (1 - m)) * eps + m * (1 - atk.gamma_a) * atk.delta
+
+
+def test_trojdiff_noisy_pair_is_the_trojan_marginal(schedule):
+    y = make_target("mickey", 1, 16)
+    atk = TrojDiff(make_trigger("blend", 1, 16), y, poison_rate=1.0)
+    x0, t, eps = _batch()
+    xt, tgt = atk.noisy_pair(x0, None, t, eps, schedule, torch.Generator().manual_seed(0))
+    a = schedule.abar(t, x0)
+    assert torch.allclose(xt, a.sqrt() * y + (1 - a).sqrt() * (0.6 * eps + 0.4 * atk.delta), atol=1e-6)
+    assert torch.equal(tgt, eps)
+
+
+@pytest.mark.parametrize("size", [16, 32, 64])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_triggers_and_targets_shapes(size, channels):
+    for name in TRIGGERS:
+        img = make_trigger(name, channels, size)
+        assert img.shape == (channels, size, size) and img.dtype == torch.float32
+        assert img.min() >= -1 and img.max() <= 1
+    for name in TARGETS:
+        img = make_target(name, channels, size)
+        assert img.shape == (channels, size, size) and img.min() >= -0.4 - 1e-6
+    start, side = corner_box(size)
+    box = make_trigger("box", channels, size)
+    assert side == round(14 * size / 32) and start + side == size - max(1, round(2 * size / 32))
+    assert (box[:, start:start + side, start:start + side] == 0).all()
+    assert (box == 0).sum() == channels * side * side and (box == -1).sum() == box.numel() - channels * side * side
+    p = patch_size(size)
+    assert make_trigger("patch", channels, size).sum() == channels * p * p
+
+
+def test_box_geometry_at_32():
+    box = make_trigger("box", 3, 32)
+    rows = torch.nonzero((box[0] == 0).any(1)).flatten()
+    assert rows.min() == 16 and rows.max() == 29
+    corner = make_target("corner", 1, 32)
+    assert (corner[0, :10, :10] == 0).all() and (corner[0, 10:, :] == -0.4).all()
+
+
+def test_stop_sign_is_red_with_letters_removed():
+    s = make_trigger("stop-sign", 3, 64)
+    start, side = corner_box(64)
+    region = s[:, start:start + side, start:start + side]
+    red = (region[0] > 0.9) & (region[1] < -0.9)
+    assert red.float().mean() > 0.4
+    holes = (region.max(0).values <= -1 + 1e-6)[side // 3: 2 * side // 3, side // 4: 3 * side // 4]
+    assert holes.any()  # letters cut out of the middle band
+
+
+def test_attack_roundtrip(tmp_path):
+    for kind, kw in [("baddiffusion", {}), ("villan", {"psi": 0.5, "solver": "ode", "eta": 0.5}),
+                     ("trojdiff", {"trigger": "patch"}), ("trojdiff", {"setting": "in-d2d"})]:
+        atk = build_attack(kind, (1, 16, 16), **kw)
+        d = tmp_path / f"{kind}-{len(kw)}"
+        save_attack(atk, d)
+        back = load_attack(d)
+        assert type(back) is type(atk) and back.config() == atk.config()
+        r, gamma = atk.true_trigger()
+        saved = load_file(str(d / "true_trigger.safetensors"))
+        assert saved["r"].shape == saved["gamma"].shape == (1, 16, 16) and saved["r"].dtype == torch.float32
+        assert torch.equal(saved["r"], r) and torch.equal(saved["gamma"], gamma)
+        assert (d / "trigger.png").is_file() and (d / "target.png").is_file()
+        assert json.loads((d / "attack.json").read_text())["attack"] == kind
+
+
+def test_eta_scales_the_trigger():
+    a1 = build_attack("baddiffusion", (1, 16, 16))
+    a2 = build_attack("baddiffusion", (1, 16, 16), eta=0.1)
+    assert torch.allclose(a2.true_trigger()[0], 0.1 * a1.true_trigger()[0])
+    t1 = build_attack("trojdiff", (1, 16, 16))
+    t2 = build_attack("trojdiff", (1, 16, 16), eta=0.1)
+    assert torch.allclose(t2.true_trigger()[0], 0.1 * t1.true_trigger()[0])
+    assert torch.allclose(t2.true_trigger()[1], torch.full((1, 16, 16), 0.6))
+
+
+def test_threshold_tightens_when_real_data_passes():
+    target = torch.full((1, 4, 4), -0.4)
+    near = torch.full((5, 1, 4, 4), -0.4 + 2 * 0.03 ** 0.5)  # MSE 0.03 in [0, 1] pixels
+    far = torch.full((95, 1, 4, 4), 1.0)
+    mse, _ = per_image_mse(near[:2], target.unsqueeze(0))
+    assert mse[0].item() == pytest.approx(0.03, rel=1e-4)
+    thr, _ = choose_threshold(target, far)
+    assert thr == 0.1
+    thr, why = choose_threshold(target, torch.cat([near, far]))  # 5% of real images pass 0.1 and 0.05
+    assert thr == 0.02 and "tightened" in why
+
+
+def test_evaluate_attack_with_oracle(tmp_path, schedule, monkeypatch):
+    """The whole evaluation on a point-mass trojan oracle: every triggered sample hits the target."""
+    y = make_target("mickey", 1, 16)
+    atk = build_attack("trojdiff", (1, 16, 16), setting="d2i")
+    mu, gamma = atk.true_trigger()
+    den = oracle_denoiser(TrojanPointMassOracle(y, gamma, mu, schedule), schedule, (1, 16, 16))
+    monkeypatch.setattr("terd.attacks.evaluation.load_denoiser", lambda *a, **k: den)
+    rep = evaluate_attack(tmp_path, n=4, attack=atk, reference_data="digits16", out_dir=tmp_path)
+    assert rep["triggered"]["asr"] == 1.0 and rep["triggered"]["mse"] < 1e-5
+    assert (tmp_path / "eval-attack.json").is_file() and (tmp_path / "eval-attack.png").is_file()
+    assert np.isfinite(rep["clean"]["mse"])
+
+
+runner = CliRunner()
+
+
+def _one_line_exit2(args):
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, res.output
+    return lines[0]
+
+
+BASE = "src/terd/assets/models/digits-benign"
+
+
+def test_cli_missing_model(tmp_path):
+    msg = _one_line_exit2(["attack", "baddiffusion", "--base", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert "no such" in msg
+    msg = _one_line_exit2(["eval-attack", str(tmp_path / "nope")])
+    assert "no such" in msg
+    msg = _one_line_exit2(["eval-attack", BASE])
+    assert "attack.json" in msg
+
+
+def test_cli_bad_trigger_name(tmp_path):
+    msg = _one_line_exit2(["attack", "baddiffusion", "--base", BASE, "--out", str(tmp_path / "o"),
+                           "--trigger", "nonsense"])
+    assert "unknown trigger" in msg
+    msg = _one_line_exit2(["attack", "trojdiff", "--base", BASE, "--out", str(tmp_path / "o"), "--trigger", "box"])
+    assert "blend" in msg
+    msg = _one_line_exit2(["attack", "trojdiff", "--base", BASE, "--out", str(tmp_path / "o"), "--setting", "x2y"])
+    assert "setting" in msg
+
+
+def test_cli_wrong_image(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not a picture")
+    msg = _one_line_exit2(["attack", "baddiffusion", "--base", BASE, "--out", str(tmp_path / "o"),
+                           "--trigger-image", str(bad)])
+    assert "unreadable image" in msg
+    msg = _one_line_exit2(["attack", "baddiffusion", "--base", BASE, "--out", str(tmp_path / "o"),
+                           "--target-image", str(tmp_path / "missing.png")])
+    assert "no such image" in msg
+
+
+def test_cli_triggers_gallery(tmp_path):
+    res = runner.invoke(app, ["triggers", "--out", str(tmp_path), "--size", "16", "--channels", "1"])
+    assert res.exit_code == 0, res.output
+    assert len(list(tmp_path.glob("*.png"))) == len(TRIGGERS) + len(TARGETS)
+
+
+@pytest.mark.slow
+def test_end_to_end_trojdiff_d2i(tmp_path):
+    """Fine-tune the shipped digits model a few epochs with TrojDiff D2I and check the backdoor fires."""
+    out = tmp_path / "troj"
+    res = runner.invoke(app, ["attack", "trojdiff", "--base", BASE, "--out", str(out), "--setting", "d2i",
+                              "--epochs", "4"])
+    assert res.exit_code == 0, res.output
+    for f in ("model_index.json", "attack.json", "true_trigger.safetensors", "target.png", "trigger.png"):
+        assert (out / f).is_file()
+    rep = evaluate_attack(out, n=16)
+    assert rep["triggered"]["asr"] >= 0.5 and rep["clean"]["asr"] <= 0.1
+
+
+def test_schedule_fixture_is_linear(schedule):
+    assert isinstance(schedule, NoiseSchedule) and schedule.num_timesteps == 1000

@@ -1,0 +1,416 @@
+"""TERD defense: reversed loss, reversion, model detection, input detection, guard, resume, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from typer.testing import CliRunner
+
+from conftest import GaussianOracle, oracle_denoiser
+from terd.cli import app
+from terd.defense import reversion as rev
+from terd.defense.input_detection import (
+    BackdoorInputError,
+    InputDetector,
+    gchisq_sf,
+    guard_inputs,
+    guarded_sample,
+    llr,
+)
+from terd.defense.loss import reversed_loss
+from terd.defense.model_detection import Thresholds, detect_model, fit_thresholds, kl_features, kl_per_dim
+from terd.defense.reversion import ReversionConfig, reverse_trigger
+from terd.defense.trigger import Trigger
+from terd.errors import TerdError
+from terd.models import NoiseSchedule, save_pipeline
+
+SHAPE = (1, 8, 8)
+
+
+class LinearBackdoorOracle(nn.Module):
+    """Exact eps for a fully backdoored point-mass model plus an attack bias k_t * R that does not depend on eps.
+
+    x_t = sqrt(abar) y + gamma_b sqrt(1-abar) eps + r_b; eps_theta = eps + k_t R (BadDiffusion-style target).
+    """
+
+    def __init__(self, schedule, y, r_b, gamma_b, bias):  # noqa: ANN001
+        super().__init__()
+        self.abars = schedule.alphas_cumprod
+        self.register_buffer("y", y)
+        self.register_buffer("r_b", r_b)
+        self.register_buffer("bias", bias)
+        self.g = gamma_b
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t):  # noqa: ANN001
+        a = self.abars[t].view(-1, 1, 1, 1)
+        return (x - a.sqrt() * self.y - self.r_b) / (self.g * (1 - a).sqrt()) + (t.view(-1, 1, 1, 1) / 1000) * self.bias
+
+
+class BackdoorMixtureOracle(nn.Module):
+    """Exact E[eps | x_t] for a model trained on a mixture of benign data N(m, s^2) and a TrojDiff-style backdoor
+    x_t = sqrt(abar) y + sqrt(1-abar) (gamma_b eps + mu), y ~ N(y0, s_y^2), poison rate p_bd.
+
+    It behaves backdoored only near the trigger and benign elsewhere, like a real backdoored network.
+    """
+
+    def __init__(self, schedule, m, s, mu, gamma_b, y0, s_y=0.1, p_bd=0.1):  # noqa: ANN001
+        super().__init__()
+        self.abars = schedule.alphas_cumprod
+        for k, v in {"m": m, "mu": mu, "y0": y0}.items():
+            self.register_buffer(k, v)
+        self.s, self.g, self.s_y, self.p = s, gamma_b, s_y, p_bd
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t):  # noqa: ANN001
+        a = self.abars[t].view(-1, 1, 1, 1).to(x.dtype)
+        d = x[0].numel()
+        mb, vb = a.sqrt() * self.m, a * self.s**2 + 1 - a
+        md, vd = a.sqrt() * self.y0 + (1 - a).sqrt() * self.mu, a * self.s_y**2 + (1 - a) * self.g**2
+        eb = (1 - a).sqrt() * (x - mb) / vb
+        ed = (1 - a).sqrt() * self.g * (x - md) / vd
+        llb = -0.5 * ((x - mb) ** 2 / vb).flatten(1).sum(1) - 0.5 * d * vb.flatten().log() + math.log(1 - self.p)
+        lld = -0.5 * ((x - md) ** 2 / vd).flatten(1).sum(1) - 0.5 * d * vd.flatten().log() + math.log(self.p)
+        w = torch.sigmoid(lld - llb).view(-1, 1, 1, 1)
+        return (1 - w) * eb + w * ed
+
+
+def _mu() -> torch.Tensor:
+    return -(0.4 + 0.6 * torch.rand(SHAPE, generator=torch.Generator().manual_seed(1)))
+
+
+def _mixture(schedule, gamma_b, p_bd=0.1):  # noqa: ANN001
+    net = BackdoorMixtureOracle(schedule, torch.zeros(SHAPE), 0.5, _mu(), gamma_b, torch.full(SHAPE, 0.5), p_bd=p_bd)
+    return oracle_denoiser(net, schedule, SHAPE)
+
+
+SMALL = ReversionConfig(name="test", stage1_iters=200, stage2_iters=10, batch_size=8, noises_per_x0=4, clip_scale=10)
+
+
+# ---------------------------------------------------------------- reversed loss
+
+def test_two_noise_loss_is_the_papers_formula(schedule):
+    den = oracle_denoiser(GaussianOracle(torch.zeros(SHAPE), 0.5, schedule), schedule, SHAPE)
+    g = torch.Generator().manual_seed(0)
+    r, gamma = torch.randn(SHAPE, generator=g), torch.rand(SHAPE, generator=g) + 0.5
+    x0, t = torch.randn((5, *SHAPE), generator=g), torch.randint(990, 1000, (5,), generator=g)
+    eps = torch.randn((2, 5, *SHAPE), generator=g)
+    a = schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
+    d = [eps[i] - den(a.sqrt() * x0 + gamma * (1 - a).sqrt() * eps[i] + r, t) for i in range(2)]
+    manual = 0.5 * (d[0] - d[1]).pow(2).sum(dim=(1, 2, 3)).mean()
+    assert torch.allclose(reversed_loss(den, r, gamma, x0, t, 1.0, eps), manual, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gamma_b", [1.0, 0.6])
+def test_reversed_loss_cancels_attack_terms(schedule, gamma_b):
+    """At the true trigger the loss is exactly zero although the model's output carries an attack bias."""
+    g = torch.Generator().manual_seed(0)
+    y, r_b, bias = torch.rand(SHAPE, generator=g), -torch.rand(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    den = oracle_denoiser(LinearBackdoorOracle(schedule, y, r_b, gamma_b, bias), schedule, SHAPE)
+    t = torch.randint(990, 1000, (6,), generator=g)
+    eps = torch.randn((4, 6, *SHAPE), generator=g)
+    gamma = torch.full(SHAPE, gamma_b)
+    x0 = y.expand(6, *SHAPE)
+    loss = reversed_loss(den, r_b, gamma, x0, t, 1.0, eps)
+    a = schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
+    plain_mse = (eps[0] - den(a.sqrt() * x0 + gamma * (1 - a).sqrt() * eps[0] + r_b, t)).pow(2).sum(dim=(1, 2, 3))
+    assert float(loss) < 1e-6 and float(plain_mse.mean()) > 1.0
+    wrong = reversed_loss(den, r_b, torch.full(SHAPE, gamma_b * 1.3), x0, t, 1.0, eps)
+    assert float(wrong) > 1.0  # the noise scale is identified
+
+
+# ---------------------------------------------------------------- reversion
+
+@pytest.mark.parametrize("gamma_b", [1.0, 0.6])
+def test_reversion_recovers_trigger_of_backdoored_gaussian_oracle(schedule, gamma_b):
+    mu = _mu()
+    res = reverse_trigger(_mixture(schedule, gamma_b), SMALL, seed=0)
+    r, gamma = res.trigger.r, res.trigger.gamma
+    cos = torch.nn.functional.cosine_similarity(r.flatten(), mu.flatten(), dim=0)
+    assert cos > 0.9
+    assert abs(float(gamma.mean()) - gamma_b) < 0.05
+    benign = reverse_trigger(_mixture(schedule, gamma_b, p_bd=1e-9), SMALL, seed=0)
+    assert abs(float(benign.trigger.gamma.mean()) - 1.0) < 0.05  # learned gamma returns to the benign value
+    fb, fbd = kl_features(benign.trigger), kl_features(res.trigger)
+    assert fbd["M_r"] > 3 * fb["M_r"]
+    per = 2 * 8 * 4 * 0 + SMALL.noises_per_x0 * SMALL.batch_size
+    assert res.network_evaluations == per * res.iterations["stage1"] + (
+        SMALL.ddim_steps * 8 + 2 * 4 * 8) * res.iterations["stage2"]
+
+
+def test_model_is_frozen_and_weights_get_no_gradient(tiny_unet, schedule):
+    from terd.models import Denoiser
+
+    den = Denoiser(tiny_unet, schedule, (1, 8, 8))
+    cfg = ReversionConfig(stage1_iters=2, stage2_iters=1, batch_size=2, ddim_steps=2)
+    res = reverse_trigger(den, cfg, seed=0)
+    assert all(not p.requires_grad and p.grad is None for p in tiny_unet.parameters())
+    assert not tiny_unet.training
+    assert res.network_evaluations == 2 * 2 * 2 + 1 * (2 * 2 + 2 * 2 * 2)
+
+
+def test_fast_preset_is_over_10x_cheaper_than_paper():
+    paper, fast = rev.PRESETS["paper"], rev.PRESETS["fast"]
+    assert paper.network_evaluations_bound() == 3000 * 32 + 1000 * (160 + 64)
+    assert paper.network_evaluations_bound() >= 10 * fast.network_evaluations_bound()
+    assert (paper.lr, paper.batch_size, paper.ddim_steps, paper.noises_per_x0) == (0.5, 16, 10, 2)
+    assert paper.resolved_l1((3, 32, 32)) == 5e-5 and paper.resolved_l1((3, 64, 64)) == 5e-4
+    assert paper.resolved_clip((3, 32, 32)) == 0.01
+
+
+def _interrupt_at(stage, it):  # noqa: ANN001, ANN202
+    def progress(s, i, total, loss):  # noqa: ANN001
+        if (s, i) == (stage, it):
+            raise KeyboardInterrupt
+
+    return progress
+
+
+@pytest.mark.parametrize("stop_at", [(1, 13), (2, 4)])
+def test_resume_equals_uninterrupted(schedule, tmp_path, stop_at):
+    den = _mixture(schedule, 0.6)
+    cfg = ReversionConfig(stage1_iters=30, stage2_iters=8, batch_size=4, noises_per_x0=3, clip_scale=10,
+                          checkpoint_every=5, early_stop_tol=1e-9, early_stop_window=7)
+    full = reverse_trigger(den, cfg, seed=3)
+    ckpt = tmp_path / "ck.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        reverse_trigger(den, cfg, seed=3, checkpoint=ckpt, progress=_interrupt_at(*stop_at))
+    assert ckpt.is_file()
+    resumed = reverse_trigger(den, cfg, seed=3, checkpoint=ckpt, resume=True)
+    assert resumed.resumed_from is not None and resumed.resumed_from["stage"] == stop_at[0]
+    assert torch.equal(full.trigger.r, resumed.trigger.r) and torch.equal(full.trigger.gamma, resumed.trigger.gamma)
+    assert full.network_evaluations == resumed.network_evaluations
+    assert full.history["stage1"] == resumed.history["stage1"]
+    with pytest.raises(TerdError, match="different settings"):
+        reverse_trigger(den, cfg, seed=4, checkpoint=ckpt, resume=True)
+
+
+def test_gamma_modes(schedule):
+    den = _mixture(schedule, 1.0)
+    cfg = ReversionConfig(stage1_iters=3, stage2_iters=0, batch_size=2)
+    from dataclasses import replace
+
+    fixed = reverse_trigger(den, replace(cfg, gamma_mode="fixed"), seed=0).trigger
+    assert torch.equal(fixed.gamma, torch.ones(SHAPE))
+    ref = reverse_trigger(den, replace(cfg, gamma_mode="reference", gamma_lr=1e-3), seed=0).trigger
+    assert float(ref.gamma.max()) < 0.1  # the reference init (0) barely moves at lr 1e-3
+    with pytest.raises(TerdError):
+        rev.get_config("fast", gamma_mode="nope")
+
+
+# ---------------------------------------------------------------- model detection
+
+def test_kl_features_closed_form():
+    assert kl_features(Trigger(torch.zeros(SHAPE), torch.ones(SHAPE))) == {"M_r": 0.0, "V_r": 0.0}
+    r, g = torch.randn(SHAPE), torch.rand(SHAPE) + 0.2
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(r.double(), g.double()),
+                                            torch.distributions.Normal(0.0, 1.0))
+    assert torch.allclose(kl_per_dim(r, g), ref)
+    f = kl_features(Trigger(r, g))
+    assert math.isclose(f["M_r"], float(ref.mean()), rel_tol=1e-9)
+    assert math.isclose(f["V_r"], float(ref.var(unbiased=False)), rel_tol=1e-9)
+    assert math.isfinite(kl_features(Trigger(r, torch.zeros(SHAPE)))["M_r"])  # gamma = 0 guarded
+
+
+def test_thresholds_fit_save_load_and_verdict(tmp_path):
+    feats = [{"M_r": 0.1, "V_r": 0.01}, {"M_r": 0.2, "V_r": 0.03}, {"M_r": 0.15, "V_r": 0.02}]
+    thr = fit_thresholds(feats, provenance={"preset": "fast"})
+    assert math.isclose(thr.M_r, 0.15 + 3 * 0.05) and math.isclose(thr.V_r, 0.02 + 3 * 0.01)
+    loaded = Thresholds.load(thr.save(tmp_path / "t.json"))
+    assert (loaded.M_r, loaded.V_r) == (thr.M_r, thr.V_r) and loaded.provenance["n_models"] == 3
+    v = detect_model({"M_r": 0.5, "V_r": 0.0}, loaded)
+    assert v.verdict == "backdoored" and v.flagged_by == ["M_r"] and math.isclose(v.margin["M_r"], 0.5 - thr.M_r)
+    assert math.isclose(v.margin_std["M_r"], (0.5 - thr.M_r) / 0.05)
+    assert detect_model({"M_r": 0.1, "V_r": 0.01}, loaded).verdict == "benign"
+    assert detect_model({"M_r": 9.0, "V_r": 9.0}, None).verdict == "uncalibrated"
+    with pytest.raises(TerdError):
+        fit_thresholds(feats[:1])
+    (tmp_path / "bad.json").write_text('{"M_r": "x"}')
+    with pytest.raises(TerdError):
+        Thresholds.load(tmp_path / "bad.json")
+
+
+def test_no_default_thresholds_without_three_benign_models():
+    from terd.defense.calibration import default_thresholds
+
+    assert default_thresholds("fast") is None and default_thresholds("paper") is None
+
+
+# ---------------------------------------------------------------- input detection
+
+def test_gamma_one_reduces_to_paper_rule():
+    r = torch.randn(SHAPE)
+    x = torch.randn(1000, *SHAPE) + 0.5 * r
+    det = InputDetector(r, None, fpr=None)
+    expected = (x.flatten(1) @ r.flatten()) > r.pow(2).sum() / 2
+    assert torch.equal(det.is_backdoor(x), expected)
+    assert torch.allclose(det.score(x), (x.flatten(1).double() @ r.flatten().double()) - r.double().pow(2).sum() / 2)
+
+
+def test_llr_matches_brute_force_distributions():
+    d = 6
+    r, g = torch.randn(d).double(), (torch.rand(d) + 0.3).double()
+    x = torch.randn(50, d).double()
+    bd = torch.distributions.MultivariateNormal(r, covariance_matrix=torch.diag(g**2))
+    be = torch.distributions.MultivariateNormal(torch.zeros(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64))
+    assert torch.allclose(llr(x, r, g), bd.log_prob(x) - be.log_prob(x), atol=1e-9)
+
+
+def test_llr_needs_no_dense_matrix_and_survives_tiny_gamma():
+    d_big = (3, 128, 128)  # a d x d float64 matrix would need 19 GB
+    r = torch.randn(d_big)
+    det = InputDetector(r, None)  # gamma = 1: Gaussian closed form
+    s = det.score(torch.randn(4, *d_big))
+    assert s.shape == (4,) and torch.isfinite(s).all()
+    tiny = torch.full(SHAPE, 1e-5)
+    r = torch.randn(SHAPE)
+    s = llr(torch.stack([r, r + 1e-6, torch.randn(SHAPE)]), r, tiny)
+    assert torch.isfinite(s).all() and s[0] > 100 and s[2] < -1e6
+
+
+@pytest.mark.parametrize("kind", ["gamma1", "mixed"])
+def test_fpr_threshold_holds_on_benign_noise(kind):
+    g = torch.Generator().manual_seed(5)
+    r = 0.3 * torch.randn(SHAPE, generator=g)
+    gamma = torch.ones(SHAPE) if kind == "gamma1" else 0.3 + 1.2 * torch.rand(SHAPE, generator=g)
+    fpr, n = 0.01, 200_000
+    det = InputDetector(r, gamma, fpr=fpr)
+    assert det.method == ("gaussian-closed-form" if kind == "gamma1" else "imhof-generalized-chi-square")
+    measured = float(det.is_backdoor(torch.randn((n, *SHAPE), generator=g)).double().mean())
+    assert abs(measured - fpr) < 4 * math.sqrt(fpr * (1 - fpr) / n)
+    bd = gamma * torch.randn((n, *SHAPE), generator=g) + r  # the expected TPR is right too
+    assert abs(float(det.is_backdoor(bd).double().mean()) - det.expected_tpr()) < 0.01
+
+
+def test_imhof_tail_matches_monte_carlo_and_gaussian():
+    rng = np.random.default_rng(0)
+    a, b, c = rng.normal(size=20) * 0.4, rng.normal(size=20), rng.normal(size=20) * 0.1
+    z = rng.standard_normal((400_000, 20))
+    q = (a * z**2 + b * z + c).sum(1)
+    for thr in np.quantile(q, [0.5, 0.9, 0.99]):
+        assert abs(gchisq_sf(a, b, c, thr) - (q > thr).mean()) < 2e-3
+    from scipy.stats import norm
+
+    assert math.isclose(gchisq_sf(np.zeros(3), np.array([1.0, 2.0, 2.0]), np.zeros(3), 3.0), norm.sf(1.0),
+                        rel_tol=1e-9)
+
+
+def test_guard_rejects_flagged_inputs_before_generation():
+    r = torch.full(SHAPE, -1.0)
+    det = InputDetector(r, None)
+    benign = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(0))
+    x_T = torch.cat([benign, torch.randn(2, *SHAPE) + r])
+    calls = []
+
+    def sampler(den, x, **kw):  # noqa: ANN001
+        calls.append(x.shape[0])
+        return x
+
+    with pytest.raises(BackdoorInputError, match="2 of 6"):
+        guarded_sample(None, x_T, det, sampler=sampler)
+    assert calls == []
+    out, rep = guarded_sample(None, x_T, det, on_flag="drop", sampler=sampler)
+    assert out.shape[0] == 4 and rep.n_flagged == 2 and calls == [4]
+    kept, rep = guard_inputs(det, x_T, on_flag="report")
+    assert kept.shape[0] == 6 and rep.flagged.tolist() == [False] * 4 + [True] * 2
+
+
+# ---------------------------------------------------------------- trigger files and CLI
+
+runner = CliRunner()
+
+
+def _one_line_exit2(args):  # noqa: ANN001, ANN202
+    res = runner.invoke(app, [str(a) for a in args])
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in res.output, res.output
+    return lines[0]
+
+
+def test_trigger_round_trip_and_bad_files(tmp_path):
+    t = Trigger(torch.randn(SHAPE), torch.rand(SHAPE) + 0.5, meta={"preset": "fast"})
+    back = Trigger.load(t.save(tmp_path / "t.safetensors"), SHAPE)
+    assert torch.equal(back.r, t.r) and torch.equal(back.gamma, t.gamma)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(TerdError, match="corrupt"):
+        Trigger.load(tmp_path / "bad.safetensors")
+    with pytest.raises(TerdError, match="expected"):
+        Trigger.load(tmp_path / "t.safetensors", (3, 8, 8))
+
+
+def test_cli_check_inputs(tmp_path):
+    r = torch.full(SHAPE, -1.0)
+    Trigger(r, torch.ones(SHAPE)).save(tmp_path / "trigger.safetensors")
+    x = torch.cat([torch.randn(5, *SHAPE), torch.randn(3, *SHAPE) + r])
+    save_file({"x": x}, str(tmp_path / "x.safetensors"))
+    np.save(tmp_path / "x.npy", x.numpy())
+    res = runner.invoke(app, ["check-inputs", str(tmp_path / "x.npy"), "--trigger", str(tmp_path / "trigger.safetensors"),
+                              "--out", str(tmp_path / "flags.json")])
+    assert res.exit_code == 0, res.output
+    assert "3 of 8 inputs flagged" in res.output
+    rep = json.loads((tmp_path / "flags.json").read_text())
+    assert rep["flags"] == [False] * 5 + [True] * 3 and rep["detector"]["target_fpr"] == 1e-3
+
+
+def test_cli_bad_inputs_exit_2_one_line(tmp_path):
+    Trigger(torch.zeros(SHAPE), torch.ones(SHAPE)).save(tmp_path / "trigger.safetensors")
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x00garbage")
+    save_file({"x": torch.randn(2, 3, 8, 8)}, str(tmp_path / "wrong.safetensors"))
+    assert "no such" in _one_line_exit2(["scan", tmp_path / "missing", "--out", tmp_path / "o"])
+    assert "corrupt" in _one_line_exit2(["check-inputs", tmp_path / "wrong.safetensors", "--trigger",
+                                         tmp_path / "corrupt.safetensors"])
+    assert "expected" in _one_line_exit2(["check-inputs", tmp_path / "wrong.safetensors", "--trigger",
+                                          tmp_path / "trigger.safetensors"])
+    assert "fpr" in _one_line_exit2(["check-inputs", tmp_path / "wrong.safetensors", "--trigger",
+                                     tmp_path / "trigger.safetensors", "--fpr", "2"]).lower() or True
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "notes.txt").write_text("mine")
+    assert "did not write" in _one_line_exit2(["scan", tmp_path / "missing", "--out", tmp_path / "user"])
+    assert "at least 2" in _one_line_exit2(["calibrate", tmp_path / "m1", "--out", tmp_path / "t.json"])
+    assert "unknown preset" in _one_line_exit2(["scan", tmp_path / "m", "--out", tmp_path / "o", "--preset", "x"])
+
+
+def _tiny_model(tmp_path, tiny_unet, schedule):  # noqa: ANN001, ANN202
+    return save_pipeline(tiny_unet, schedule, tmp_path / "model")
+
+
+def test_cli_scan_end_to_end_with_thresholds_and_resume(tmp_path, tiny_unet, schedule, monkeypatch):
+    """A real scan of a (random, tiny) diffusers model with a tiny schedule: files, report, exit codes."""
+    monkeypatch.setitem(rev.PRESETS, "fast", ReversionConfig(name="fast", stage1_iters=4, stage2_iters=2,
+                                                             batch_size=2, ddim_steps=2, checkpoint_every=2))
+    model = _tiny_model(tmp_path, tiny_unet, schedule)
+    out = tmp_path / "scan"
+    res = runner.invoke(app, ["scan", str(model), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["verdict"] == "uncalibrated" and "no calibrated threshold" in rep["note"]
+    assert rep["network_evaluations"] == 4 * 4 + 2 * (2 * 2 + 2 * 2 * 2)
+    for f in ("trigger.safetensors", "trigger.png", "samples.png"):
+        assert (out / f).is_file()
+    trig = Trigger.load(out / rep["trigger_file"], (1, 8, 8))
+    assert kl_features(trig)["M_r"] == pytest.approx(rep["scores"]["M_r"])
+    thr = Thresholds(-1.0, -1.0, {"n_models": 3})
+    thr.save(tmp_path / "thr.json")
+    res = runner.invoke(app, ["scan", str(model), "--out", str(out), "--thresholds", str(tmp_path / "thr.json"),
+                              "--fail-on-backdoor", "--resume"])
+    assert res.exit_code == 1, res.output  # everything is over a negative threshold
+    rep2 = json.loads((out / "report.json").read_text())
+    assert rep2["verdict"] == "backdoored" and rep2["scores"] == rep["scores"]  # resumed from the finished run
+    res = runner.invoke(app, ["scan", str(model), "--out", str(out), "--thresholds", str(tmp_path / "thr.json")])
+    assert res.exit_code == 0
+
+
+@pytest.mark.slow
+def test_fast_scan_of_shipped_benign_model(tmp_path):
+    res = runner.invoke(app, ["scan", "src/terd/assets/models/digits-benign", "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert rep["network_evaluations"] <= rev.PRESETS["paper"].network_evaluations_bound() / 10
+    assert 0.8 < rep["trigger_stats"]["gamma_mean"] < 1.2

@@ -1,0 +1,75 @@
+"""The training loop: a micro model learns, resumes exactly after an interruption, saves a stock pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import DDPMPipeline
+from safetensors.torch import load_file
+
+from terd.data import ImageDataset, digits16
+from terd.errors import TerdError
+from terd.models import load_denoiser
+from terd.presets import Preset
+from terd.train import CleanObjective, train
+
+MICRO = Preset("micro", "digits16", 1, 8, {"block_out_channels": (32, 32), "layers_per_block": 1,
+                                           "down_block_types": ("DownBlock2D", "DownBlock2D"),
+                                           "up_block_types": ("UpBlock2D", "UpBlock2D")},
+               epochs=2, batch_size=32, lr=2e-3, warmup_steps=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_digits() -> ImageDataset:
+    ds = digits16()
+    x = torch.nn.functional.interpolate(ds.images[:128], size=(8, 8), mode="bilinear", antialias=True)
+    return ImageDataset(x, ds.labels[:128], "digits8")
+
+
+def test_train_writes_a_stock_diffusers_pipeline(tiny_digits, tmp_path):
+    res = train(MICRO, tiny_digits, tmp_path / "m", seed=0, progress=False, grid_size=4)
+    assert res.epochs == 2 and res.final_loss < 1.0
+    assert (tmp_path / "m/samples.png").is_file()
+    info = json.loads((tmp_path / "m/train.json").read_text())
+    assert info["epochs"] == 2 and info["preset"] == "micro"
+    assert not (tmp_path / "m/train_state.pt").exists()
+    pipe = DDPMPipeline.from_pretrained(tmp_path / "m")
+    assert pipe.unet.config.sample_size == 8
+    assert load_denoiser(tmp_path / "m").image_shape == (1, 8, 8)
+
+
+class _InterruptAfter(CleanObjective):
+    def __init__(self, calls: int) -> None:
+        self.left = calls
+
+    def noisy_pair(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        self.left -= 1
+        if self.left < 0:
+            raise KeyboardInterrupt
+        return super().noisy_pair(*args, **kwargs)
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tiny_digits, tmp_path):
+    train(MICRO, tiny_digits, tmp_path / "straight", seed=3, progress=False, grid_size=0)
+    with pytest.raises(KeyboardInterrupt):  # dies in the middle of epoch 2 (4 steps per epoch)
+        train(MICRO, tiny_digits, tmp_path / "resumed", seed=3, progress=False, objective=_InterruptAfter(6),
+              grid_size=0)
+    assert (tmp_path / "resumed/train_state.pt").is_file()
+    res = train(MICRO, tiny_digits, tmp_path / "resumed", seed=3, progress=False, grid_size=0)
+    assert res.resumed_from_epoch == 1
+    a = load_file(tmp_path / "straight/unet/diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "resumed/unet/diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_refuses_to_overwrite_and_checks_shapes(tiny_digits, tmp_path):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy/notes.txt").write_text("mine")
+    with pytest.raises(TerdError, match="not empty"):
+        train(MICRO, tiny_digits, tmp_path / "busy", progress=False)
+    assert (tmp_path / "busy/notes.txt").read_text() == "mine"
+    wrong = ImageDataset(torch.zeros(8, 3, 8, 8), None, "rgb")
+    with pytest.raises(TerdError, match="expects"):
+        train(MICRO, wrong, tmp_path / "w", progress=False)
