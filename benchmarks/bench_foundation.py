@@ -52,7 +52,7 @@ def main() -> None:
             epoch_s = (time.perf_counter() - t0) / 2
         x_T = torch.randn(64, *den.image_shape)
         with torch.no_grad():
-            ddim_s = median_seconds(lambda d=den: ddim_sample(d, x_T, steps=50), repeats=3)
+            ddim_s = median_seconds(lambda d=den, x=x_T: ddim_sample(d, x, steps=50), repeats=3)
         frozen, unfrozen = fwd_bwd_ms(den, True), fwd_bwd_ms(den, False)
         rows.append({"preset": name, "parameters": den.num_parameters(), "train_images": len(ds),
                      "epoch_seconds": round(epoch_s, 2), "ddim50_images_per_s": round(64 / ddim_s, 1),

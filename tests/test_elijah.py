@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import oracle_denoiser
 from torch import nn
 
+from conftest import oracle_denoiser
 from terd.defense.elijah import fit_spread_threshold, generation_spread, invert_trigger
 from terd.models import NoiseSchedule
 

@@ -72,4 +72,4 @@ def main() -> None:
 
 
 # Command modules register themselves on import (kept last: they need `app` and `command`).
-from terd.cli import attacks, defense, foundation  # noqa: E402, F401
+from terd.cli import attacks, bench, defense, foundation  # noqa: E402, F401

@@ -1,0 +1,322 @@
+"""``terd bench``: every defense on every zoo model, with honest thresholds, as files a person can open.
+
+Protocol (what makes the numbers honest):
+
+* every backdoored model's attack success is measured first; a model whose backdoor does not fire
+  (ASR < ``min_asr``) is listed and excluded from detection metrics;
+* thresholds are fitted on benign models of the same dataset only, never on the model being judged:
+  a benign model is judged by thresholds fitted on the *other* benign models (leave-one-out), a
+  backdoored model by thresholds fitted on all benign models;
+* input detection uses the reversed trigger on ``n_inputs`` fresh benign N(0, I) noises and as many
+  true backdoor inputs gamma * eps + r of the attack (positive = backdoor input).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from terd.errors import TerdError
+from terd.zoo import ZooEntry, build_zoo, load_zoo
+
+DEFENSES = ("terd-fast", "terd-paper", "elijah")
+
+
+# --------------------------------------------------------------------------------------------------
+# One model (runs in a worker process: peak memory is that process's own)
+# --------------------------------------------------------------------------------------------------
+
+def _input_detection(trigger, r_true: torch.Tensor, g_true: torch.Tensor, n: int, seed: int) -> dict:  # noqa: ANN001
+    from terd.defense.input_detection import InputDetector
+
+    det = InputDetector(trigger)
+    g = torch.Generator().manual_seed(seed + 99)
+    benign = torch.randn((n, *r_true.shape), generator=g)
+    backdoor = g_true * torch.randn((n, *r_true.shape), generator=g) + r_true
+    s_b, s_p = det.score(benign), det.score(backdoor)
+    return {"tpr": float((s_p > det.threshold).double().mean()), "tnr": float((s_b <= det.threshold).double().mean()),
+            "tpr_paper_rule": float((s_p > 0).double().mean()), "tnr_paper_rule": float((s_b <= 0).double().mean()),
+            "threshold": det.threshold, "n": n}
+
+
+def evaluate_model(entry: ZooEntry, cache: str, defenses: tuple[str, ...], out: str, n_inputs: int = 10_000,
+                   attack_n: int = 64, seed: int = 0, threads: int | None = None) -> dict:
+    """Attack success (if backdoored) and every defense's raw output for one model."""
+    from terd.defense.elijah import elijah_scan
+    from terd.defense.model_detection import kl_features
+    from terd.defense.reversion import reverse_trigger
+    from terd.models import load_denoiser
+
+    if threads:
+        torch.set_num_threads(threads)
+    model_dir = Path(cache) / entry.id
+    row: dict = {"id": entry.id, "kind": entry.kind, "family": entry.family, "dataset": entry.dataset,
+                 "backdoored": entry.backdoored, "tags": list(entry.tags), "defenses": {}}
+    r_true = g_true = None
+    if entry.backdoored:
+        from terd.attacks import evaluate_attack, load_true_trigger
+
+        rep = evaluate_attack(model_dir, n=attack_n, seed=seed)
+        row["asr"], row["clean_asr"] = rep["triggered"]["asr"], rep["clean"]["asr"]
+        row["attack"] = rep["description"]
+        r_true, g_true = load_true_trigger(model_dir)
+    den = load_denoiser(model_dir)
+    for name in defenses:
+        t0 = time.perf_counter()
+        if name.startswith("terd-"):
+            res = reverse_trigger(den, name.removeprefix("terd-"), seed=seed)
+            trig = res.trigger
+            d = {**kl_features(trig), "network_evaluations": res.network_evaluations}
+            trig.save(Path(out) / "triggers" / f"{entry.id}--{name}.safetensors")
+            if r_true is not None:
+                d["trigger_l2"] = float((trig.r - r_true).norm())
+                d["input_detection"] = _input_detection(trig, r_true, g_true, n_inputs, seed)
+        elif name == "elijah":
+            res = elijah_scan(den, seed=seed)
+            d = {"spread": res.spread, "clean_spread": res.clean_spread, "network_evaluations": res.network_evaluations}
+            if r_true is not None:
+                d["trigger_l2"] = float((res.tau - r_true).norm())
+        else:
+            raise TerdError(f"unknown defense {name!r} (available: {', '.join(DEFENSES)})")
+        d["seconds"] = round(time.perf_counter() - t0, 2)
+        row["defenses"][name] = d
+    row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return row
+
+
+# --------------------------------------------------------------------------------------------------
+# Decisions with honest thresholds, and metrics
+# --------------------------------------------------------------------------------------------------
+
+def _z(values: list[float], x: float) -> float:
+    m, s = statistics.fmean(values), statistics.stdev(values)
+    return (x - m) / s if s > 0 else (math.inf if x > m else -math.inf if x < m else 0.0)
+
+
+def decide(rows: list[dict], defense: str, k: float = 3.0) -> None:
+    """Add ``decision`` (flagged, score, fitted_on) per row for one defense, leave-one-out for benign rows."""
+    for row in rows:
+        if defense not in row["defenses"]:
+            continue
+        ref = [r for r in rows if not r["backdoored"] and r["dataset"] == row["dataset"] and r["id"] != row["id"]
+               and defense in r["defenses"]]
+        d = row["defenses"][defense]
+        if len(ref) < 2:
+            d["decision"] = {"flagged": None, "score": None, "fitted_on": [r["id"] for r in ref],
+                             "note": "fewer than 2 other benign models: no threshold"}
+            continue
+        if defense == "elijah":
+            vals = [r["defenses"][defense]["spread"] for r in ref]
+            score = -_z(vals, d["spread"])  # low spread = uniform generations = backdoor-like
+            flagged = d["spread"] < statistics.fmean(vals) - k * statistics.stdev(vals)
+        else:
+            zs = [_z([r["defenses"][defense][f] for r in ref], d[f]) for f in ("M_r", "V_r")]
+            score = max(zs)
+            flagged = score > k
+        d["decision"] = {"flagged": bool(flagged), "score": score, "fitted_on": [r["id"] for r in ref]}
+
+
+def _rate(flags: list[bool]) -> float | None:
+    return round(sum(flags) / len(flags), 4) if flags else None
+
+
+def _auc(pos: list[float], neg: list[float]) -> float | None:
+    if not pos or not neg:
+        return None
+    from sklearn.metrics import roc_auc_score
+
+    clean = [max(min(v, 1e9), -1e9) for v in pos + neg]
+    return round(float(roc_auc_score([1] * len(pos) + [0] * len(neg), clean)), 4)
+
+
+def summarise(rows: list[dict], defenses: tuple[str, ...], min_asr: float) -> dict:
+    """Per defense x dataset x family: TPR, TNR, AUC, input detection, fidelity, cost."""
+    excluded = [r["id"] for r in rows if r["backdoored"] and r.get("asr", 0) < min_asr]
+    used = [r for r in rows if r["id"] not in excluded]
+    table = []
+    for defense in defenses:
+        for dataset in sorted({r["dataset"] for r in used}):
+            benign = [r for r in used if r["dataset"] == dataset and not r["backdoored"]]
+            neg_scores = [r["defenses"][defense]["decision"]["score"] for r in benign
+                          if r["defenses"].get(defense, {}).get("decision", {}).get("score") is not None]
+            tnr = _rate([not r["defenses"][defense]["decision"]["flagged"] for r in benign
+                         if r["defenses"].get(defense, {}).get("decision", {}).get("flagged") is not None])
+            groups: dict[str, list[dict]] = {}
+            for r in used:
+                if r["dataset"] == dataset and r["backdoored"]:
+                    key = r["family"] + (" (adaptive/robustness)" if r["tags"] else "")
+                    groups.setdefault(key, []).append(r)
+            for family, members in sorted(groups.items()):
+                ds = [m["defenses"][defense] for m in members if defense in m["defenses"]]
+                flags = [d["decision"]["flagged"] for d in ds if d.get("decision", {}).get("flagged") is not None]
+                inp = [d["input_detection"] for d in ds if "input_detection" in d]
+                table.append({
+                    "defense": defense, "dataset": dataset, "family": family, "models": len(members),
+                    "benign_models": len(benign), "TPR": _rate(flags), "TNR": tnr,
+                    "AUC": _auc([d["decision"]["score"] for d in ds if d.get("decision", {}).get("score") is not None],
+                                neg_scores),
+                    "input_TPR": round(min(i["tpr"] for i in inp), 4) if inp else None,
+                    "input_TNR": round(min(i["tnr"] for i in inp), 4) if inp else None,
+                    "trigger_l2": round(statistics.fmean(d["trigger_l2"] for d in ds), 3) if ds else None,
+                    "evals": round(statistics.fmean(d["network_evaluations"] for d in ds)) if ds else None,
+                    "seconds": round(statistics.fmean(d["seconds"] for d in ds), 1) if ds else None,
+                })
+    return {"excluded_attacks_that_do_not_fire": excluded, "min_asr": min_asr, "table": table}
+
+
+# --------------------------------------------------------------------------------------------------
+# Files: JSON, CSV, markdown, plots
+# --------------------------------------------------------------------------------------------------
+
+TABLE_COLUMNS = ["defense", "dataset", "family", "models", "benign_models", "TPR", "TNR", "AUC", "input_TPR",
+                 "input_TNR", "trigger_l2", "evals", "seconds"]
+
+
+def _markdown(summary: dict, rows: list[dict], meta: dict) -> str:
+    lines = ["# terd bench report", "",
+             f"Zoo: `{meta['zoo']}`; defenses: {', '.join(meta['defenses'])}; {len(rows)} models; "
+             f"wall time {meta['seconds']:.0f} s with {meta['workers']} worker(s) on {meta['machine']}.", "",
+             "Thresholds: fitted per dataset on benign models only (mean + 3 std of each feature; Elijah: "
+             "mean - 3 std of generation spread). A benign model is judged by thresholds fitted on the other "
+             "benign models (leave-one-out); a backdoored model by all benign models. Input detection: reversed "
+             "trigger, threshold at FPR 1e-3 from the closed-form benign law; worst model of each row shown.", "",
+             "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    for t in summary["table"]:
+        lines.append("| " + " | ".join("" if t[c] is None else str(t[c]) for c in TABLE_COLUMNS) + " |")
+    exc = summary["excluded_attacks_that_do_not_fire"]
+    lines += ["", f"Backdoored models excluded because their attack does not fire (ASR < {summary['min_asr']}): "
+              + (", ".join(exc) if exc else "none"), "", "## Attack success", "",
+              "| model | attack | ASR | clean ASR |", "|---|---|---|---|"]
+    for r in rows:
+        if r["backdoored"]:
+            lines.append(f"| {r['id']} | {r.get('attack', '')} | {r.get('asr')} | {r.get('clean_asr')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plots(rows: list[dict], defenses: tuple[str, ...], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    files = []
+    for dataset in sorted({r["dataset"] for r in rows}):
+        sub = [r for r in rows if r["dataset"] == dataset]
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        for defense in defenses:
+            pts = [(r["backdoored"], r["defenses"][defense]["decision"]["score"]) for r in sub
+                   if r["defenses"].get(defense, {}).get("decision", {}).get("score") is not None]
+            if len({p[0] for p in pts}) == 2:
+                fpr, tpr, _ = roc_curve([p[0] for p in pts], [max(min(p[1], 1e9), -1e9) for p in pts])
+                ax.plot(fpr, tpr, label=defense)
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"model detection ROC — {dataset}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / f"roc_{dataset}.png", dpi=120)
+        plt.close(fig)
+        files.append(f"roc_{dataset}.png")
+        for defense in [d for d in defenses if d.startswith("terd-")]:
+            fig, ax = plt.subplots(figsize=(4.5, 4))
+            for bd, colour in ((False, "tab:blue"), (True, "tab:red")):
+                pts = [(r["defenses"][defense]["M_r"], r["defenses"][defense]["V_r"]) for r in sub
+                       if r["backdoored"] == bd and defense in r["defenses"]]
+                if pts:
+                    ax.scatter(*zip(*pts, strict=True), c=colour, label="backdoored" if bd else "benign", s=18)
+            ax.set(xscale="log", yscale="log", xlabel="M_r", ylabel="V_r", title=f"{defense} features — {dataset}")
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(out / f"scatter_{defense}_{dataset}.png", dpi=120)
+            plt.close(fig)
+            files.append(f"scatter_{defense}_{dataset}.png")
+    return files
+
+
+def _gallery(rows: list[dict], cache: Path, out: Path, defense: str) -> str | None:
+    from terd.attacks import load_true_trigger
+    from terd.defense.trigger import Trigger
+    from terd.imaging import save_grid
+
+    pairs = []
+    for r in rows:
+        f = out / "triggers" / f"{r['id']}--{defense}.safetensors"
+        if r["backdoored"] and f.is_file():
+            true_r, _ = load_true_trigger(cache / r["id"])
+            rev = Trigger.load(f).r
+            if true_r.shape[0] == 1:  # one row per model: true | reversed, shown in [-1, 1] after /2
+                pairs += [(true_r / 2).clamp(-1, 1), (rev / 2).clamp(-1, 1)]
+    if not pairs:
+        return None
+    shapes = {p.shape for p in pairs}
+    if len(shapes) != 1:
+        return None
+    save_grid(torch.stack(pairs), out / f"gallery_{defense}.png", nrow=2)
+    return f"gallery_{defense}.png"
+
+
+def write_report(rows: list[dict], defenses: tuple[str, ...], out: Path, meta: dict, min_asr: float,
+                 cache: Path) -> dict:
+    for d in defenses:
+        decide(rows, d)
+    summary = summarise(rows, defenses, min_asr)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "models": rows}, indent=2,
+                                                 default=str))
+    with (out / "results.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "dataset", "family", "backdoored", "asr", "defense", "M_r", "V_r", "spread", "flagged",
+                    "score", "trigger_l2", "input_tpr", "input_tnr", "evals", "seconds", "peak_rss_mb"])
+        for r in rows:
+            for name, d in r["defenses"].items():
+                dec, inp = d.get("decision", {}), d.get("input_detection", {})
+                w.writerow([r["id"], r["dataset"], r["family"], r["backdoored"], r.get("asr"), name, d.get("M_r"),
+                            d.get("V_r"), d.get("spread"), dec.get("flagged"), dec.get("score"), d.get("trigger_l2"),
+                            inp.get("tpr"), inp.get("tnr"), d["network_evaluations"], d["seconds"], r["peak_rss_mb"]])
+    (out / "report.md").write_text(_markdown(summary, rows, meta))
+    meta["plots"] = _plots(rows, defenses, out)
+    for d in defenses:
+        if d.startswith("terd-") and (g := _gallery(rows, cache, out, d)):
+            meta["plots"].append(g)
+    return summary
+
+
+def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...] = ("terd-fast", "elijah"),
+              cache: str | Path | None = None, workers: int = 1, n_inputs: int = 10_000, min_asr: float = 0.9,
+              seed: int = 0, echo: Callable[[str], None] = print) -> dict:
+    """Build (or reuse) the zoo, run the defenses on every model in a process pool, write the report."""
+    for d in defenses:
+        if d not in DEFENSES:
+            raise TerdError(f"unknown defense {d!r} (available: {', '.join(DEFENSES)})")
+    if workers < 1:
+        raise TerdError("--workers must be at least 1")
+    entries = load_zoo(zoo_file)
+    cache = Path(cache) if cache is not None else Path(zoo_file).with_suffix("").parent / "zoo-cache"
+    out = Path(out)
+    (out / "triggers").mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    build_zoo(entries, cache, workers=workers, echo=echo)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    rows = []
+    with ProcessPoolExecutor(max_workers=workers, max_tasks_per_child=1) as pool:
+        futures = [pool.submit(evaluate_model, e, str(cache), tuple(defenses), str(out), n_inputs, 64, seed,
+                               threads) for e in entries]
+        for e, f in zip(entries, futures, strict=True):
+            rows.append(f.result())
+            echo(f"  evaluated {e.id}")
+    meta = {"zoo": str(zoo_file), "defenses": list(defenses), "workers": workers, "cache": str(cache),
+            "seconds": round(time.perf_counter() - t0, 1), "n_inputs": n_inputs, "seed": seed,
+            "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
+            "entries": [asdict(e) for e in entries]}
+    return write_report(rows, tuple(defenses), out, meta, min_asr, cache)

@@ -1,0 +1,41 @@
+"""Benchmark command: every defense on every model of a zoo, with honest thresholds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from terd.cli import command
+from terd.errors import TerdError
+
+
+@command
+def bench(
+    zoo: Annotated[Path, typer.Option("--zoo", help="Zoo file (YAML), e.g. benchmarks/zoo-tiny.yaml.")],
+    out: Annotated[Path, typer.Option("--out", help="Report directory (JSON, CSV, markdown, plots).")],
+    defenses: Annotated[str, typer.Option(help="Comma-separated: terd-fast, terd-paper, elijah.")] = "terd-fast,elijah",
+    workers: Annotated[int, typer.Option(help="Models evaluated in parallel (local process pool).")] = 1,
+    cache: Annotated[Path | None, typer.Option(help="Where zoo models are built and cached.")] = None,
+    n_inputs: Annotated[int, typer.Option(help="Benign and backdoor noises per model for input detection.")] = 10_000,
+    min_asr: Annotated[float, typer.Option(help="Backdoored models below this attack success are excluded.")] = 0.9,
+    build_only: Annotated[bool, typer.Option(help="Only build (or finish building) the zoo.")] = False,
+) -> None:
+    """Build the zoo (cached, resumable) and run the defenses on every model; write the report."""
+    from terd.bench import run_bench
+    from terd.zoo import build_zoo, load_zoo
+
+    if out.exists() and any(out.iterdir()) and not (out / "results.json").is_file():
+        raise TerdError(f"{out}: directory is not empty and holds no earlier bench report; choose another --out")
+    names = tuple(d.strip() for d in defenses.split(",") if d.strip())
+    if build_only:
+        entries = load_zoo(zoo)
+        build_zoo(entries, cache or zoo.with_suffix("").parent / "zoo-cache", workers=workers, echo=typer.echo)
+        return
+    summary = run_bench(zoo, out, defenses=names, cache=cache, workers=workers, n_inputs=n_inputs, min_asr=min_asr,
+                        echo=typer.echo)
+    for row in summary["table"]:
+        typer.echo(f"{row['defense']:>10} {row['dataset']:>9} {row['family']:<32} TPR {row['TPR']} TNR {row['TNR']} "
+                   f"AUC {row['AUC']}")
+    typer.echo(f"report: {out / 'report.md'}")

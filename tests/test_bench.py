@@ -1,0 +1,73 @@
+"""Zoo files and the bench's decision protocol (thresholds never see the model they judge)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from terd.bench import decide, summarise, write_report
+from terd.errors import TerdError
+from terd.zoo import build_order, load_zoo
+
+ZOO = Path(__file__).resolve().parents[1] / "benchmarks/zoo-tiny.yaml"
+
+
+def test_shipped_zoo_expands_and_orders():
+    entries = load_zoo(ZOO)
+    ids = [e.id for e in entries]
+    assert "d16-bd-stop-sign-shoe" in ids and "d16-troj-out-d2d-patch" in ids and "p32-villan-ode" in ids
+    assert sum(e.kind != "attack" and e.dataset == "digits16" for e in entries) >= 5
+    assert sum(e.kind != "attack" and e.dataset == "photos32" for e in entries) >= 5
+    layers = build_order(entries)
+    assert all(e.base is None for e in layers[0])
+    assert {e.family for e in entries if e.backdoored} == {"baddiffusion", "trojdiff", "villan"}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("models: 3", "needs a 'models:' list"),
+    ("models:\n  - {id: a, kind: attack, base: nope, attack: trojdiff}", "needs a 'base'"),
+    ("models:\n  - {id: a, kind: benign}\n  - {id: a, kind: benign}", "duplicate"),
+    ("models:\n  - {id: a, kind: weird}", "kind"),
+    ("models: [", "invalid YAML"),
+])
+def test_bad_zoo_files(tmp_path, text, message):
+    f = tmp_path / "z.yaml"
+    f.write_text(text)
+    with pytest.raises(TerdError, match=message):
+        load_zoo(f)
+
+
+def _row(i: str, backdoored: bool, m: float, v: float, spread: float = 0.5, dataset: str = "digits16") -> dict:
+    return {"id": i, "backdoored": backdoored, "dataset": dataset, "family": "trojdiff" if backdoored else "benign",
+            "tags": [], "asr": 1.0 if backdoored else None, "peak_rss_mb": 1.0,
+            "defenses": {"terd-fast": {"M_r": m, "V_r": v, "network_evaluations": 10, "seconds": 1.0,
+                                       "trigger_l2": 1.0},
+                         "elijah": {"spread": spread, "network_evaluations": 5, "seconds": 1.0, "trigger_l2": 2.0}}}
+
+
+def test_leave_one_out_thresholds_and_rates():
+    rows = [_row("b1", False, 0.010, 1e-4), _row("b2", False, 0.012, 1.2e-4), _row("b3", False, 0.011, 1.1e-4),
+            _row("b4", False, 0.013, 0.9e-4), _row("x", True, 0.3, 1e-2, spread=0.1),
+            _row("weak", True, 0.0115, 1e-4)]
+    rows[-1]["asr"] = 0.2  # its backdoor does not fire: excluded
+    for d in ("terd-fast", "elijah"):
+        decide(rows, d)
+    for r in rows:
+        fitted = r["defenses"]["terd-fast"]["decision"]["fitted_on"]
+        assert r["id"] not in fitted and all(not x.startswith(("x", "weak")) for x in fitted)
+    assert rows[4]["defenses"]["terd-fast"]["decision"]["flagged"] is True
+    summary = summarise(rows, ("terd-fast", "elijah"), min_asr=0.9)
+    assert summary["excluded_attacks_that_do_not_fire"] == ["weak"]
+    row = next(t for t in summary["table"] if t["defense"] == "terd-fast")
+    assert row["TPR"] == 1.0 and row["TNR"] == 1.0 and row["AUC"] == 1.0 and row["models"] == 1
+
+
+def test_report_files(tmp_path):
+    rows = [_row(f"b{i}", False, 0.01 + 0.001 * i, 1e-4 * (1 + 0.1 * i)) for i in range(4)]
+    rows.append(_row("x", True, 0.3, 1e-2, spread=0.1))
+    meta = {"zoo": "z", "defenses": ["terd-fast", "elijah"], "workers": 1, "seconds": 1.0, "machine": "test"}
+    write_report(rows, ("terd-fast", "elijah"), tmp_path, meta, 0.9, tmp_path)
+    for f in ("results.json", "results.csv", "report.md", "roc_digits16.png", "scatter_terd-fast_digits16.png"):
+        assert (tmp_path / f).is_file(), f
+    assert "leave-one-out" in (tmp_path / "report.md").read_text()
