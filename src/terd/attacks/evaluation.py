@@ -135,18 +135,28 @@ def _reference(model_dir: str | Path, den: Denoiser, reference_data: str | None)
 
 def evaluate_attack(
     model_dir: str | Path, *, n: int = 64, seed: int = 0, device: str = "cpu", out_dir: str | Path | None = None,
-    attack: Attack | None = None, reference_data: str | None = None, write: bool = True,
+    attack: Attack | None = None, reference_data: str | None = None, write: bool = True, sampler: str | None = None,
 ) -> dict:
     """Sample ``n`` clean and ``n`` triggered images (same unit noises) and score them against the target.
 
     Returns the report as a dict; with ``write`` also saves ``eval-attack.json`` and ``eval-attack.png``
     (rows: target, clean samples, triggered samples) in ``out_dir`` (default: the model directory).
+    ``sampler`` overrides the attack's own where it has a choice (TrojDiff: trojdiff-ddim or trojdiff-ddpm);
+    the files then get the sampler in their name.
     """
     if n < 1:
         raise TerdError(f"--n must be at least 1, got {n}")
     t0 = time.perf_counter()
     den = load_denoiser(model_dir, device=device)
     attack = attack or load_attack(model_dir)
+    suffix = ""
+    if sampler is not None and sampler != attack.sampler:
+        from terd.attacks.trojdiff import SAMPLERS, TrojDiff
+
+        if not isinstance(attack, TrojDiff) or sampler not in SAMPLERS:
+            raise TerdError(f"{attack.kind} samples with {attack.sampler}; only TrojDiff offers a choice "
+                            f"({', '.join(SAMPLERS)})")
+        attack.sampler, suffix = sampler, f"-{sampler}"
     if tuple(attack.image_shape) != tuple(den.image_shape):
         raise TerdError(f"{model_dir}: attack shape {attack.image_shape} does not match the model {den.image_shape}")
     eps = initial_noise(n, den.image_shape, seed=seed, device=device)
@@ -189,9 +199,9 @@ def evaluate_attack(
         out.mkdir(parents=True, exist_ok=True)
         k = min(n, 16)
         tgt_row = targets[:k] if len(targets) >= k else targets[:1].repeat(k, 1, 1, 1)
-        save_grid(torch.cat([tgt_row, clean[:k], trig[:k]]), out / "eval-attack.png", nrow=k)
-        (out / "eval-attack.json").write_text(json.dumps(report, indent=2))
-        report["files"] = [str(out / "eval-attack.json"), str(out / "eval-attack.png")]
+        save_grid(torch.cat([tgt_row, clean[:k], trig[:k]]), out / f"eval-attack{suffix}.png", nrow=k)
+        (out / f"eval-attack{suffix}.json").write_text(json.dumps(report, indent=2))
+        report["files"] = [str(out / f"eval-attack{suffix}.json"), str(out / f"eval-attack{suffix}.png")]
     return report
 
 

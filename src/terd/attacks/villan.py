@@ -52,15 +52,15 @@ class VillanDiffusion(BadDiffusion):
     """VillanDiffusion on a VP model: ``psi`` in [0, 1] and the sampler family it targets (``solver``).
 
     ``solver="ode"`` backdoors deterministic samplers (verified here with DDIM, ``ddim_steps`` steps);
-    ``solver="sde"`` the ancestral DDPM sampler. ``r_mode`` as in BadDiffusion: the poisoned image
-    (reference) or the trigger alone.
+    ``solver="sde"`` the ancestral DDPM sampler. ``r_mode`` as in BadDiffusion: the trigger (default) or the
+    poisoned image.
     """
 
     kind = "villan"
 
     def __init__(
         self, trigger: torch.Tensor, target: torch.Tensor, *, psi: float = 1.0, solver: str = "ode",
-        poison_rate: float = 0.1, eta: float = 1.0, r_mode: str = "poisoned-image", ddim_steps: int = 50,
+        poison_rate: float = 0.1, eta: float = 1.0, r_mode: str = "trigger", ddim_steps: int = 50,
         trigger_name: str | None = None, target_name: str | None = None,
     ) -> None:
         super().__init__(trigger, target, poison_rate=poison_rate, eta=eta, r_mode=r_mode, trigger_name=trigger_name,
@@ -92,6 +92,6 @@ class VillanDiffusion(BadDiffusion):
     @classmethod
     def from_saved(cls, config: dict, tensors: dict[str, torch.Tensor]) -> VillanDiffusion:
         return cls(tensors["trigger"], tensors["target"], psi=config["psi"], solver=config["solver"],
-                   poison_rate=config["poison_rate"], eta=config["eta"], r_mode=config.get("r_mode", "poisoned-image"),
+                   poison_rate=config["poison_rate"], eta=config["eta"], r_mode=config.get("r_mode", "trigger"),
                    ddim_steps=config.get("ddim_steps", 50), trigger_name=config.get("trigger"),
                    target_name=config.get("target"))

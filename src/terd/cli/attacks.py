@@ -46,7 +46,7 @@ def attack(
     gamma_a: Annotated[float | None, typer.Option(help="TrojDiff noise scale (default 0.6 blend, 0.1 patch).")] = None,
     psi: Annotated[float, typer.Option(help="VillanDiffusion psi in [0, 1] (1 = BadDiffusion-style).")] = 1.0,
     solver: Annotated[str, typer.Option(help="VillanDiffusion: sampler family to backdoor, ode or sde.")] = "ode",
-    r_mode: Annotated[str, typer.Option(help="BadDiffusion/Villan R: poisoned-image or trigger.")] = "poisoned-image",
+    r_mode: Annotated[str, typer.Option(help="BadDiffusion/Villan R: trigger (default; what sampling uses) or poisoned-image.")] = "trigger",
     sampler: Annotated[str | None, typer.Option(help="TrojDiff sampler: trojdiff-ddim (default) or "
                                                 "trojdiff-ddpm.")] = None,
     data: Annotated[str | None, typer.Option(help="Training data (default: the base model's).")] = None,
@@ -86,6 +86,8 @@ def eval_attack(
     n: Annotated[int, typer.Option("--n", help="Samples with and without the trigger.")] = 64,
     out: Annotated[Path | None, typer.Option("--out", help="Directory for eval-attack.json/.png (default: MODEL).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    sampler: Annotated[str | None, typer.Option(help="TrojDiff only: trojdiff-ddim or trojdiff-ddpm instead of the "
+                                                "attack's own.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the full report as JSON.")] = False,
     device: DeviceOpt = None,
 ) -> None:
@@ -94,7 +96,7 @@ def eval_attack(
 
     if not Path(model).is_dir():
         raise TerdError(f"{model}: no such model directory")
-    report = evaluate_attack(model, n=n, seed=seed, device=_device(device), out_dir=out)
+    report = evaluate_attack(model, n=n, seed=seed, device=_device(device), out_dir=out, sampler=sampler)
     typer.echo(json.dumps(report, indent=2) if as_json else summary_line(report))
 
 

@@ -2,8 +2,9 @@
 
 The shipped file ``default_thresholds.json`` holds one entry per reversion preset (features depend on
 the schedule, so a threshold fitted with ``fast`` is not valid for ``paper``). An entry is ``null``
-until it has been fitted honestly on at least 3 benign models with ``terd calibrate``; ``scan`` then
-reports the features and says that no calibrated threshold is available instead of guessing.
+until it has been fitted honestly on at least 3 benign models; ``scan`` then reports the features and
+says that no calibrated threshold is available instead of guessing. Each entry's provenance says which
+models, preset and seed produced it (``fast`` today: three benign tiny-digits16 models).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ DEFAULTS_FILE = Path(__file__).with_name("default_thresholds.json")
 MIN_MODELS_FOR_DEFAULTS = 3
 
 
-def default_thresholds(preset: str, path: str | Path = DEFAULTS_FILE) -> Thresholds | None:
-    """The shipped thresholds for a preset, or None when none were calibrated for it."""
-    path = Path(path)
+def default_thresholds(preset: str, path: str | Path | None = None) -> Thresholds | None:
+    """The shipped thresholds for a preset, or None when none were calibrated for it (on >= 3 benign models)."""
+    path = Path(path) if path is not None else DEFAULTS_FILE
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
@@ -55,11 +56,11 @@ def calibrate(models: list, preset: str = "fast", *, seed: int = 0, device: str 
     return thr, feats
 
 
-def install_defaults(thresholds: Thresholds, preset: str, path: str | Path = DEFAULTS_FILE) -> Path:
+def install_defaults(thresholds: Thresholds, preset: str, path: str | Path | None = None) -> Path:
     """Write a fitted threshold set as the shipped default for ``preset`` (a maintainer's step)."""
     if int(thresholds.provenance.get("n_models", 0)) < MIN_MODELS_FOR_DEFAULTS:
         raise TerdError(f"defaults need thresholds fitted on at least {MIN_MODELS_FOR_DEFAULTS} benign models")
-    path = Path(path)
+    path = Path(path) if path is not None else DEFAULTS_FILE
     data = json.loads(path.read_text()) if path.is_file() else {}
     data.setdefault("presets", {})[preset] = thresholds.to_dict()
     path.write_text(json.dumps(data, indent=2) + "\n")

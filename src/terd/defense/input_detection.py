@@ -2,8 +2,9 @@
 
 Score = log-likelihood ratio  LLR(x) = log N(x; r, diag(gamma^2)) - log N(x; 0, I)
         = sum_i [ -log gamma_i - (x_i - r_i)^2 / (2 gamma_i^2) + x_i^2 / 2 ]
-evaluated elementwise in float64 over a batch (never a d x d matrix; the direct form keeps tiny gamma
-accurate where expanding the square would cancel catastrophically). Positive = backdoor input.
+over a batch, never with a d x d matrix: two matrix-vector products for ordinary gamma, the direct
+float64 form for tiny gamma (where expanding the square would cancel catastrophically). Positive =
+backdoor input.
 
 Thresholds: 0 is the paper's rule (pick the likelier hypothesis). Because benign noise is exactly
 N(0, I), the LLR of benign inputs has a known law, so a threshold with a chosen false-positive rate
@@ -31,13 +32,31 @@ from terd.errors import TerdError
 DEFAULT_FPR = 1e-3
 
 
+EXPANDED_MIN_GAMMA = 0.05  # below this the expanded quadratic loses digits to cancellation
+
+
 def llr(x: torch.Tensor, r: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """LLR of each input of a batch (N x C x H x W, or N x d) against the benign N(0, I); float64, shape (N,)."""
-    x = x.double().flatten(1)
+    """LLR of each input of a batch (N x C x H x W, or N x d) against the benign N(0, I); shape (N,), float64.
+
+    For gamma >= 0.05 everywhere it is the expanded quadratic a.x^2 + b.x + c: two matrix-vector products in
+    the input's precision (float32 inputs: absolute error ~1e-6 per dimension), with a = (1 - 1/gamma^2)/2,
+    b = r/gamma^2. Smaller gamma uses the direct float64 form -(x - r)^2/(2 gamma^2) + x^2/2, which stays
+    exact where the expansion would cancel catastrophically.
+    """
+    x = x.flatten(1)
     r = r.double().flatten().to(x.device)
     g = gamma.double().flatten().clamp(min=GAMMA_FLOOR).to(x.device)
     if x.shape[1] != r.numel():
         raise TerdError(f"inputs have {x.shape[1]} values each, the trigger {r.numel()}")
+    if float(g.min()) >= EXPANDED_MIN_GAMMA:
+        inv = 1.0 / g.square()
+        work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        a, b = (0.5 * (1.0 - inv)).to(work.dtype), (r * inv).to(work.dtype)
+        c = float(-g.log().sum() - (0.5 * r.square() * inv).sum())
+        quad = (work * work) @ a if bool((a != 0).any()) else torch.zeros(len(work), dtype=work.dtype,
+                                                                          device=work.device)
+        return (quad + work @ b).double() + c
+    x = x.double()
     return (-(x - r).square() / (2 * g.square()) + x.square() / 2).sum(dim=1) - g.log().sum()
 
 

@@ -19,6 +19,13 @@ Design choices that differ from the reference code, and why:
   counters, and a resumed run is bit-identical to an uninterrupted one.
 * ``fast`` uses K noises per x_0 (K(K-1)/2 loss pairs per K evaluations), fewer iterations, and stops
   a stage when the trigger stops moving.
+* Learned gamma is a multi-start inside one run: candidates start at gamma = 1 (the benign value; BadDiffusion
+  and VillanDiffusion triggers have gamma = 1) and gamma = 0.5 (a TrojDiff-style trigger is only "seen" by the
+  model once the noise is shrunk: at gamma = 1 a gamma = 0.6 backdoor input looks benign, so a search that
+  starts there never finds it). Both share every random draw; the candidate with the lower objective
+  L - lambda ||r||_1 on a final shared probe batch wins. Measured on a benign tiny-digits model, starting at 0.5 alone ended at gamma ~0.66 with a
+  higher loss than the gamma = 1 start: the loss is nearly flat in gamma there (GroupNorm), so one start
+  cannot serve all attacks.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ GAMMA_FIXED = "fixed"  # gamma = 1 (BadDiffusion/VillanDiffusion-style reversion
 GAMMA_REFERENCE = "reference"  # gamma linear, init 0, SGD lr 1e-3, clamp >= 0 (PKU-ML/TERD TrojDiff script)
 GAMMA_MODES = (GAMMA_LEARNED, GAMMA_FIXED, GAMMA_REFERENCE)
 CHECKPOINT_NAME = "reversion-checkpoint.safetensors"
-DEFAULT_GAMMA_INIT = 0.5
+DEFAULT_GAMMA_INITS = (1.0, 0.5)
 
 Progress = Callable[[int, int, int, float], None]  # (stage, iteration done, stage total, loss)
 
@@ -62,7 +69,7 @@ class ReversionConfig:
     lr: float = 0.5
     gamma_mode: str = GAMMA_LEARNED
     gamma_lr: float = 0.05  # on s = log gamma (learned) or gamma itself (reference uses 1e-3)
-    gamma_init: float | None = None  # None: 0.5 (learned), 0 (reference); ignored when fixed
+    gamma_init: float | tuple[float, ...] | None = None  # None: (1, 0.5) learned, 0 reference; unused when fixed
     l1: float | None = None  # 5e-5 at <= 32 px, 5e-4 above
     clip: float | None = None  # stage-2 grad-norm clip of r: 0.01 at <= 32 px, 0.2 above
     clip_scale: float = 1.0  # multiplies the size rule (fewer stage-2 steps need bigger steps)
@@ -79,11 +86,24 @@ class ReversionConfig:
         base = self.clip if self.clip is not None else (0.01 if max(image_shape[1:]) <= 32 else 0.2)
         return base * self.clip_scale
 
+    def gamma_inits(self) -> tuple[float, ...]:
+        """Starting gamma of each candidate (one candidate unless gamma is learned)."""
+        if self.gamma_mode == GAMMA_FIXED:
+            return (1.0,)
+        if self.gamma_mode == GAMMA_REFERENCE:
+            return (float(self.gamma_init) if self.gamma_init is not None else 0.0,)
+        if self.gamma_init is None:
+            return DEFAULT_GAMMA_INITS
+        return tuple(float(v) for v in self.gamma_init) if isinstance(self.gamma_init, (tuple, list)) \
+            else (float(self.gamma_init),)
+
     def network_evaluations_bound(self) -> int:
         """Images pushed through the network (each with a backward pass) if no stage stops early."""
         per1 = self.noises_per_x0 * self.batch_size
         per2 = self.ddim_steps * self.batch_size + 2 * self.noises_per_x0 * self.batch_size
-        return self.stage1_iters * per1 + self.stage2_iters * per2
+        m = len(self.gamma_inits())
+        probe = m * max(self.noises_per_x0, 2) * 4 * self.batch_size if m > 1 else 0
+        return m * (self.stage1_iters * per1 + self.stage2_iters * per2) + probe
 
 
 PRESETS: dict[str, ReversionConfig] = {
@@ -101,7 +121,10 @@ PRESETS: dict[str, ReversionConfig] = {
 def get_config(preset: str, **overrides) -> ReversionConfig:
     if preset not in PRESETS:
         raise TerdError(f"unknown preset {preset!r} (available: {', '.join(PRESETS)})")
-    cfg = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if given.get("gamma_mode") == GAMMA_REFERENCE and "gamma_lr" not in given:
+        given["gamma_lr"] = 1e-3  # the reference's SGD lr on gamma itself
+    cfg = replace(PRESETS[preset], **given)
     if cfg.gamma_mode not in GAMMA_MODES:
         raise TerdError(f"unknown gamma mode {cfg.gamma_mode!r} (available: {', '.join(GAMMA_MODES)})")
     return cfg
@@ -118,6 +141,7 @@ class ReversionResult:
     history: dict  # per-stage loss traces
     config: dict
     resumed_from: dict | None = None
+    candidates: list = field(default_factory=list)  # per gamma start: init, score, features, chosen
 
 
 class _Counter:
@@ -155,7 +179,7 @@ class _State:
     s_snap: torch.Tensor | None = None
     iterations: dict = field(default_factory=lambda: {"stage1": 0, "stage2": 0})
     stopped_early: dict = field(default_factory=lambda: {"stage1": False, "stage2": False})
-    history: dict = field(default_factory=lambda: {"stage1": [], "stage2": [], "movement": []})
+    history: dict = field(default_factory=lambda: {"stage1": [], "stage2": [], "movement": [], "per_candidate": []})
 
     def gamma(self, mode: str) -> torch.Tensor:
         return _gamma_of(self.s, mode)
@@ -202,21 +226,24 @@ def _load_checkpoint(path: Path, fingerprint: str) -> _State:
 
 
 def _initial_state(shape, cfg: ReversionConfig, seed: int, device) -> _State:  # noqa: ANN001
-    r = -torch.rand(shape, generator=_generator(seed, 0, 0)).to(device)  # r <- -U[0,1)
-    if cfg.gamma_mode == GAMMA_LEARNED:
-        s = torch.full(shape, math.log(cfg.gamma_init if cfg.gamma_init is not None else DEFAULT_GAMMA_INIT),
-                       device=device)
+    inits = cfg.gamma_inits()
+    r = -torch.rand(shape, generator=_generator(seed, 0, 0)).to(device).expand(len(inits), *shape).clone()
+    if cfg.gamma_mode == GAMMA_LEARNED:  # s = log gamma, one row per candidate
+        s = torch.stack([torch.full(shape, math.log(g), device=device) for g in inits])
     elif cfg.gamma_mode == GAMMA_REFERENCE:
-        s = torch.full(shape, cfg.gamma_init if cfg.gamma_init is not None else 0.0, device=device)
+        s = torch.full((1, *shape), inits[0], device=device)
     else:
-        s = torch.zeros(shape, device=device)  # unused: gamma = 1
+        s = torch.zeros((1, *shape), device=device)  # unused: gamma = 1
     return _State(r=r, s=s, r_snap=r.clone(), s_snap=s.clone())
 
 
 def _iteration_loss(
     counted: _Counter, st: _State, cfg: ReversionConfig, r: torch.Tensor, s: torch.Tensor, g: torch.Generator
 ) -> torch.Tensor:
-    """One stochastic estimate of the stage objective L - lambda ||r||_1 (without the L1 term)."""
+    """Per-candidate stochastic estimates (shape (M,)) of the stage's reversed loss (without the L1 term).
+
+    All candidates see the same draws (common random numbers), so their losses compare fairly.
+    """
     shape = counted.image_shape
     b, k, T = cfg.batch_size, cfg.noises_per_x0, counted.num_timesteps
     gamma = _gamma_of(s, cfg.gamma_mode)
@@ -225,22 +252,25 @@ def _iteration_loss(
         x0 = torch.randn((b, *shape), generator=g).to(dev)  # surrogate x_0 from the prior
         t = term_timesteps(ENDING, T, b, g)
         eps = torch.randn((k, b, *shape), generator=g).to(dev)
-        return reversed_loss(counted, r, gamma, x0, t, 1.0, eps)
-    x_T = gamma * torch.randn((b, *shape), generator=g).to(dev) + r
-    x0 = ddim_sample(counted, x_T, steps=cfg.ddim_steps)  # gradient kept through the sampler
-    terms = []
-    for term, c in ((ENDING, 1.0), (BEGINNING, 0.0)):
-        t = term_timesteps(term, T, b, g)
-        eps = torch.randn((k, b, *shape), generator=g).to(dev)
-        terms.append(reversed_loss(counted, r, gamma, x0, t, c, eps))
-    return 0.5 * (terms[0] + terms[1])
+        return torch.stack([reversed_loss(counted, r[m], gamma[m], x0, t, 1.0, eps) for m in range(r.shape[0])])
+    eps_T = torch.randn((b, *shape), generator=g).to(dev)
+    draws = []
+    for term in (ENDING, BEGINNING):
+        draws.append((term_timesteps(term, T, b, g), torch.randn((k, b, *shape), generator=g).to(dev)))
+    out = []
+    for m in range(r.shape[0]):
+        x0 = ddim_sample(counted, gamma[m] * eps_T + r[m], steps=cfg.ddim_steps)  # gradient kept through the sampler
+        terms = [reversed_loss(counted, r[m], gamma[m], x0, t, c, eps) for (t, eps), c in zip(draws, (1.0, 0.0),
+                                                                                              strict=True)]
+        out.append(0.5 * (terms[0] + terms[1]))
+    return torch.stack(out)
 
 
 def _clip_(grad: torch.Tensor, max_norm: float | None) -> None:
+    """Clip each candidate's gradient (first dim) to an l2 norm of at most ``max_norm``, in place."""
     if max_norm is not None:
-        norm = grad.norm()
-        if norm > max_norm:
-            grad.mul_(max_norm / (norm + 1e-12))
+        norm = grad.flatten(1).norm(dim=1).view(-1, *([1] * (grad.dim() - 1)))
+        grad.mul_(torch.where(norm > max_norm, max_norm / (norm + 1e-12), torch.ones_like(norm)))
 
 
 def reverse_trigger(
@@ -273,7 +303,7 @@ def reverse_trigger(
     lam = cfg.resolved_l1(shape)
     clip2 = cfg.resolved_clip(shape)
     totals = {1: cfg.stage1_iters, 2: cfg.stage2_iters}
-    d = st.r.numel()
+    d = st.r[0].numel()
     counted = _Counter(den, st.evaluations, st.calls)
     start = time.perf_counter() - st.seconds
 
@@ -292,7 +322,7 @@ def reverse_trigger(
             s = st.s.detach().requires_grad_(cfg.gamma_mode != GAMMA_FIXED)
             with torch.enable_grad():
                 fit = _iteration_loss(counted, st, cfg, r, s, g)
-                objective = fit - lam * r.abs().sum()  # MINUS: the L1 term keeps r off zero
+                objective = (fit - lam * r.flatten(1).abs().sum(1)).sum()  # MINUS: the L1 term keeps r off zero
                 grads = torch.autograd.grad(objective, [r, s] if s.requires_grad else [r])
             gr = grads[0]
             gs = grads[1] if len(grads) > 1 else None
@@ -311,11 +341,14 @@ def reverse_trigger(
                         st.s = st.s.clamp(-12.0, 5.0)
             st.it += 1
             st.iterations[key] = st.it
-            st.history[key].append(round(float(fit.detach()), 6))
+            chosen_fit = float(fit.detach().min())
+            st.history[key].append(round(chosen_fit, 6))
+            st.history["per_candidate"].append([st.stage, *[round(float(v), 6) for v in fit.detach()]])
             stop = False
             if cfg.early_stop_tol is not None and st.it % cfg.early_stop_window == 0:
                 gam, gam_snap = st.gamma(cfg.gamma_mode), _gamma_of(st.s_snap, cfg.gamma_mode)
-                move = math.sqrt(float((st.r - st.r_snap).pow(2).sum() + (gam - gam_snap).pow(2).sum()) / d)
+                move = math.sqrt(float(((st.r - st.r_snap).pow(2) + (gam - gam_snap).pow(2)).flatten(1).sum(1).max())
+                                 / d)  # the slowest candidate decides
                 stop = st.it >= cfg.min_iters and move < cfg.early_stop_tol
                 st.history["movement"].append([st.stage, st.it, round(move, 6)])
                 st.r_snap, st.s_snap = st.r.clone(), st.s.clone()
@@ -325,13 +358,44 @@ def reverse_trigger(
             if ckpt is not None and st.it % cfg.checkpoint_every == 0:
                 sync_and_save()
             if progress is not None:
-                progress(st.stage, st.it, total, float(fit.detach()))
+                progress(st.stage, st.it, total, chosen_fit)
         st.stage, st.it = st.stage + 1, 0
         st.r_snap, st.s_snap = st.r.clone(), st.s.clone()
         sync_and_save()
-    trigger = Trigger(st.r, st.gamma(cfg.gamma_mode).clamp(min=0.0),
-                      meta={"preset": cfg.name, "seed": seed, "gamma_mode": cfg.gamma_mode, "source": den.source})
+    best, candidates = _select(counted, st, cfg, seed, lam)
+    st.evaluations, st.calls = counted.evaluations, counted.calls
+    trigger = Trigger(st.r[best], st.gamma(cfg.gamma_mode)[best].clamp(min=0.0),
+                      meta={"preset": cfg.name, "seed": seed, "gamma_mode": cfg.gamma_mode, "source": den.source,
+                            "gamma_init": cfg.gamma_inits()[best]})
     return ReversionResult(trigger=trigger, network_evaluations=st.evaluations, network_calls=st.calls,
                            seconds=round(st.seconds, 3), iterations=dict(st.iterations),
                            stopped_early=dict(st.stopped_early), history=st.history, config=asdict(cfg),
-                           resumed_from=resumed)
+                           resumed_from=resumed, candidates=candidates)
+
+
+def _select(counted: _Counter, st: _State, cfg: ReversionConfig, seed: int, lam: float) -> tuple[int, list[dict]]:
+    """Pick the candidate with the lowest objective L_end - lambda ||r||_1 on one shared probe batch.
+
+    The probe uses the attack-cancelling ending term (noise-free of the stage-2 beginning term, whose level
+    depends on the generated images) on 4x the batch, no gradients, common random numbers. With a perfect
+    model both the benign and the backdoor solution have L = 0 and the L1 term decides, as in the paper.
+    """
+    from terd.defense.model_detection import kl_features
+
+    m = st.r.shape[0]
+    gam = st.gamma(cfg.gamma_mode)
+    scores = [0.0] * m
+    if m > 1:
+        g = _generator(seed, 3, 0)
+        shape, b, k = counted.image_shape, 4 * cfg.batch_size, max(cfg.noises_per_x0, 2)
+        x0 = torch.randn((b, *shape), generator=g).to(st.r.device)
+        t = term_timesteps(ENDING, counted.num_timesteps, b, g)
+        eps = torch.randn((k, b, *shape), generator=g).to(st.r.device)
+        with torch.no_grad():
+            scores = [float(reversed_loss(counted, st.r[i], gam[i], x0, t, 1.0, eps) - lam * st.r[i].abs().sum())
+                      for i in range(m)]
+    best = min(range(m), key=lambda i: scores[i])
+    cands = [{"gamma_init": cfg.gamma_inits()[i], "probe_objective": scores[i], "chosen": i == best,
+              "gamma_mean": float(gam[i].mean()), **kl_features(Trigger(st.r[i], gam[i].clamp(min=0.0)))}
+             for i in range(m)]
+    return best, cands
