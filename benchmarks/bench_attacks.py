@@ -101,6 +101,8 @@ NOTES = (
     "train s = wall seconds of fine-tuning with one torch thread on a 2-core machine shared with other jobs "
     "(OMP_NUM_THREADS=1 was 5x faster than the default 2 threads under that contention).",
     "Poison rate 0.5 (papers: 0.1) for these short fine-tunings of a 1M-parameter model.",
+    "troj-d2i-patch: at 16 px TrojDiff's patch is 2 x 2 pixels, and the model half-learns it: clean samples "
+    "also turn into the target (clean rate 0.28), i.e. this variant does not make a selective backdoor here.",
 )
 
 

@@ -427,12 +427,12 @@ def test_cli_scan_end_to_end_with_thresholds_and_resume(tmp_path, tiny_unet, sch
 
 @pytest.mark.slow
 def test_fast_scan_of_shipped_benign_model(tmp_path):
-    res = runner.invoke(app, ["scan", "src/terd/assets/models/digits-benign", "--out", str(tmp_path / "s")])
+    res = runner.invoke(app, ["scan", "src/terd/assets/models/demo-benign", "--out", str(tmp_path / "s")])
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "s" / "report.json").read_text())
     assert rep["network_evaluations"] <= rev.PRESETS["paper"].network_evaluations_bound() / 10
-    assert 0.8 < rep["trigger_stats"]["gamma_mean"] < 1.2  # the gamma = 1 start wins on a benign model
-    assert rep["verdict"] == "benign"  # it is one of the models the shipped thresholds were fitted on
+    assert 0.8 < rep["trigger_stats"]["gamma_mean"] < 1.2  # the gamma = 1 start wins on this benign model
+    assert rep["verdict"] == "benign"  # held out: not one of the models the shipped thresholds were fitted on
 
 
 def test_cli_calibrate_writes_thresholds(tmp_path, tiny_unet, schedule, monkeypatch):

@@ -1,20 +1,25 @@
 """``terd demo`` / ``make demo``: the main job on the embedded default, no user data, no network.
 
-The demo models ship inside the package (``terd/assets/models``), each made by a recorded terd recipe
-(``assets/models/RECIPES.md``), so the demo needs no training time.
+Two tiny models ship inside the package (``terd/assets/models``, recipes in RECIPES.md): a benign one
+and a TrojDiff-backdoored one. The demo scans both with the default ``fast`` preset and terd's shipped
+thresholds (fitted on other benign models), then shows input detection on the backdoored one: fresh
+benign noises against true backdoor inputs, flagged with the reversed trigger only.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from terd.errors import TerdError
-from terd.imaging import save_grid
-from terd.models import load_denoiser
-from terd.sampling import initial_noise, sample_images
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "models"
+DEMO_MODELS = (("benign", "demo-benign"), ("backdoored", "demo-trojdiff"))
 
 
 def asset_model(name: str) -> Path:
@@ -24,12 +29,51 @@ def asset_model(name: str) -> Path:
     return path
 
 
-def run_demo(out: str | Path, *, echo: Callable[[str], None] = print, n: int = 16) -> dict:
-    """Load the shipped benign digits model and write a grid of its samples; returns what was written."""
+def _input_check(model_dir: Path, trigger_file: Path, n: int = 2000) -> dict:
+    """Flag n benign N(0, I) noises and n true backdoor inputs with the detector of the reversed trigger."""
+    from terd.attacks import load_true_trigger
+    from terd.defense.input_detection import InputDetector
+    from terd.defense.trigger import Trigger
+
+    det = InputDetector(Trigger.load(trigger_file))
+    r, gamma = load_true_trigger(model_dir)
+    g = torch.Generator().manual_seed(2024)
+    benign = torch.randn((n, *r.shape), generator=g)
+    backdoor = gamma * torch.randn((n, *r.shape), generator=g) + r
+    return {"n": n, "fpr_target": det.fpr, "flagged_backdoor_inputs": float(det.is_backdoor(backdoor).double().mean()),
+            "flagged_benign_inputs": float(det.is_backdoor(benign).double().mean())}
+
+
+def run_demo(out: str | Path, *, echo: Callable[[str], None] = print) -> dict:
+    """Scan both shipped models; write DIR/<role>/ (report, trigger, pictures) and DIR/summary.json."""
+    from terd.defense.scan import scan_model
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    den = load_denoiser(asset_model("digits-benign"))
-    samples = sample_images(den, initial_noise(n, den.image_shape, seed=0), sampler="ddpm")
-    grid = save_grid(samples, out / "benign-samples.png")
-    echo(f"benign tiny-digits16 model: {den.num_parameters():,} parameters; samples -> {grid}")
-    return {"benign_samples": str(grid)}
+    if out.exists() and any(out.iterdir()) and not (out / "summary.json").is_file():
+        raise TerdError(f"{out}: directory is not empty and is not an earlier demo output; use --out NEW_DIR")
+    t0 = time.perf_counter()
+    summary: dict = {"models": {}}
+    for role, name in DEMO_MODELS:
+        model = asset_model(name)
+        if (out / role).exists():
+            shutil.rmtree(out / role)  # an earlier demo run's own output
+        echo(f"scanning the {role} demo model ({name}) with preset fast ...")
+        rep = scan_model(model, out / role, preset="fast", samples=8)
+        s, thr = rep["scores"], rep["thresholds"]
+        echo(f"  verdict: {rep['verdict'].upper()}  M_r={s['M_r']:.4f} (threshold {thr['M_r']:.4f})  "
+             f"V_r={s['V_r']:.5f} (threshold {thr['V_r']:.5f})  gamma mean {rep['trigger_stats']['gamma_mean']:.2f}  "
+             f"[{rep['network_evaluations']:,} network evaluations, {rep['seconds']:.0f}s]")
+        entry = {"model": name, "truth": role, "verdict": rep["verdict"], "scores": s, "thresholds": thr,
+                 "report": str(out / role / "report.json"), "samples": str(out / role / "samples.png")}
+        if role == "backdoored":
+            entry["input_detection"] = chk = _input_check(model, out / role / rep["trigger_file"])
+            echo(f"  input detection with the reversed trigger: {chk['flagged_backdoor_inputs']:.1%} of "
+                 f"{chk['n']} true backdoor inputs flagged, {chk['flagged_benign_inputs']:.2%} of {chk['n']} "
+                 f"benign noises flagged (target FPR {chk['fpr_target']:g})")
+        summary["models"][role] = entry
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    summary["correct"] = all(m["verdict"] == m["truth"] for m in summary["models"].values())
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    echo(f"done in {summary['seconds']:.0f}s: {'both verdicts correct' if summary['correct'] else 'WRONG verdict'}; "
+         f"pictures: {out}/*/samples.png (row 1: from the reversed trigger, row 2: clean), {out}/*/trigger.png")
+    return summary

@@ -140,7 +140,7 @@ def train(
     labels = dataset.labels
     t0 = time.perf_counter()
     loss_value = float("nan")
-    bar = tqdm(range(start_epoch, epochs), desc=f"train {out_dir.name}", disable=not progress, initial=start_epoch,
+    bar = tqdm(range(start_epoch, epochs), desc=f"train {out_dir.name}", disable=None if progress else True, initial=start_epoch,
                total=epochs, unit="epoch")
     for epoch in bar:
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)  # per-epoch stream: resume is exact

@@ -12,50 +12,11 @@ from terd.cli import DeviceOpt, command
 from terd.cli import resolve_device as _device
 from terd.errors import TerdError
 
-REPORT, TRIGGER, TRIGGER_PNG, SAMPLES_PNG = "report.json", "trigger.safetensors", "trigger.png", "samples.png"
-SCAN_MARKER = "terd-scan/1"
-
-
-def _scan_files() -> set[str]:
-    from terd.defense.reversion import CHECKPOINT_NAME
-
-    return {REPORT, TRIGGER, TRIGGER_PNG, SAMPLES_PNG, CHECKPOINT_NAME, CHECKPOINT_NAME.replace(".safetensors", ".tmp")}
-
-
-def _check_out_dir(out: Path) -> None:
-    """Only ever (over)write a scan's own files: a directory holding anything else is refused."""
-    if out.exists() and not out.is_dir():
-        raise TerdError(f"--out {out} exists and is not a directory")
-    if not out.is_dir():
-        return
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in _scan_files())
-    if foreign:
-        raise TerdError(f"--out {out} holds files terd scan did not write ({', '.join(foreign[:3])}"
-                        f"{'...' if len(foreign) > 3 else ''}); choose an empty or new directory")
-    report = out / REPORT
-    if report.is_file():
-        try:
-            ok = json.loads(report.read_text()).get("format") == SCAN_MARKER
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            ok = False
-        if not ok:
-            raise TerdError(f"{report} exists and is not a terd scan report; refusing to overwrite it")
-
-
-def _load_thresholds(path: Path | None, preset: str):  # noqa: ANN202
-    from terd.defense.calibration import default_thresholds
-    from terd.defense.model_detection import Thresholds
-
-    if path is not None:
-        return Thresholds.load(path), str(path)
-    thr = default_thresholds(preset)
-    return thr, ("terd default for preset " + preset) if thr is not None else None
-
 
 def _progress_bar(total: int):  # noqa: ANN202
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc="reversion", unit="it", leave=False, dynamic_ncols=True)
+    bar = tqdm(total=total, desc="reversion", unit="it", leave=False, dynamic_ncols=True, disable=None)  # no bar when not a terminal
     done = {1: 0, 2: 0}
 
     def update(stage: int, it: int, stage_total: int, loss: float) -> None:
@@ -65,25 +26,6 @@ def _progress_bar(total: int):  # noqa: ANN202
         bar.refresh()
 
     return bar, update
-
-
-def _pictures(den, trigger, out: Path, seed: int, n: int = 8, steps: int = 25) -> None:  # noqa: ANN001
-    """trigger.png (r and gamma - 1, clamped to [-1, 1]) and a grid: generated from the trigger / clean.
-
-    A 25-step DDIM (unclipped) is enough for a preview of what the trigger makes the model generate.
-    """
-    import torch
-
-    from terd.imaging import save_grid
-    from terd.sampling import initial_noise, sample_images
-
-    save_grid(torch.stack([trigger.r.clamp(-1, 1), (trigger.gamma - 1).clamp(-1, 1)]), out / TRIGGER_PNG, nrow=2)
-    if n <= 0:
-        return
-    eps = initial_noise(n, den.image_shape, seed=seed + 12345, device=den.device)
-    x_T = torch.cat([trigger.inputs(eps.cpu()).to(den.device), eps])
-    imgs = sample_images(den, x_T, sampler="ddim", steps=steps, seed=seed)
-    save_grid(imgs, out / SAMPLES_PNG, nrow=n)
 
 
 @command
@@ -101,62 +43,35 @@ def scan(
     device: DeviceOpt = None,
 ) -> None:
     """Reverse the trigger of a model and decide whether it is backdoored (exit 0 when the scan completes)."""
-    import time
-
-    from terd.defense.input_detection import InputDetector
-    from terd.defense.model_detection import detect_model
-    from terd.defense.reversion import CHECKPOINT_NAME, get_config, reverse_trigger
+    from terd.defense.reversion import CHECKPOINT_NAME, get_config
+    from terd.defense.scan import REPORT, SAMPLES_PNG, TRIGGER, check_out_dir, load_thresholds, scan_model
     from terd.models import load_denoiser
 
-    t_start = time.perf_counter()
     cfg = get_config(preset, gamma_mode=gamma)
-    _check_out_dir(out)
-    thr, thr_source = _load_thresholds(thresholds, preset)
+    check_out_dir(out)  # every user error is reported before the progress bar appears
+    load_thresholds(thresholds, preset)
     den = load_denoiser(model, device=_device(device))
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt = out / CHECKPOINT_NAME
-    if resume and not ckpt.is_file():
+    if resume and not (out / CHECKPOINT_NAME).is_file():
         typer.echo(f"no checkpoint in {out}; starting a new scan", err=True)
     bar, update = _progress_bar(cfg.stage1_iters + cfg.stage2_iters)
     try:
-        res = reverse_trigger(den, cfg, seed=seed, checkpoint=ckpt, resume=resume, progress=update)
+        report = scan_model(den, out, preset=preset, thresholds=thresholds, seed=seed, resume=resume, gamma=gamma,
+                            samples=samples, progress=update)
     finally:
         bar.close()
-    res.trigger.save(out / TRIGGER)
-    verdict = detect_model(res.trigger, thr)
-    det = InputDetector(res.trigger)
-    _pictures(den, res.trigger, out, seed, n=samples)
-    g = res.trigger.gamma
-    report = {
-        "format": SCAN_MARKER, "model": model, "verdict": verdict.verdict, "scores": verdict.scores,
-        "thresholds": verdict.thresholds, "thresholds_source": thr_source,
-        "margin": verdict.margin, "margin_std": verdict.margin_std, "flagged_by": verdict.flagged_by,
-        "margin_note": "score - threshold; positive = over the threshold (backdoor side)",
-        "preset": preset, "seed": seed, "network_evaluations": res.network_evaluations,
-        "network_calls": res.network_calls, "seconds": res.seconds, "iterations": res.iterations,
-        "stopped_early": res.stopped_early, "resumed_from": res.resumed_from,
-        "trigger_file": TRIGGER, "trigger_png": TRIGGER_PNG, "samples_png": SAMPLES_PNG if samples > 0 else None,
-        "samples_layout": "row 1: generated from x_T = gamma*eps + r (reversed trigger); row 2: same eps, clean",
-        "trigger_stats": {"r_l2": float(res.trigger.r.norm()), "r_abs_mean": float(res.trigger.r.abs().mean()),
-                          "gamma_mean": float(g.mean()), "gamma_min": float(g.min()), "gamma_max": float(g.max())},
-        "candidates": res.candidates, "input_detection": det.summary(), "config": res.config,
-        "seconds_total": round(time.perf_counter() - t_start, 3),
-    }
-    if thr is None:
-        report["note"] = ("no calibrated threshold is available for this preset: the verdict is based on scores "
-                          "only once thresholds exist (run `terd calibrate` on benign models, pass --thresholds)")
-        report["verdict"] = "uncalibrated"
-    (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
-    s = verdict.scores
+    thr = report["thresholds"]
+    s = report["scores"]
     line = f"M_r={s['M_r']:.4g} V_r={s['V_r']:.4g}"
     if thr is None:
         typer.echo(f"{model}: no verdict (no calibrated threshold for preset {preset}); {line}")
     else:
-        typer.echo(f"{model}: {verdict.verdict.upper()}; {line} (thresholds M_r={thr.M_r:.4g} V_r={thr.V_r:.4g}"
-                   f"{'; over: ' + ', '.join(verdict.flagged_by) if verdict.flagged_by else ''})")
-    typer.echo(f"  {res.network_evaluations} network evaluations in {res.seconds:.0f}s; gamma mean "
-               f"{float(g.mean()):.3f}; report: {out / REPORT}; trigger: {out / TRIGGER}; samples: {out / SAMPLES_PNG}")
-    if fail_on_backdoor and verdict.backdoored:
+        over = report["flagged_by"]
+        typer.echo(f"{model}: {report['verdict'].upper()}; {line} (thresholds M_r={thr['M_r']:.4g} "
+                   f"V_r={thr['V_r']:.4g}{'; over: ' + ', '.join(over) if over else ''})")
+    typer.echo(f"  {report['network_evaluations']} network evaluations in {report['seconds']:.0f}s; gamma mean "
+               f"{report['trigger_stats']['gamma_mean']:.3f}; report: {out / REPORT}; trigger: {out / TRIGGER}; "
+               f"samples: {out / SAMPLES_PNG}")
+    if fail_on_backdoor and report["verdict"] == "backdoored":
         raise typer.Exit(1)
 
 

@@ -1,0 +1,92 @@
+"""Model and input detection on the tiny-digits16 zoo built this far, with honest thresholds.
+
+Protocol: thresholds (mean + 3 std of M_r, V_r) are fitted with preset ``fast`` on the CALIBRATION benign
+models only; every other model (held-out benign and backdoored) is judged with them. Backdoored models
+count only if their attack fires (ASR from benchmarks/results/attacks_digits16.json >= 0.9); the others
+are still scanned and shown. Input detection: reversed trigger, FPR-1e-3 threshold, 10,000 benign
+N(0, I) noises and 10,000 true backdoor inputs gamma * eps + r per backdoored model.
+
+Scans are cached in runs/detection/<name>/report.json (delete to rerun). The fitted thresholds are
+installed as terd's shipped defaults for ``fast``.
+
+Run: .venv/bin/python benchmarks/bench_detection.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, write_results  # noqa: E402
+
+from terd.attacks import load_true_trigger  # noqa: E402
+from terd.defense.calibration import install_defaults  # noqa: E402
+from terd.defense.input_detection import InputDetector  # noqa: E402
+from terd.defense.model_detection import Thresholds, detect_model, fit_thresholds  # noqa: E402
+from terd.defense.scan import scan_model  # noqa: E402
+from terd.defense.trigger import Trigger  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "runs/detection"
+CALIBRATION = {"digits-s1-e40": "runs/benign/digits-s1-e40", "digits-s2-e30": "runs/benign/digits-s2-e30",
+               "digits-s3-e40": "runs/benign/digits-s3-e40"}
+HELD_OUT_BENIGN = {"asset": "src/terd/assets/models/digits-benign", "digits-s4-e35": "runs/benign/digits-s4-e35"}
+BACKDOORED = {n: f"runs/attacks/{n}" for n in ("bd-box-hat", "troj-d2i-blend", "troj-out-d2d", "villan-ode",
+                                                "troj-in-d2d")}
+
+
+def scanned(name: str, model: str) -> dict:
+    out = CACHE / name
+    if (out / "report.json").is_file():
+        return json.loads((out / "report.json").read_text())
+    print(f"scanning {name} ...", flush=True)
+    return scan_model(ROOT / model, out, preset="fast", samples=0)
+
+
+def main() -> None:
+    asr = json.loads((RESULTS / "attacks_digits16.json").read_text())["results"]
+    calib = {n: scanned(n, m) for n, m in CALIBRATION.items()}
+    thr = fit_thresholds([c["scores"] for c in calib.values()],
+                         provenance={"preset": "fast", "seed": 0, "models": list(CALIBRATION.values()),
+                                     "source": "benchmarks/bench_detection.py (tiny-digits16 calibration models)"})
+    install_defaults(thr, "fast")
+    rows = []
+    for group, models in (("calibration benign", CALIBRATION), ("held-out benign", HELD_OUT_BENIGN),
+                          ("backdoored", BACKDOORED)):
+        for name, model in models.items():
+            rep = scanned(name, model)
+            judged = detect_model(rep["scores"], thr if group != "calibration benign" else None)
+            row = {"model": name, "group": group, "M_r": round(rep["scores"]["M_r"], 4),
+                   "V_r": round(rep["scores"]["V_r"], 5), "gamma_mean": round(rep["trigger_stats"]["gamma_mean"], 3),
+                   "verdict": judged.verdict if group != "calibration benign" else "(fits thresholds)",
+                   "evals": rep["network_evaluations"], "seconds": round(rep["seconds"])}
+            if group == "backdoored":
+                a = asr.get(name, {})
+                row["attack_asr"] = a.get("asr_triggered")
+                row["counted"] = (a.get("asr_triggered") or 0) >= 0.9
+                r_true, g_true = load_true_trigger(ROOT / model)
+                trig = Trigger.load(CACHE / name / rep["trigger_file"])
+                det = InputDetector(trig)
+                g = torch.Generator().manual_seed(1)
+                benign = torch.randn((10_000, *r_true.shape), generator=g)
+                bd = g_true * torch.randn((10_000, *r_true.shape), generator=g) + r_true
+                row["input_TPR"] = round(float(det.is_backdoor(bd).double().mean()), 4)
+                row["input_TNR"] = round(float((~det.is_backdoor(benign)).double().mean()), 4)
+                row["trigger_l2"] = round(float((trig.r - r_true).norm()), 2)
+            rows.append(row)
+            print(row, flush=True)
+    cols = ["model", "group", "attack_asr", "counted", "M_r", "V_r", "gamma_mean", "verdict", "input_TPR",
+            "input_TNR", "trigger_l2", "evals", "seconds"]
+    note = (f"Thresholds (fast, fitted on {', '.join(CALIBRATION)}): M_r > {thr.M_r:.4f} or V_r > {thr.V_r:.5f}. "
+            "Backdoored models count only when their attack fires (ASR >= 0.9). Seconds are wall time on a shared "
+            "2-core CPU.")
+    write_results("detection_digits16", rows, cols, notes=note)
+    Thresholds.save(thr, RESULTS / "thresholds_fast_digits16.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""One scan of one model: reversion + model detection + input-detector summary, written to a directory.
+
+Used by ``terd scan``, the demo and the benchmark, so all three write the same report. The output
+directory only ever receives the scan's own files: a directory holding anything else is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from terd.defense.calibration import default_thresholds
+from terd.defense.input_detection import InputDetector
+from terd.defense.model_detection import Thresholds, detect_model
+from terd.defense.reversion import CHECKPOINT_NAME, Progress, get_config, reverse_trigger
+from terd.errors import TerdError
+from terd.models import Denoiser, load_denoiser
+
+REPORT, TRIGGER, TRIGGER_PNG, SAMPLES_PNG = "report.json", "trigger.safetensors", "trigger.png", "samples.png"
+SCAN_MARKER = "terd-scan/1"
+
+
+def _scan_files() -> set[str]:
+    return {REPORT, TRIGGER, TRIGGER_PNG, SAMPLES_PNG, CHECKPOINT_NAME, CHECKPOINT_NAME.replace(".safetensors", ".tmp")}
+
+
+def check_out_dir(out: Path) -> None:
+    """Only ever (over)write a scan's own files: a directory holding anything else is refused."""
+    if out.exists() and not out.is_dir():
+        raise TerdError(f"--out {out} exists and is not a directory")
+    if not out.is_dir():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in _scan_files())
+    if foreign:
+        raise TerdError(f"--out {out} holds files terd scan did not write ({', '.join(foreign[:3])}"
+                        f"{'...' if len(foreign) > 3 else ''}); choose an empty or new directory")
+    report = out / REPORT
+    if report.is_file():
+        try:
+            ok = json.loads(report.read_text()).get("format") == SCAN_MARKER
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            ok = False
+        if not ok:
+            raise TerdError(f"{report} exists and is not a terd scan report; refusing to overwrite it")
+
+
+def load_thresholds(path: str | Path | None, preset: str) -> tuple[Thresholds | None, str | None]:
+    """Thresholds from a file, else terd's shipped default for the preset (None when there is none)."""
+    if path is not None:
+        return Thresholds.load(path), str(path)
+    thr = default_thresholds(preset)
+    return thr, ("terd default for preset " + preset) if thr is not None else None
+
+
+def _pictures(den, trigger, out: Path, seed: int, n: int = 8, steps: int = 25) -> None:  # noqa: ANN001
+    """trigger.png (r and gamma - 1, clamped to [-1, 1]) and a grid: generated from the trigger / clean.
+
+    A 25-step DDIM (unclipped) is enough for a preview of what the trigger makes the model generate.
+    """
+    import torch
+
+    from terd.imaging import save_grid
+    from terd.sampling import initial_noise, sample_images
+
+    save_grid(torch.stack([trigger.r.clamp(-1, 1), (trigger.gamma - 1).clamp(-1, 1)]), out / TRIGGER_PNG, nrow=2)
+    if n <= 0:
+        return
+    eps = initial_noise(n, den.image_shape, seed=seed + 12345, device=den.device)
+    x_T = torch.cat([trigger.inputs(eps.cpu()).to(den.device), eps])
+    imgs = sample_images(den, x_T, sampler="ddim", steps=steps, seed=seed)
+    save_grid(imgs, out / SAMPLES_PNG, nrow=n)
+
+
+def scan_model(
+    model: str | Path | Denoiser,
+    out: str | Path,
+    *,
+    preset: str = "fast",
+    thresholds: str | Path | Thresholds | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    gamma: str = "learned",
+    samples: int = 8,
+    device: str = "cpu",
+    progress: Progress | None = None,
+) -> dict:
+    """Reverse the trigger, decide, write ``out/report.json`` (+ trigger and pictures); return the report."""
+    t_start = time.perf_counter()
+    out = Path(out)
+    cfg = get_config(preset, gamma_mode=gamma)
+    check_out_dir(out)
+    if isinstance(thresholds, Thresholds):
+        thr, thr_source = thresholds, thresholds.provenance.get("source", "given thresholds")
+    else:
+        thr, thr_source = load_thresholds(thresholds, preset)
+    den = model if isinstance(model, Denoiser) else load_denoiser(model, device=device)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / CHECKPOINT_NAME
+    res = reverse_trigger(den, cfg, seed=seed, checkpoint=ckpt, resume=resume, progress=progress)
+    res.trigger.save(out / TRIGGER)
+    verdict = detect_model(res.trigger, thr)
+    det = InputDetector(res.trigger)
+    _pictures(den, res.trigger, out, seed, n=samples)
+    g = res.trigger.gamma
+    report = {
+        "format": SCAN_MARKER, "model": str(den.source or model), "verdict": verdict.verdict, "scores": verdict.scores,
+        "thresholds": verdict.thresholds, "thresholds_source": thr_source,
+        "margin": verdict.margin, "margin_std": verdict.margin_std, "flagged_by": verdict.flagged_by,
+        "margin_note": "score - threshold; positive = over the threshold (backdoor side)",
+        "preset": preset, "seed": seed, "network_evaluations": res.network_evaluations,
+        "network_calls": res.network_calls, "seconds": res.seconds, "iterations": res.iterations,
+        "stopped_early": res.stopped_early, "resumed_from": res.resumed_from,
+        "trigger_file": TRIGGER, "trigger_png": TRIGGER_PNG, "samples_png": SAMPLES_PNG if samples > 0 else None,
+        "samples_layout": "row 1: generated from x_T = gamma*eps + r (reversed trigger); row 2: same eps, clean",
+        "trigger_stats": {"r_l2": float(res.trigger.r.norm()), "r_abs_mean": float(res.trigger.r.abs().mean()),
+                          "gamma_mean": float(g.mean()), "gamma_min": float(g.min()), "gamma_max": float(g.max())},
+        "candidates": res.candidates, "input_detection": det.summary(), "config": res.config,
+        "seconds_total": round(time.perf_counter() - t_start, 3),
+    }
+    if thr is None:
+        report["note"] = ("no calibrated threshold is available for this preset: the verdict is based on scores "
+                          "only once thresholds exist (run `terd calibrate` on benign models, pass --thresholds)")
+        report["verdict"] = "uncalibrated"
+    (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    return report
