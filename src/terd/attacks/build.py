@@ -53,16 +53,20 @@ DEFAULTS = {
 DEFAULT_TARGET_CLASS = {"digits16": 7, "photos32": 4}
 
 
+def _training_record(model_dir: str | Path) -> dict:
+    """The model's train.json (written by terd's training loop), or {} when absent or unreadable."""
+    info = Path(model_dir) / "train.json"
+    try:
+        data = json.loads(info.read_text()) if info.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def model_dataset_name(model_dir: str | Path, shape: tuple[int, int, int]) -> str:
     """The data a model was trained on: its train.json, else the built-in dataset of that shape."""
-    info = Path(model_dir) / "train.json"
-    if info.is_file():
-        try:
-            name = json.loads(info.read_text()).get("dataset")
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            name = None
-        if name:
-            return name
+    if name := _training_record(model_dir).get("dataset"):
+        return name
     for p in PRESETS.values():
         if (p.channels, p.size, p.size) == tuple(shape):
             return p.dataset
@@ -140,14 +144,9 @@ def build_attack(
 
 def _preset_for(model_dir: str | Path, base: Denoiser) -> Preset:
     """Batch size, EMA and warm-up of the preset the clean model was trained with (or of its shape)."""
-    info = Path(model_dir) / "train.json"
-    if info.is_file():
-        try:
-            name = json.loads(info.read_text()).get("preset")
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            name = None
-        if name in PRESETS:
-            return PRESETS[name]
+    name = _training_record(model_dir).get("preset")
+    if name in PRESETS:
+        return PRESETS[name]
     params = base.num_parameters()
     for p in PRESETS.values():
         if (p.channels, p.size, p.size) == base.image_shape and (params > 10_000_000) == (p.batch_size > 64):
