@@ -255,12 +255,10 @@ def _gallery(rows: list[dict], cache: Path, out: Path, defense: str) -> str | No
         if r["backdoored"] and f.is_file():
             true_r, _ = load_true_trigger(cache / r["id"])
             rev = Trigger.load(f).r
-            if true_r.shape[0] == 1:  # one row per model: true | reversed, shown in [-1, 1] after /2
-                pairs += [(true_r / 2).clamp(-1, 1), (rev / 2).clamp(-1, 1)]
+            pairs += [(true_r / 2).clamp(-1, 1), (rev / 2).clamp(-1, 1)]  # one row per model: true | reversed
     if not pairs:
         return None
-    shapes = {p.shape for p in pairs}
-    if len(shapes) != 1:
+    if len({p.shape for p in pairs}) != 1:  # mixed resolutions: one gallery per dataset would be needed
         return None
     save_grid(torch.stack(pairs), out / f"gallery_{defense}.png", nrow=2)
     return f"gallery_{defense}.png"

@@ -49,13 +49,15 @@ def scan(
 
     cfg = get_config(preset, gamma_mode=gamma)
     check_out_dir(out)  # every user error is reported before the progress bar appears
-    load_thresholds(thresholds, preset)
+    thr, thr_source = load_thresholds(thresholds, preset)  # read once, handed to the scan
+    if thr is not None:
+        thr.provenance = {**thr.provenance, "source": thr_source}
     den = load_denoiser(model, device=_device(device))
     if resume and not (out / CHECKPOINT_NAME).is_file():
         typer.echo(f"no checkpoint in {out}; starting a new scan", err=True)
     bar, update = _progress_bar(cfg.stage1_iters + cfg.stage2_iters)
     try:
-        report = scan_model(den, out, preset=preset, thresholds=thresholds, seed=seed, resume=resume, gamma=gamma,
+        report = scan_model(den, out, preset=preset, thresholds=thr, seed=seed, resume=resume, gamma=gamma,
                             samples=samples, progress=update)
     finally:
         bar.close()
