@@ -8,8 +8,9 @@ Usage (CPU-sized; one model at a time):
 Without models it scans the shipped benign model and every runs/attacks/*/ that has attack.json.
 For each model it records M_r, V_r, gamma statistics, network evaluations and seconds; for attacked
 models also the l2 distance of the reversed r to the true trigger and the input-detection TPR/TNR of
-the reversed trigger on true backdoor inputs vs benign noise (positive = backdoor input). It also times
-the vectorised LLR against a plain matrix-vector product x @ r over the same inputs.
+the reversed trigger on true backdoor inputs vs benign noise (positive = backdoor input). M_r and V_r are
+the scan statistic (each feature's maximum over the reversion candidates); input-detection throughput has
+its own script (bench_input_detection.py).
 
 Writes benchmarks/results/defense_<tag>.json and .md. ``--merge A.json B.json`` combines earlier runs
 (made one model at a time on a shared machine) into one table.
@@ -21,7 +22,6 @@ import argparse
 import json
 import platform
 import sys
-import time
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -64,31 +64,11 @@ def input_detection_eval(trigger: Trigger, true: Trigger | None, n: int = 4000, 
     return out
 
 
-def throughput(shape: tuple[int, int, int], n: int = 20000, reps: int = 5) -> dict:
-    """Inputs per second of the LLR score vs a plain x @ r over the same float32 inputs (best of reps)."""
-    r, gamma = torch.randn(shape), torch.rand(shape) + 0.5
-    det = InputDetector(r, gamma, fpr=None)
-    x = torch.randn((n, *shape))
-    flat, rf = x.flatten(1), r.flatten()
-
-    def best(fn) -> float:  # noqa: ANN001
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    t_llr, t_mv = best(lambda: det.score(x)), best(lambda: flat @ rf)
-    return {"shape": list(shape), "n": n, "llr_inputs_per_s": n / t_llr, "matvec_inputs_per_s": n / t_mv,
-            "llr_over_matvec_time": t_llr / t_mv, "note": "LLR in float64 with per-dimension gamma; matvec float32"}
-
-
 def run_model(path: Path, cfg, seed: int) -> dict:  # noqa: ANN001
     den = load_denoiser(path)
     res = reverse_trigger(den, cfg, seed=seed)
     tr = res.trigger
-    row = {"model": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path), **kl_features(tr),
+    row = {"model": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path), **res.features,
            "gamma_mean": float(tr.gamma.mean()), "gamma_min": float(tr.gamma.min()),
            "gamma_max": float(tr.gamma.max()), "r_mean": float(tr.r.mean()), "r_l2": float(tr.r.norm()),
            "network_evaluations": res.network_evaluations, "seconds": res.seconds, "iterations": res.iterations,
@@ -120,11 +100,6 @@ def to_markdown(rep: dict) -> str:
         lines.append(f"| {r['model']} | {r['M_r']:.4f} | {r['V_r']:.4f} | {r['gamma_mean']:.3f} "
                      f"[{r['gamma_min']:.2f}, {r['gamma_max']:.2f}] | {r['network_evaluations']} | "
                      f"{r['seconds']:.0f} | {l2} | {io} |")
-    lines += ["", "Input-detection throughput (LLR vs plain x @ r over the same inputs):", "",
-              "| shape | n | LLR inputs/s | matvec inputs/s | time ratio |", "|---|---|---|---|---|"]
-    for t in rep["throughput"]:
-        lines.append(f"| {'x'.join(map(str, t['shape']))} | {t['n']} | {t['llr_inputs_per_s']:.3g} | "
-                     f"{t['matvec_inputs_per_s']:.3g} | {t['llr_over_matvec_time']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -138,7 +113,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tag", default=None)
-    ap.add_argument("--no-throughput", action="store_true")
     ap.add_argument("--merge", nargs="+", type=Path, default=None,
                     help="combine the rows of earlier defense_*.json results (same preset) instead of scanning")
     args = ap.parse_args(argv)
@@ -164,12 +138,10 @@ def main(argv: list[str] | None = None) -> None:
             continue
         print(json.dumps({k: rows[-1][k] for k in ("M_r", "V_r", "gamma_mean", "network_evaluations", "seconds")}),
               file=sys.stderr, flush=True)
-    thr = [] if args.no_throughput else [throughput((1, 16, 16)), throughput((3, 32, 32)),
-                                         throughput((3, 64, 64), n=4000)]
     rep = {"tag": tag, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seed": args.seed,
            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "threads": args.threads,
            "config": cfg.__dict__, "paper_evaluation_bound": get_config("paper").network_evaluations_bound(),
-           "rows": rows, "throughput": thr}
+           "rows": rows}
     out = ROOT / "benchmarks/results"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"defense_{tag}.json").write_text(json.dumps(rep, indent=2) + "\n")

@@ -54,7 +54,6 @@ def evaluate_model(entry: ZooEntry, cache: str, defenses: tuple[str, ...], out: 
                    attack_n: int = 64, seed: int = 0, threads: int | None = None) -> dict:
     """Attack success (if backdoored) and every defense's raw output for one model."""
     from terd.defense.elijah import elijah_scan
-    from terd.defense.model_detection import kl_features
     from terd.defense.reversion import reverse_trigger
     from terd.models import load_denoiser
 
@@ -77,7 +76,7 @@ def evaluate_model(entry: ZooEntry, cache: str, defenses: tuple[str, ...], out: 
         if name.startswith("terd-"):
             res = reverse_trigger(den, name.removeprefix("terd-"), seed=seed)
             trig = res.trigger
-            d = {**kl_features(trig), "network_evaluations": res.network_evaluations}
+            d = {**res.features, "network_evaluations": res.network_evaluations}
             trig.save(Path(out) / "triggers" / f"{entry.id}--{name}.safetensors")
             if r_true is not None:
                 d["trigger_l2"] = float((trig.r - r_true).norm())

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from terd.defense.model_detection import Thresholds, fit_thresholds, kl_features
+from terd.defense.model_detection import Thresholds, fit_thresholds
 from terd.defense.reversion import Progress, get_config, reverse_trigger
 from terd.errors import TerdError
 
@@ -42,7 +42,7 @@ def model_features(model, preset: str = "fast", *, seed: int = 0, device: str = 
 
     den = load_denoiser(model, device=device) if not hasattr(model, "schedule") else model
     res = reverse_trigger(den, get_config(preset), seed=seed, progress=progress)
-    return {"model": str(getattr(den, "source", model)), **kl_features(res.trigger),
+    return {"model": str(getattr(den, "source", model)), **res.features,
             "network_evaluations": res.network_evaluations, "seconds": res.seconds}
 
 

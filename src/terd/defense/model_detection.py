@@ -38,6 +38,18 @@ def kl_features(trigger: Trigger) -> dict[str, float]:
     return {"M_r": float(kl.mean()), "V_r": float(kl.var(unbiased=False))}
 
 
+def candidate_features(per_candidate: list[dict[str, float]]) -> dict[str, float]:
+    """The scan statistic: each feature's maximum over the reversion candidates (any anomalous candidate counts).
+
+    Why the maximum and not the candidate with the lowest loss: a TrojDiff trigger (gamma ~0.6) and the benign
+    solution (gamma ~1) reach similar reversed losses on small models, so picking one by loss flips with noise
+    (measured: with the CPU thread count). Thresholds are fitted on the same statistic of benign models.
+    """
+    if not per_candidate:
+        raise ValueError("no candidates")
+    return {f: max(float(c[f]) for c in per_candidate) for f in FEATURES}
+
+
 @dataclass
 class Thresholds:
     """Per-feature decision thresholds plus where they came from (benign models, preset, rule)."""

@@ -99,7 +99,7 @@ def scan_model(
     ckpt = out / CHECKPOINT_NAME
     res = reverse_trigger(den, cfg, seed=seed, checkpoint=ckpt, resume=resume, progress=progress)
     res.trigger.save(out / TRIGGER)
-    verdict = detect_model(res.trigger, thr)
+    verdict = detect_model(res.features, thr)  # any candidate over a threshold flags the model
     det = InputDetector(res.trigger)
     _pictures(den, res.trigger, out, seed, n=samples)
     g = res.trigger.gamma

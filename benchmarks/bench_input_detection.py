@@ -1,0 +1,51 @@
+"""Input-detection throughput: the LLR score vs a plain matrix-vector product over the same inputs.
+
+The floor for any per-input detector is reading each input once, which is what ``x @ r`` does. The goal
+(issue #4) is an LLR within 2x of that. Both run on the same float32 batch already in memory; the LLR
+includes its per-dimension gamma (quadratic term) unless gamma == 1, where it IS a matvec plus a constant.
+Reported: median seconds of 7 repeats after a warm-up, inputs per second, and the time ratio.
+
+Run: .venv/bin/python benchmarks/bench_input_detection.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import median_seconds, write_results  # noqa: E402
+
+from terd.defense.input_detection import InputDetector  # noqa: E402
+
+CASES = [((1, 16, 16), 20_000), ((3, 32, 32), 20_000), ((3, 64, 64), 5_000), ((3, 256, 256), 500)]
+
+
+def measure(shape: tuple[int, int, int], n: int, learned_gamma: bool) -> dict:
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(shape, generator=g)
+    gamma = torch.rand(shape, generator=g) * 0.5 + 0.5 if learned_gamma else torch.ones(shape)
+    det = InputDetector(r, gamma, fpr=1e-3)
+    x = torch.randn((n, *shape), generator=g)
+    flat, rf = x.flatten(1), r.flatten()
+    t_llr = median_seconds(lambda: det.is_backdoor(x), repeats=7)
+    t_mv = median_seconds(lambda: flat @ rf, repeats=7)
+    return {"shape": "x".join(map(str, shape)), "gamma": "learned (0.5-1)" if learned_gamma else "1", "n": n,
+            "llr_inputs_per_s": round(n / t_llr), "matvec_inputs_per_s": round(n / t_mv),
+            "time_ratio": round(t_llr / t_mv, 2)}
+
+
+def main() -> None:
+    rows = [measure(shape, n, learned) for shape, n in CASES for learned in (False, True)]
+    for row in rows:
+        print(row, flush=True)
+    write_results("input_detection_throughput", rows,
+                  ["shape", "gamma", "n", "llr_inputs_per_s", "matvec_inputs_per_s", "time_ratio"],
+                  notes="time_ratio = median LLR decision time / median `x @ r` time over the same float32 inputs "
+                        "(goal: <= 2). The LLR decision includes the comparison with the FPR-1e-3 threshold.")
+
+
+if __name__ == "__main__":
+    main()
