@@ -41,6 +41,7 @@ EXTRA = {
                                   None),
     "villan-ode-16ep": ("villan", {"solver": "ode", "psi": 1.0}, 16),
     "troj-out-d2d": ("trojdiff", {"setting": "out-d2d"}, None),
+    "troj-in-d2d-24ep": ("trojdiff", {"setting": "in-d2d", "trigger": "blend"}, 24),
     "troj-d2i-patch": ("trojdiff", {"setting": "d2i", "trigger": "patch"}, None),
     "troj-d2i-ddpm": ("trojdiff", {"setting": "d2i", "sampler": "trojdiff-ddpm"}, None),
     "bd-stop-shoe": ("baddiffusion", {"trigger": "stop-sign", "target": "shoe"}, None),

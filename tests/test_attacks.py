@@ -129,10 +129,25 @@ def test_trojdiff_samplers_map_trigger_noise_to_target(schedule, trigger):
     with torch.no_grad():
         out = trojdiff_ddim_sample(den, x_T, gamma, mu)
         assert (out - y).abs().max() < 1e-3
+        assert (trojdiff_ddim_sample(den, x_T, gamma, mu, clip_sample=True) - y).abs().max() < 1e-3  # y in range
         out = atk.sample(den, x_T, triggered=True)
         assert (out - y).abs().max() < 1e-3
         out = trojdiff_ddpm_sample(den, x_T, gamma, mu, generator=torch.Generator().manual_seed(1))
         assert (out - y).abs().max() < 1e-3
+
+
+def test_clipped_trojdiff_ddim_cannot_blow_up(schedule):
+    """A wildly wrong noise prediction sends unclipped DDIM far out of range; the clipped x_0 stays in [-1, 1]."""
+
+    class Wild(torch.nn.Module):
+        def forward(self, x, t):  # noqa: ANN001, ANN201
+            return -50.0 * x
+
+    den = oracle_denoiser(Wild(), schedule, (1, 4, 4))
+    x_T = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert trojdiff_ddim_sample(den, x_T).abs().max() > 10
+        assert trojdiff_ddim_sample(den, x_T, clip_sample=True).abs().max() <= 1.0
 
 
 def gamma_a_eps_plus_mu(atk: TrojDiff, eps: torch.Tensor) -> torch.Tensor:

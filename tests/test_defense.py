@@ -24,7 +24,14 @@ from terd.defense.input_detection import (
     llr,
 )
 from terd.defense.loss import reversed_loss
-from terd.defense.model_detection import Thresholds, detect_model, fit_thresholds, kl_features, kl_per_dim
+from terd.defense.model_detection import (
+    Thresholds,
+    candidate_features,
+    detect_model,
+    fit_thresholds,
+    kl_features,
+    kl_per_dim,
+)
 from terd.defense.reversion import ReversionConfig, reverse_trigger
 from terd.defense.trigger import Trigger
 from terd.errors import TerdError
@@ -146,6 +153,19 @@ def test_reversion_recovers_trigger_of_backdoored_gaussian_oracle(schedule, gamm
     assert [c["gamma_init"] for c in res.candidates] == [1.0, 0.5] and sum(c["reported"] for c in res.candidates) == 1
     assert res.features == {f: max(c[f] for c in res.candidates) for f in ("M_r", "V_r")}
     assert kl_features(res.trigger)["M_r"] == pytest.approx(res.features["M_r"])  # the most anomalous is reported
+
+
+def test_any_anomalous_candidate_flags_the_model():
+    """The scan statistic is each feature's maximum over candidates: one TrojDiff-like candidate is enough."""
+    benign_like = {"M_r": 0.04, "V_r": 0.002}
+    trojan_like = {"M_r": 0.12, "V_r": 0.0026}
+    badnet_like = {"M_r": 0.03, "V_r": 0.016}
+    thr = Thresholds(0.07, 0.004, {"n_models": 3})
+    assert detect_model(candidate_features([benign_like, benign_like]), thr).verdict == "benign"
+    assert detect_model(candidate_features([benign_like, trojan_like]), thr).flagged_by == ["M_r"]
+    assert candidate_features([trojan_like, badnet_like]) == {"M_r": 0.12, "V_r": 0.016}
+    with pytest.raises(ValueError):
+        candidate_features([])
 
 
 def test_line_search_start_lands_in_the_trojan_valley(schedule):
