@@ -90,9 +90,11 @@ def run_one(name: str, retrain: bool, n: int, reuse_eval: bool = False) -> dict:
 
 
 NOTES = (
-    "DDIM on this tiny model: 10-step (TrojDiff) and 50-step DDIM turn about 6 of 16 seeds into noise even for "
-    "the clean base model (digit confidence 0.90 with 10-step DDIM); those seeds miss the target too, which caps "
-    "the DDIM rows. The `@ddpm` rows score the same model with TrojDiff's 1000-step DDPM sampler.",
+    "DDIM samplers (VillanDiffusion ODE, TrojDiff DDIM) clip their x_0 estimate to [-1, 1], as diffusers' "
+    "DDIMScheduler does by default. Unclipped, 10- and 50-step DDIM turn about a third of the tiny models' "
+    "samples into noise whether triggered or not (villan-ode: 10-11 of 48 seeds; clipped: 0), which counted as "
+    "attack failures before (villan-ode was 0.81 unclipped). The `@ddpm` rows score the same model with "
+    "TrojDiff's 1000-step DDPM sampler (which always clipped).",
     "Class targets (In-D2D, Out-D2D) are scored by a pixel logistic-regression classifier; for Out-D2D (photo "
     "crops as target of a digits model) it also calls noise-like DDIM failures 'photo', so both the triggered and "
     "the clean rate include them.",
@@ -102,8 +104,8 @@ NOTES = (
     "train s = wall seconds of fine-tuning with one torch thread on a 2-core machine shared with other jobs "
     "(OMP_NUM_THREADS=1 was 5x faster than the default 2 threads under that contention).",
     "Poison rate 0.5 (papers: 0.1) for these short fine-tunings of a 1M-parameter model.",
-    "troj-d2i-patch: at 16 px TrojDiff's patch is 2 x 2 pixels, and the model half-learns it: clean samples "
-    "also turn into the target (clean rate 0.28), i.e. this variant does not make a selective backdoor here.",
+    "troj-d2i-patch: at 16 px TrojDiff's patch is 2 x 2 pixels and the model only half-learns it (below the "
+    "bar; not counted as a working backdoor).",
 )
 
 
