@@ -76,13 +76,16 @@ def main() -> None:
                 g = torch.Generator().manual_seed(1)
                 benign = torch.randn((10_000, *r_true.shape), generator=g)
                 bd = g_true * torch.randn((10_000, *r_true.shape), generator=g) + r_true
-                row["input_TPR"] = round(float(det.is_backdoor(bd).double().mean()), 4)
-                row["input_TNR"] = round(float((~det.is_backdoor(benign)).double().mean()), 4)
+                s_bd, s_benign = det.score(bd), det.score(benign)
+                row["input_TPR"] = round(float((s_bd > det.threshold).double().mean()), 4)
+                row["input_TNR"] = round(float((s_benign <= det.threshold).double().mean()), 4)
+                row["paper_rule_TPR"] = round(float((s_bd > 0).double().mean()), 4)  # the paper's LLR > 0
+                row["paper_rule_TNR"] = round(float((s_benign <= 0).double().mean()), 4)
                 row["trigger_l2"] = round(float((trig.r - r_true).norm()), 2)
             rows.append(row)
             print(row, flush=True)
     cols = ["model", "group", "attack_asr", "counted", "M_r", "V_r", "gamma_mean", "verdict", "input_TPR",
-            "input_TNR", "trigger_l2", "evals", "seconds"]
+            "input_TNR", "paper_rule_TPR", "paper_rule_TNR", "trigger_l2", "evals", "seconds"]
     note = (f"Thresholds (fast, fitted on {', '.join(CALIBRATION)}): M_r > {thr.M_r:.4f} or V_r > {thr.V_r:.5f}. "
             "Backdoored models count only when their attack fires (ASR >= 0.9). Seconds are wall time on a shared "
             "2-core CPU.")
