@@ -366,6 +366,18 @@ def test_imhof_tail_matches_monte_carlo_and_gaussian():
                         rel_tol=1e-9)
 
 
+def test_imhof_tail_does_not_overflow_in_high_dimension():
+    """Many dimensions with a large linear part make rho(u) exceed e^709 inside the integration range (a
+    256x256 RGB trigger did); the tail must still come out, here close to its Gaussian limit (a -> 0)."""
+    from scipy.stats import norm
+
+    d = 10_000
+    a, b, c = np.full(d, 1e-4), np.full(d, 10.0), np.zeros(d)
+    sd = math.sqrt(float((2 * a**2 + b**2).sum()))
+    q = float(a.sum()) + 3.0 * sd
+    assert math.isclose(gchisq_sf(a, b, c, q), norm.sf(3.0), rel_tol=1e-2)
+
+
 def test_guard_rejects_flagged_inputs_before_generation():
     r = torch.full(SHAPE, -1.0)
     det = InputDetector(r, None)

@@ -93,7 +93,7 @@ def gchisq_sf(a: np.ndarray, b: np.ndarray, c: np.ndarray, q: float) -> float:
             return 0.5 * (float(a.sum()) + shift - q)  # limit of sin(theta)/u
         au = a * u
         theta = 0.5 * np.arctan(au).sum() - (b2 * a * u**3 / 8.0 / (1.0 + au * au)).sum() + 0.5 * (shift - q) * u
-        return math.sin(theta) / (u * math.exp(log_rho(u)))
+        return math.sin(theta) * math.exp(-log_rho(u) - math.log(u))  # underflows to 0, never overflows
 
     upper = 1.0
     while math.log(upper) + log_rho(upper) < 40.0 and upper < 1e12:  # integrand below e^-40 beyond
