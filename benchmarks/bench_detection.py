@@ -37,7 +37,7 @@ CALIBRATION = {"digits-s1-e40": "runs/benign/digits-s1-e40", "digits-s2-e30": "r
 HELD_OUT_BENIGN = {"asset": "src/terd/assets/models/digits-benign", "digits-s4-e35": "runs/benign/digits-s4-e35",
                    # the control: digits-benign fine-tuned on CLEAN data with the attacks' schedule (16 epochs)
                    "digits-ft-s10-e16": "runs/benign/digits-ft-s10-e16"}
-BACKDOORED = {n: f"runs/attacks/{n}" for n in ("bd-box-hat", "bd-stop-shoe", "troj-d2i-blend", "troj-out-d2d", "villan-ode",
+BACKDOORED = {n: f"runs/attacks/{n}" for n in ("bd-box-hat", "bd-stop-shoe", "bd-box-corner", "troj-d2i-blend", "troj-out-d2d", "villan-ode",
                                                 "troj-in-d2d")}
 
 
