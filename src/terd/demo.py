@@ -29,7 +29,7 @@ def asset_model(name: str) -> Path:
     return path
 
 
-def _input_check(model_dir: Path, trigger_file: Path, n: int = 2000) -> dict:
+def _input_check(model_dir: Path, trigger_file: Path, n: int = 20_000) -> dict:
     """Flag n benign N(0, I) noises and n true backdoor inputs with the detector of the reversed trigger."""
     from terd.attacks import load_true_trigger
     from terd.defense.input_detection import InputDetector
