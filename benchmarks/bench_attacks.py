@@ -57,6 +57,7 @@ ALL = {**CORE, **EXTRA}
 RESAMPLED = {
     "troj-d2i-blend@ddpm": ("troj-d2i-blend", "trojdiff-ddpm"),
     "troj-in-d2d@ddpm": ("troj-in-d2d", "trojdiff-ddpm"),
+    "troj-in-d2d-24ep@ddpm": ("troj-in-d2d-24ep", "trojdiff-ddpm"),
 }
 
 
