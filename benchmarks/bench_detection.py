@@ -36,9 +36,9 @@ CALIBRATION = {"digits-s1-e40": "runs/benign/digits-s1-e40", "digits-s2-e30": "r
                "digits-s3-e40": "runs/benign/digits-s3-e40"}
 HELD_OUT_BENIGN = {"asset": "src/terd/assets/models/digits-benign", "digits-s4-e35": "runs/benign/digits-s4-e35",
                    # the control: digits-benign fine-tuned on CLEAN data with the attacks' schedule (16 epochs)
-                   "digits-ft-s10-e16": "runs/benign/digits-ft-s10-e16"}
+                   "digits-ft-s10-e16": "runs/benign/digits-ft-s10-e16", "digits-s5-e40": "runs/benign/digits-s5-e40"}
 BACKDOORED = {n: f"runs/attacks/{n}" for n in ("bd-box-hat", "bd-stop-shoe", "bd-box-corner", "troj-d2i-blend", "troj-out-d2d", "villan-ode",
-                                                "troj-in-d2d")}
+                                                "troj-in-d2d", "troj-in-d2d-24ep")}
 
 
 def scanned(name: str, model: str) -> dict:
@@ -67,8 +67,10 @@ def main() -> None:
                    "verdict": judged.verdict if group != "calibration benign" else "(fits thresholds)",
                    "evals": rep["network_evaluations"], "seconds": round(rep["seconds"])}
             if group == "backdoored":
-                a = asr.get(name, {})
+                # the best of the attack's samplers (TrojDiff: its DDIM, or its DDPM in the name@ddpm row)
+                a = max((asr.get(k, {}) for k in (name, f"{name}@ddpm")), key=lambda x: x.get("asr_triggered") or 0)
                 row["attack_asr"] = a.get("asr_triggered")
+                row["attack_sampler"] = a.get("sampler")
                 row["counted"] = (a.get("asr_triggered") or 0) >= 0.9
                 r_true, g_true = load_true_trigger(ROOT / model)
                 trig = Trigger.load(CACHE / name / rep["trigger_file"])
@@ -84,7 +86,7 @@ def main() -> None:
                 row["trigger_l2"] = round(float((trig.r - r_true).norm()), 2)
             rows.append(row)
             print(row, flush=True)
-    cols = ["model", "group", "attack_asr", "counted", "M_r", "V_r", "gamma_mean", "verdict", "input_TPR",
+    cols = ["model", "group", "attack_asr", "attack_sampler", "counted", "M_r", "V_r", "gamma_mean", "verdict", "input_TPR",
             "input_TNR", "paper_rule_TPR", "paper_rule_TNR", "trigger_l2", "evals", "seconds"]
     note = (f"Thresholds (fast, fitted on {', '.join(CALIBRATION)}): M_r > {thr.M_r:.4f} or V_r > {thr.V_r:.5f}. "
             "Backdoored models count only when their attack fires (ASR >= 0.9). Seconds are wall time on a shared "
