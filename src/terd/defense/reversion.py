@@ -84,7 +84,6 @@ class ReversionConfig:
     #                               "line-search" (see _line_search_start)
     search_gammas: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)  # line-search: gammas tried
     search_radii: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5)  # line-search: |r| tried, in units of sqrt(C*H*W)
-    gamma_hold: int = 0  # stage-1 iterations with gamma held at its start while r settles (0 = learn from the start)
     early_stop_tol: float | None = None  # stop a stage when RMS change of (r, gamma) over a window is below
     early_stop_window: int = 25
     min_iters: int = 0  # never stop a stage before this many iterations
@@ -437,7 +436,7 @@ def reverse_trigger(
             lr = _cosine(cfg.lr, st.it, total)
             with torch.no_grad():
                 st.r = st.r - lr * _direction(st, "r", gr, cfg.optimizer)
-                if gs is not None and not (st.stage == 1 and st.it < cfg.gamma_hold):
+                if gs is not None:
                     st.s = st.s - _cosine(cfg.gamma_lr, st.it, total) * _direction(st, "s", gs, cfg.gamma_optimizer)
                     if cfg.gamma_mode == GAMMA_REFERENCE:
                         st.s = st.s.clamp(min=0.0)
