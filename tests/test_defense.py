@@ -180,7 +180,8 @@ def test_line_search_start_lands_in_the_trojan_valley(schedule):
     cand = res.candidate_triggers[1]
     assert torch.nn.functional.cosine_similarity(cand.r.flatten(), mu.flatten(), dim=0) > 0.9
     assert res.network_evaluations == cfg.network_evaluations_bound()  # the search is counted
-    search = len(cfg.search_gammas) * (1 + 2 * len(cfg.search_radii)) * cfg.noises_per_x0 * cfg.batch_size
+    assert cfg.searched_gammas() == {1: [0.7, 0.6, 0.5, 0.4]}  # only the searched candidate's nearest gammas
+    search = 4 * (1 + 2 * len(cfg.search_radii)) * cfg.noises_per_x0 * cfg.batch_size
     assert cfg.network_evaluations_bound() == replace(cfg, starts=()).network_evaluations_bound() + search
 
 

@@ -32,7 +32,7 @@ def _progress_bar(total: int):  # noqa: ANN202
 def scan(
     model: Annotated[str, typer.Argument(help="Model dir, DDIM-repo checkpoint or hub id.")],
     out: Annotated[Path, typer.Option("--out", help="Directory for report.json, the trigger and pictures.")],
-    preset: Annotated[str, typer.Option(help="fast (default, ~27x fewer network evaluations) or paper (the reference schedule).")] = "fast",
+    preset: Annotated[str, typer.Option(help="fast (default, ~29x fewer network evaluations) or paper (the reference schedule).")] = "fast",
     thresholds: Annotated[Path | None, typer.Option(help="Thresholds JSON from `terd calibrate` (default: terd's "
                                                          "shipped ones for the preset, if any).")] = None,
     fail_on_backdoor: Annotated[bool, typer.Option("--fail-on-backdoor", help="Exit 1 on a backdoor verdict.")] = False,

@@ -107,21 +107,31 @@ class ReversionConfig:
         return tuple(float(v) for v in self.gamma_init) if isinstance(self.gamma_init, (tuple, list)) \
             else (float(self.gamma_init),)
 
+    def searched_gammas(self) -> dict[int, list[float]]:
+        """Line-search candidates -> the grid gammas each searches: those nearest its start gamma (ties: larger)."""
+        inits = self.gamma_inits()
+        grid = (1.0,) if self.gamma_mode == GAMMA_FIXED else self.search_gammas
+        out = {i: [] for i, how in enumerate(self.starts[:len(inits)]) if how == START_LINE_SEARCH}
+        for gv in grid:
+            nearest = min(range(len(inits)), key=lambda j: (abs(gv - inits[j]), -inits[j]))
+            if nearest in out:
+                out[nearest].append(gv)
+        return {i: v or [inits[i]] for i, v in out.items()}  # a start with no grid gamma nearby searches its own
+
     def network_evaluations_bound(self) -> int:
         """Images pushed through the network (each with a backward pass) if no stage stops early."""
         per1 = self.noises_per_x0 * self.batch_size
         per2 = self.ddim_steps * self.batch_size + 2 * self.noises_per_x0 * self.batch_size
         m = len(self.gamma_inits())
-        gammas = 1 if self.gamma_mode == GAMMA_FIXED else len(self.search_gammas)
-        search = (gammas * (1 + 2 * len(self.search_radii)) * max(self.noises_per_x0, 2) * self.batch_size
-                  if START_LINE_SEARCH in self.starts else 0)
+        gammas = sum(len(v) for v in self.searched_gammas().values())
+        search = gammas * (1 + 2 * len(self.search_radii)) * max(self.noises_per_x0, 2) * self.batch_size
         return m * (self.stage1_iters * per1 + self.stage2_iters * per2) + search
 
 
 PRESETS: dict[str, ReversionConfig] = {
     # The reference schedule exactly: 3000 + 1000 SGD steps of batch 16, two noises, lr 0.5, 10-step DDIM.
     "paper": ReversionConfig(name="paper"),
-    # Same objective with ~27x fewer network evaluations (bound 23,392 vs 640,000 for two candidates): 4 noises
+    # Same objective with ~29x fewer network evaluations (bound 22,272 vs 640,000 for two candidates): 4 noises
     # per x_0 (6 loss pairs per 4 evaluations), 150 + 40 iterations, early stop, a stage-2 clip scaled by 1000/40
     # so the largest possible total trigger movement in stage 2 equals the paper schedule's, a line-search start
     # for the low-gamma candidate and Adam on gamma (see the module docstring for why).
@@ -261,20 +271,18 @@ def _initial_state(shape, cfg: ReversionConfig, seed: int, device) -> _State:  #
 
 def _line_search_start(
     counted: _Counter, cfg: ReversionConfig, seed: int, lam: float
-) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
-    """Start each candidate where a cheap search along the loss gradient finds the lowest objective.
+) -> dict[int, tuple[torch.Tensor, torch.Tensor, dict]]:
+    """Start each line-search candidate where a cheap search along the loss gradient finds the lowest objective.
 
     Why: on small models a TrojDiff trigger sits in a narrow valley behind a barrier. At r = 0 the gradient of the
     ending loss points at the trigger (cosine ~0.8 with the true mu on tiny-digits TrojDiff models, measured), but
     descending it moves AWAY (the barrier), and from the reference start r = -U[0,1) no local optimiser reached the
-    valley. So for each gamma of ``search_gammas`` take u = grad_r L(0, gamma) / ||grad_r L||, evaluate the
-    objective at r = 0 and r = +-c sqrt(d) u for c in ``search_radii`` on one shared batch, and start each
-    candidate at the best point among the gammas nearest to its own start gamma. On a benign model no point beats
-    r = 0 by much and learned gamma returns towards 1 afterwards.
+    valley. So for each gamma the candidate searches (``ReversionConfig.searched_gammas``) take
+    u = grad_r L(0, gamma) / ||grad_r L||, evaluate the objective at r = 0 and r = +-c sqrt(d) u for c in
+    ``search_radii`` on one shared batch, and start at the best point. On a benign model no point beats r = 0 by
+    much and learned gamma returns towards 1 afterwards. Returns {candidate: (r, s, info)}.
     """
     shape, dev = counted.image_shape, counted.den.device
-    inits = cfg.gamma_inits()
-    gammas = (1.0,) if cfg.gamma_mode == GAMMA_FIXED else cfg.search_gammas
     g = _generator(seed, 0, 1)
     b, k = cfg.batch_size, max(cfg.noises_per_x0, 2)
     x0 = torch.randn((b, *shape), generator=g).to(dev)
@@ -285,30 +293,28 @@ def _line_search_start(
     def objective(r: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         return reversed_loss(counted, r, gamma, x0, t, 1.0, eps) - lam * r.abs().sum()
 
-    points = []  # (objective, gamma, r)
-    for gv in gammas:
-        gamma = torch.full(shape, float(gv), device=dev)
-        r0 = torch.zeros(shape, device=dev, requires_grad=True)
-        with torch.enable_grad():
-            obj0 = objective(r0, gamma)
-            (grad,) = torch.autograd.grad(obj0, r0)
-        points.append((float(obj0.detach()), gv, r0.detach()))
-        u = grad / (grad.norm() + 1e-12)
-        with torch.no_grad():
-            for c in cfg.search_radii:
-                for sign in (1.0, -1.0):
-                    r = sign * c * math.sqrt(d) * u
-                    points.append((float(objective(r, gamma)), gv, r))
-    rs, ss, info = [], [], []
-    for i in range(len(inits)):
-        mine = [p for p in points if min(range(len(inits)), key=lambda j: (abs(p[1] - inits[j]), -inits[j])) == i]
-        obj, gv, r = min(mine or points, key=lambda p: p[0])
-        rs.append(r)
+    starts = {}
+    for i, gammas in cfg.searched_gammas().items():
+        points = []  # (objective, gamma, r)
+        for gv in gammas:
+            gamma = torch.full(shape, float(gv), device=dev)
+            r0 = torch.zeros(shape, device=dev, requires_grad=True)
+            with torch.enable_grad():
+                obj0 = objective(r0, gamma)
+                (grad,) = torch.autograd.grad(obj0, r0)
+            points.append((float(obj0.detach()), gv, r0.detach()))
+            u = grad / (grad.norm() + 1e-12)
+            with torch.no_grad():
+                for c in cfg.search_radii:
+                    for sign in (1.0, -1.0):
+                        r = sign * c * math.sqrt(d) * u
+                        points.append((float(objective(r, gamma)), gv, r))
+        obj, gv, r = min(points, key=lambda p: p[0])
         gamma0 = torch.full(shape, float(gv), device=dev)
-        ss.append(gamma0.log() if cfg.gamma_mode == GAMMA_LEARNED else
-                  gamma0 if cfg.gamma_mode == GAMMA_REFERENCE else torch.zeros(shape, device=dev))
-        info.append({"candidate": i, "gamma": gv, "r_l2": round(float(r.norm()), 4), "objective": round(obj, 6)})
-    return torch.stack(rs), torch.stack(ss), info
+        s = (gamma0.log() if cfg.gamma_mode == GAMMA_LEARNED else
+             gamma0 if cfg.gamma_mode == GAMMA_REFERENCE else torch.zeros(shape, device=dev))
+        starts[i] = (r, s, {"candidate": i, "gamma": gv, "r_l2": round(float(r.norm()), 4), "objective": round(obj, 6)})
+    return starts
 
 
 def _iteration_loss(
@@ -398,11 +404,11 @@ def reverse_trigger(
         st = _initial_state(shape, cfg, seed, device)
     lam = cfg.resolved_l1(shape)
     counted = _Counter(den, st.evaluations, st.calls)
-    searched = [i for i, how in enumerate(cfg.starts) if how == START_LINE_SEARCH]
-    if resumed is None and searched:
-        r0, s0, info = _line_search_start(counted, cfg, seed, lam)
-        st.history["start"] = [info[i] for i in searched]
-        st.r[searched], st.s[searched] = r0[searched], s0[searched]
+    if resumed is None and START_LINE_SEARCH in cfg.starts:
+        starts = _line_search_start(counted, cfg, seed, lam)
+        for i, (r0, s0, _) in starts.items():
+            st.r[i], st.s[i] = r0, s0
+        st.history["start"] = [info for _, _, info in starts.values()]
         st.r_snap, st.s_snap = st.r.clone(), st.s.clone()
         st.evaluations, st.calls = counted.evaluations, counted.calls
     clip2 = cfg.resolved_clip(shape)
