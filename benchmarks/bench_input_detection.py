@@ -3,7 +3,8 @@
 The floor for any per-input detector is reading each input once, which is what ``x @ r`` does. The goal
 (issue #4) is an LLR within 2x of that. Both run on the same float32 batch already in memory; the LLR
 includes its per-dimension gamma (quadratic term) unless gamma == 1, where it IS a matvec plus a constant.
-Reported: median seconds of 7 repeats after a warm-up, inputs per second, and the time ratio.
+Reported: inputs per second from medians of 15 repeats after a warm-up, and the time ratio. The two are
+timed alternately (LLR, matvec, LLR, ...) so that load drifting on a shared machine hits both alike.
 
 Run: .venv/bin/python benchmarks/bench_input_detection.py
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_seconds, write_results  # noqa: E402
+from common import median_seconds_interleaved, write_results  # noqa: E402
 
 from terd.defense.input_detection import InputDetector  # noqa: E402
 
@@ -30,8 +31,7 @@ def measure(shape: tuple[int, int, int], n: int, learned_gamma: bool) -> dict:
     det = InputDetector(r, gamma, fpr=1e-3)
     x = torch.randn((n, *shape), generator=g)
     flat, rf = x.flatten(1), r.flatten()
-    t_llr = median_seconds(lambda: det.is_backdoor(x), repeats=7)
-    t_mv = median_seconds(lambda: flat @ rf, repeats=7)
+    t_llr, t_mv = median_seconds_interleaved([lambda: det.is_backdoor(x), lambda: flat @ rf], repeats=15)
     return {"shape": "x".join(map(str, shape)), "gamma": "learned (0.5-1)" if learned_gamma else "1", "n": n,
             "llr_inputs_per_s": round(n / t_llr), "matvec_inputs_per_s": round(n / t_mv),
             "time_ratio": round(t_llr / t_mv, 2)}

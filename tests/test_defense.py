@@ -328,6 +328,18 @@ def test_llr_matches_brute_force_distributions():
     assert torch.allclose(llr(x, r, g), bd.log_prob(x) - be.log_prob(x), atol=1e-9)
 
 
+def test_llr_row_chunks_cover_every_input(monkeypatch):
+    import terd.defense.input_detection as input_detection
+
+    d = 48
+    monkeypatch.setattr(input_detection, "CHUNK_BYTES", 7 * d * 4)  # 7 rows per chunk, 37 inputs: ragged tail
+    r, g = torch.randn(d), torch.rand(d) * 0.8 + 0.4
+    x = torch.randn(37, d)
+    xd, rd, gd = x.double(), r.double(), g.double()
+    direct = (-(xd - rd).square() / (2 * gd.square()) + xd.square() / 2).sum(1) - gd.log().sum()
+    assert torch.allclose(llr(x, r, g), direct, atol=1e-4)
+
+
 def test_llr_needs_no_dense_matrix_and_survives_tiny_gamma():
     d_big = (3, 128, 128)  # a d x d float64 matrix would need 19 GB
     r = torch.randn(d_big)
