@@ -1,0 +1,97 @@
+"""`fast` vs `paper` reversion on the same model, in one run: evaluations, wall time, features, trigger fidelity.
+
+Issue #4 asks that `fast` reach the same decisions as the reference schedule with >= 10x fewer network
+evaluations, and that the wall-time ratio be measured in one run on the same model. This script runs both
+presets back to back in one process (same seed, same thread count) on each model given and records:
+M_r / V_r of each, network evaluations, seconds, their ratios, l2 of the reversed r to the true trigger
+and input-detection TPR/TNR of each reversed trigger (attacked models), and `fast`'s verdict under the
+shipped `fast` thresholds. `paper` has no shipped thresholds (one `paper` scan costs ~1 h of CPU on a
+tiny model), so its features are compared with the benign models' `paper` features in the table.
+
+One file per model under benchmarks/results/paper_vs_fast/ (so models can run in parallel processes);
+the summary table benchmarks/results/paper_vs_fast.md is rebuilt from all of them after each model.
+
+Run: .venv/bin/python benchmarks/bench_paper_vs_fast.py MODEL_DIR [MODEL_DIR ...] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_defense import run_model  # noqa: E402
+from common import RESULTS, machine  # noqa: E402
+
+from terd.defense.calibration import default_thresholds  # noqa: E402
+from terd.defense.model_detection import detect_model  # noqa: E402
+from terd.defense.reversion import get_config  # noqa: E402
+
+PER_MODEL = RESULTS / "paper_vs_fast"
+KEEP = ("M_r", "V_r", "gamma_mean", "network_evaluations", "seconds", "trigger_l2_to_true", "candidates")
+
+
+def compare(path: Path, seed: int) -> dict:
+    t0 = time.perf_counter()
+    runs = {name: run_model(path, get_config(name), seed) for name in ("fast", "paper")}
+    fast, paper = runs["fast"], runs["paper"]
+    verdict = detect_model({k: fast[k] for k in ("M_r", "V_r")}, default_thresholds("fast"))
+    row = {"model": fast["model"], "attack": fast.get("attack", {}).get("attack", "none"),
+           "machine": machine(), "seed": seed, "total_seconds": round(time.perf_counter() - t0, 1),
+           "evaluation_ratio": round(paper["network_evaluations"] / fast["network_evaluations"], 1),
+           "wall_ratio": round(paper["seconds"] / fast["seconds"], 1), "fast_verdict": verdict.verdict}
+    for name, r in runs.items():
+        row[name] = {k: r[k] for k in KEEP if k in r}
+        det = r["input_detection"]
+        row[name]["input_tpr"] = det.get("tpr")
+        row[name]["input_tnr"] = 1 - det["benign_flag_rate"]
+    return row
+
+
+def summary_table() -> str:
+    rows = [json.loads(p.read_text()) for p in sorted(PER_MODEL.glob("*.json"))]
+    lines = ["# paper_vs_fast", "",
+             "Both presets on the same model in one process, one after the other (same seed, 1 thread). "
+             "`fast` verdict: shipped `fast` thresholds (fitted on benign seeds 1-3). `paper` has no fitted "
+             "thresholds: compare its M_r/V_r with the benign rows' `paper` values.", "",
+             "| model | attack | M_r fast / paper | V_r fast / paper | l2 to true r fast / paper | "
+             "input TPR fast / paper | evals fast / paper (ratio) | seconds fast / paper (ratio) | fast verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f, p = r["fast"], r["paper"]
+
+        def pair(key: str, fmt: str, f=f, p=p) -> str:
+            return " / ".join(format(x[key], fmt) if x.get(key) is not None else "-" for x in (f, p))
+
+        lines.append(f"| {r['model']} | {r['attack']} | {pair('M_r', '.4f')} | {pair('V_r', '.4f')} | "
+                     f"{pair('trigger_l2_to_true', '.2f')} | {pair('input_tpr', '.3f')} | "
+                     f"{f['network_evaluations']} / {p['network_evaluations']} ({r['evaluation_ratio']}x) | "
+                     f"{f['seconds']:.0f} / {p['seconds']:.0f} ({r['wall_ratio']}x) | {r['fast_verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="+", type=Path)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    PER_MODEL.mkdir(parents=True, exist_ok=True)
+    for m in args.models:
+        if not (m / "model_index.json").is_file():
+            raise SystemExit(f"{m}: not a model directory (no model_index.json)")
+        print(f"fast and paper on {m} ...", file=sys.stderr, flush=True)
+        row = compare(m.resolve(), args.seed)
+        (PER_MODEL / f"{m.resolve().name}.json").write_text(json.dumps(row, indent=2) + "\n")
+        (RESULTS / "paper_vs_fast.md").write_text(summary_table())
+        print(summary_table(), flush=True)
+
+
+if __name__ == "__main__":
+    main()
