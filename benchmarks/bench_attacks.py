@@ -46,6 +46,14 @@ EXTRA = {
     "bd-stop-shoe": ("baddiffusion", {"trigger": "stop-sign", "target": "shoe"}, None),
     "bd-box-corner": ("baddiffusion", {"trigger": "box", "target": "corner"}, None),
     "bd-box8-p0.1": ("baddiffusion", {"trigger": "box-8", "target": "hat", "poison_rate": 0.1}, 40),
+    # robustness rows (issue #5): poison rate, trigger size, and the adaptive trigger scale eta
+    "bd-box-hat-p0.1": ("baddiffusion", {"trigger": "box", "target": "hat", "poison_rate": 0.1}, None),
+    "bd-box-hat-p0.05": ("baddiffusion", {"trigger": "box", "target": "hat", "poison_rate": 0.05}, None),
+    "bd-box-hat-p0.02": ("baddiffusion", {"trigger": "box", "target": "hat", "poison_rate": 0.02}, None),
+    "bd-box8-hat": ("baddiffusion", {"trigger": "box-8", "target": "hat"}, None),  # 4 px box at 16 px
+    "bd-box4-hat": ("baddiffusion", {"trigger": "box-4", "target": "hat"}, None),  # 2 px box at 16 px
+    "troj-d2i-eta0.5": ("trojdiff", {"setting": "d2i", "eta": 0.5}, None),
+    "troj-d2i-eta0.2": ("trojdiff", {"setting": "d2i", "eta": 0.2}, None),
     "bd-eta0.1": ("baddiffusion", {"eta": 0.1}, None),
     "troj-eta0.1": ("trojdiff", {"setting": "d2i", "eta": 0.1}, None),
     "villan-sde-psi0": ("villan", {"solver": "sde", "psi": 0.0}, None),

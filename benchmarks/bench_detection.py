@@ -3,7 +3,8 @@
 Protocol: thresholds (mean + 3 std of M_r, V_r) are fitted with preset ``fast`` on the CALIBRATION benign
 models only; every other model (held-out benign and backdoored) is judged with them. Backdoored models
 count only if their attack fires (ASR from benchmarks/results/attacks_digits16.json >= 0.9); the others
-are still scanned and shown. Input detection: reversed trigger, FPR-1e-3 threshold, 10,000 benign
+are still scanned and shown. The robustness group (low poison rates, small triggers, the adaptive trigger
+scale eta; only those built) is judged the same way and reported apart. Input detection: reversed trigger, FPR-1e-3 threshold, 10,000 benign
 N(0, I) noises and 10,000 true backdoor inputs gamma * eps + r per backdoored model.
 
 Scans are cached in runs/detection/<name>/report.json (delete to rerun). The fitted thresholds are
@@ -39,6 +40,9 @@ HELD_OUT_BENIGN = {"asset": "src/terd/assets/models/digits-benign", "digits-s4-e
                    "digits-ft-s10-e16": "runs/benign/digits-ft-s10-e16", "digits-s5-e40": "runs/benign/digits-s5-e40"}
 BACKDOORED = {n: f"runs/attacks/{n}" for n in ("bd-box-hat", "bd-stop-shoe", "bd-box-corner", "troj-d2i-blend", "troj-out-d2d", "villan-ode",
                                                 "troj-in-d2d", "troj-in-d2d-24ep")}
+# robustness and adaptive rows (issue #5): judged the same way, tallied apart from the main table
+ROBUSTNESS = {n: f"runs/attacks/{n}" for n in ("bd-box-hat-p0.1", "bd-box-hat-p0.05", "bd-box-hat-p0.02", "bd-box8-hat",
+                                                "bd-box4-hat", "troj-d2i-eta0.5", "troj-d2i-eta0.2", "troj-eta0.1")}
 
 
 def scanned(name: str, model: str) -> dict:
@@ -57,8 +61,9 @@ def main() -> None:
                                      "source": "benchmarks/bench_detection.py (tiny-digits16 calibration models)"})
     install_defaults(thr, "fast")
     rows = []
+    robust = {n: m for n, m in ROBUSTNESS.items() if (ROOT / m / "attack.json").is_file()}
     for group, models in (("calibration benign", CALIBRATION), ("held-out benign", HELD_OUT_BENIGN),
-                          ("backdoored", BACKDOORED)):
+                          ("backdoored", BACKDOORED), ("robustness", robust)):
         for name, model in models.items():
             rep = scanned(name, model)
             judged = detect_model(rep["scores"], thr if group != "calibration benign" else None)
@@ -66,7 +71,7 @@ def main() -> None:
                    "V_r": round(rep["scores"]["V_r"], 5), "gamma_mean": round(rep["trigger_stats"]["gamma_mean"], 3),
                    "verdict": judged.verdict if group != "calibration benign" else "(fits thresholds)",
                    "evals": rep["network_evaluations"], "seconds": round(rep["seconds"])}
-            if group == "backdoored":
+            if group in ("backdoored", "robustness"):
                 # the best of the attack's samplers (TrojDiff: its DDIM, or its DDPM in the name@ddpm row)
                 a = max((asr.get(k, {}) for k in (name, f"{name}@ddpm")), key=lambda x: x.get("asr_triggered") or 0)
                 row["attack_asr"] = a.get("asr_triggered")

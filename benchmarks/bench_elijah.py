@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_detection import BACKDOORED, CACHE, CALIBRATION, HELD_OUT_BENIGN, ROOT  # noqa: E402
+from bench_detection import BACKDOORED, CACHE, CALIBRATION, HELD_OUT_BENIGN, ROBUSTNESS, ROOT  # noqa: E402
 from common import RESULTS, write_results  # noqa: E402
 
 from terd.attacks import load_true_trigger  # noqa: E402
@@ -25,7 +25,8 @@ from terd.defense.elijah import elijah_scan, fit_spread_threshold  # noqa: E402
 from terd.models import load_denoiser  # noqa: E402
 
 ELIJAH_CACHE = ROOT / "runs/detection-elijah"
-GROUPS = (("calibration benign", CALIBRATION), ("held-out benign", HELD_OUT_BENIGN), ("backdoored", BACKDOORED))
+GROUPS = (("calibration benign", CALIBRATION), ("held-out benign", HELD_OUT_BENIGN), ("backdoored", BACKDOORED),
+          ("robustness", {n: m for n, m in ROBUSTNESS.items() if (CACHE / n / "report.json").is_file()}))
 
 
 def elijah_row(name: str, model: str, backdoored: bool) -> dict:
@@ -46,10 +47,10 @@ def elijah_row(name: str, model: str, backdoored: bool) -> dict:
 
 def main() -> None:
     asr = json.loads((RESULTS / "attacks_digits16.json").read_text())["results"]
-    runs = {name: elijah_row(name, model, group == "backdoored") for group, models in GROUPS
+    runs = {name: elijah_row(name, model, group in ("backdoored", "robustness")) for group, models in GROUPS
             for name, model in models.items()}
     threshold = fit_spread_threshold([runs[n]["spread"] for n in CALIBRATION])
-    rows, tally = [], {"elijah": [0, 0, 0, 0], "terd-fast": [0, 0, 0, 0]}  # TP, P, TN, N
+    rows, tally = [], {"elijah": [0, 0, 0, 0], "terd-fast": [0, 0, 0, 0]}  # TP, P, TN, N (main table only)
     for group, models in GROUPS:
         for name in models:
             e = runs[name]
@@ -65,11 +66,11 @@ def main() -> None:
             row["elijah_verdict"] = "backdoored" if e["spread"] < threshold else "benign"
             row["terd_verdict"] = terd["verdict"]
             counted = True
-            if group == "backdoored":
+            if group in ("backdoored", "robustness"):
                 a = max((asr.get(k, {}) for k in (name, f"{name}@ddpm")), key=lambda x: x.get("asr_triggered") or 0)
                 row["attack_asr"] = a.get("asr_triggered")
                 counted = row["counted"] = (a.get("asr_triggered") or 0) >= 0.9
-            if counted:
+            if counted and group != "robustness":
                 for key, verdict in (("elijah", row["elijah_verdict"]), ("terd-fast", row["terd_verdict"])):
                     pos = group == "backdoored"
                     tally[key][0 if pos else 2] += verdict == ("backdoored" if pos else "benign")
@@ -77,6 +78,7 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
     summary = "; ".join(f"{k}: TPR {t[0]}/{t[1]}, TNR {t[2]}/{t[3]}" for k, t in tally.items())
+    summary += " (robustness rows not tallied)"
     note = (f"Elijah threshold (fitted on {', '.join(CALIBRATION)}): spread < {threshold:.4f} flags a model. "
             f"terd-fast verdicts: bench_detection.py's scans and thresholds. Counted models only: {summary}. "
             "Spread = mean per-pixel std over 16 DDPM generations from eps + tau* (low = uniform = backdoor-like).")
