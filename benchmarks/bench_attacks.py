@@ -6,7 +6,7 @@
 
 Models go to runs/attacks/<name> (an existing finished model is re-evaluated, not retrained, unless
 --retrain); results are merged into benchmarks/results/attacks_digits16.json and rewritten as .md.
-Run one at a time: each fine-tuning uses the whole CPU.
+Each fine-tuning uses one core well (OMP_NUM_THREADS=1); two ``--only`` runs may share the results file.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ EXTRA = {
     "bd-box4-hat": ("baddiffusion", {"trigger": "box-4", "target": "hat"}, None),  # 2 px box at 16 px
     "troj-d2i-eta0.5": ("trojdiff", {"setting": "d2i", "eta": 0.5}, None),
     "troj-d2i-eta0.2": ("trojdiff", {"setting": "d2i", "eta": 0.2}, None),
+    "troj-d2i-p0.1": ("trojdiff", {"setting": "d2i", "poison_rate": 0.1}, None),  # the paper's rate: less leakage?
     "bd-eta0.1": ("baddiffusion", {"eta": 0.1}, None),
     "troj-eta0.1": ("trojdiff", {"setting": "d2i", "eta": 0.1}, None),
     "villan-sde-psi0": ("villan", {"solver": "sde", "psi": 0.0}, None),
@@ -157,14 +158,14 @@ def main() -> None:
     args = ap.parse_args()
     names = args.only or (list(ALL) + list(RESAMPLED) if args.all else list(CORE))
     path = RESULTS.with_suffix(".json")
-    doc = json.loads(path.read_text()) if path.is_file() else {}
-    results = doc.get("results", {})
     for name in names:
         t0 = time.perf_counter()
-        results[name] = run_one(name, args.retrain, args.n, args.reuse_eval)
-        r = results[name]
+        r = run_one(name, args.retrain, args.n, args.reuse_eval)
         print(f"[{name}] ASR {r['asr_triggered']:.2f} (clean {r['asr_clean']:.2f}), {time.perf_counter() - t0:.0f}s",
               flush=True)
+        # re-read before writing: another process may have added models meanwhile (``--only`` runs in parallel)
+        latest = json.loads(path.read_text()).get("results", {}) if path.is_file() else {}
+        results = {**latest, name: r}
         doc = {"machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads()},
                "base_model": str(BASE.relative_to(ROOT)), "defaults": {k: vars(v) for k, v in DEFAULTS.items()},
                "results": results}
