@@ -4,7 +4,9 @@ Protocol: thresholds (mean + 3 std of M_r, V_r) are fitted with preset ``fast`` 
 models only; every other model (held-out benign and backdoored) is judged with them. Backdoored models
 count only if their attack fires (ASR from benchmarks/results/attacks_digits16.json >= 0.9); the others
 are still scanned and shown. The robustness group (low poison rates, small triggers, the adaptive trigger
-scale eta; only those built) is judged the same way and reported apart. Input detection: reversed trigger, FPR-1e-3 threshold, 10,000 benign
+scale eta; only those built) is judged the same way and reported apart. Input detection: reversed trigger, threshold for an exact
+benign FPR of 5e-4 (INPUT_FPR: the goal is a *measured* FPR <= 0.1% over 10,000 noises, and a 1e-3 threshold
+measures 0.1% +- 0.03%, over the goal about half the time), 10,000 benign
 N(0, I) noises and 10,000 true backdoor inputs gamma * eps + r per backdoored model.
 
 Scans are cached in runs/detection/<name>/report.json (delete to rerun). The fitted thresholds are
@@ -40,6 +42,7 @@ HELD_OUT_BENIGN = {"asset": "src/terd/assets/models/digits-benign", "digits-s4-e
                    "digits-ft-s10-e16": "runs/benign/digits-ft-s10-e16", "digits-s5-e40": "runs/benign/digits-s5-e40"}
 BACKDOORED = {n: f"runs/attacks/{n}" for n in ("bd-box-hat", "bd-stop-shoe", "bd-box-corner", "troj-d2i-blend", "troj-out-d2d", "villan-ode",
                                                 "troj-in-d2d", "troj-in-d2d-24ep")}
+INPUT_FPR = 5e-4
 # robustness and adaptive rows (issue #5): judged the same way, tallied apart from the main table
 ROBUSTNESS = {n: f"runs/attacks/{n}" for n in ("bd-box-hat-p0.1", "bd-box-hat-p0.05", "bd-box-hat-p0.02", "bd-box8-hat",
                                                 "bd-box4-hat", "troj-d2i-eta0.5", "troj-d2i-eta0.2", "troj-eta0.1")}
@@ -79,7 +82,7 @@ def main() -> None:
                 row["counted"] = (a.get("asr_triggered") or 0) >= 0.9
                 r_true, g_true = load_true_trigger(ROOT / model)
                 trig = Trigger.load(CACHE / name / rep["trigger_file"])
-                det = InputDetector(trig)
+                det = InputDetector(trig, fpr=INPUT_FPR)
                 g = torch.Generator().manual_seed(1)
                 benign = torch.randn((10_000, *r_true.shape), generator=g)
                 bd = g_true * torch.randn((10_000, *r_true.shape), generator=g) + r_true
@@ -94,8 +97,8 @@ def main() -> None:
     cols = ["model", "group", "attack_asr", "attack_sampler", "counted", "M_r", "V_r", "gamma_mean", "verdict", "input_TPR",
             "input_TNR", "paper_rule_TPR", "paper_rule_TNR", "trigger_l2", "evals", "seconds"]
     note = (f"Thresholds (fast, fitted on {', '.join(CALIBRATION)}): M_r > {thr.M_r:.4f} or V_r > {thr.V_r:.5f}. "
-            "Backdoored models count only when their attack fires (ASR >= 0.9). Seconds are wall time on a shared "
-            "2-core CPU.")
+            "Backdoored models count only when their attack fires (ASR >= 0.9). Input TPR/TNR: threshold for an exact "
+            f"benign FPR of {INPUT_FPR:g}; paper_rule: LLR > 0. Seconds are wall time on a shared 2-core CPU.")
     write_results("detection_digits16", rows, cols, notes=note)
     Thresholds.save(thr, RESULTS / "thresholds_fast_digits16.json")
 
