@@ -81,7 +81,8 @@ def main() -> None:
     summary += " (robustness rows not tallied)"
     note = (f"Elijah threshold (fitted on {', '.join(CALIBRATION)}): spread < {threshold:.4f} flags a model. "
             f"terd-fast verdicts: bench_detection.py's scans and thresholds. Counted models only: {summary}. "
-            "Spread = mean per-pixel std over 16 DDPM generations from eps + tau* (low = uniform = backdoor-like).")
+            "Spread = mean per-pixel std over 16 DDPM generations from eps + tau*, pixels clamped to [-1, 1] (low = "
+            "uniform = backdoor-like).")
     cols = ["model", "group", "attack_asr", "counted", "elijah_spread", "elijah_clean_spread", "elijah_verdict",
             "terd_verdict", "elijah_trigger_l2", "elijah_evals", "elijah_seconds"]
     write_results("elijah_vs_terd_digits16", rows, cols, notes=note)

@@ -142,7 +142,10 @@ def sample_images(
     batch_size: int = 64,
     clip_sample: bool = False,
 ) -> torch.Tensor:
-    """Generate images from given initial noises in batches, without gradients; returns [-1, 1] images."""
+    """Generate images from given initial noises in batches, without gradients; model scale ([-1, 1] data).
+
+    The samples are returned as the sampler leaves them (not clamped unless ``clip_sample``): callers that
+    measure them decide how out-of-range pixels count."""
     if sampler not in ("ddim", "ddpm"):
         raise ValueError(f"unknown sampler {sampler!r} (ddim or ddpm)")
     g = torch.Generator(device=x_T.device).manual_seed(seed)

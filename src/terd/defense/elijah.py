@@ -60,8 +60,13 @@ def invert_trigger(
 
 
 def generation_spread(images: torch.Tensor) -> float:
-    """Mean over pixels of the std across images: 0 when every image is the same (a fired backdoor)."""
-    return float(images.float().std(dim=0).mean())
+    """Mean over pixels of the std across images: 0 when every image is the same (a fired backdoor).
+
+    Measured on the images as images, clamped to [-1, 1]: an inverted trigger that drives a benign model's
+    samples far out of range would otherwise give spreads of 2-6 (measured on tiny models) and a heavy-tailed
+    benign distribution whose mean - 3 std threshold is negative, so nothing could ever be flagged.
+    """
+    return float(images.float().clamp(-1, 1).std(dim=0).mean())
 
 
 def elijah_scan(
