@@ -21,14 +21,12 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_results  # noqa: E402
 
 from terd.attacks import load_true_trigger  # noqa: E402
+from terd.bench import input_detection_metrics  # noqa: E402
 from terd.defense.calibration import install_defaults  # noqa: E402
-from terd.defense.input_detection import InputDetector  # noqa: E402
 from terd.defense.model_detection import Thresholds, detect_model, fit_thresholds  # noqa: E402
 from terd.defense.scan import scan_model  # noqa: E402
 from terd.defense.trigger import Trigger  # noqa: E402
@@ -82,15 +80,10 @@ def main() -> None:
                 row["counted"] = (a.get("asr_triggered") or 0) >= 0.9
                 r_true, g_true = load_true_trigger(ROOT / model)
                 trig = Trigger.load(CACHE / name / rep["trigger_file"])
-                det = InputDetector(trig, fpr=INPUT_FPR)
-                g = torch.Generator().manual_seed(1)
-                benign = torch.randn((10_000, *r_true.shape), generator=g)
-                bd = g_true * torch.randn((10_000, *r_true.shape), generator=g) + r_true
-                s_bd, s_benign = det.score(bd), det.score(benign)
-                row["input_TPR"] = round(float((s_bd > det.threshold).double().mean()), 4)
-                row["input_TNR"] = round(float((s_benign <= det.threshold).double().mean()), 4)
-                row["paper_rule_TPR"] = round(float((s_bd > 0).double().mean()), 4)  # the paper's LLR > 0
-                row["paper_rule_TNR"] = round(float((s_benign <= 0).double().mean()), 4)
+                m = input_detection_metrics(trig, r_true, g_true, 10_000, generator_seed=1, fpr=INPUT_FPR)
+                for key, col in (("tpr", "input_TPR"), ("tnr", "input_TNR"), ("tpr_paper_rule", "paper_rule_TPR"),
+                                 ("tnr_paper_rule", "paper_rule_TNR")):
+                    row[col] = round(m[key], 4)
                 row["trigger_l2"] = round(float((trig.r - r_true).norm()), 2)
             rows.append(row)
             print(row, flush=True)

@@ -37,11 +37,15 @@ DEFENSES = ("terd-fast", "terd-paper", "elijah")
 # One model (runs in a worker process: peak memory is that process's own)
 # --------------------------------------------------------------------------------------------------
 
-def _input_detection(trigger, r_true: torch.Tensor, g_true: torch.Tensor, n: int, seed: int) -> dict:  # noqa: ANN001
-    from terd.defense.input_detection import InputDetector
+def input_detection_metrics(trigger, r_true: torch.Tensor, g_true: torch.Tensor, n: int, generator_seed: int,  # noqa: ANN001
+                            fpr: float | None = None) -> dict:
+    """TPR/TNR of the reversed trigger's detector on n true backdoor inputs and n benign N(0, I) noises.
 
-    det = InputDetector(trigger)
-    g = torch.Generator().manual_seed(seed + 99)
+    Both at the detector's FPR threshold (``fpr``; the default 1e-3 when None) and under the paper's LLR > 0."""
+    from terd.defense.input_detection import DEFAULT_FPR, InputDetector
+
+    det = InputDetector(trigger, fpr=DEFAULT_FPR if fpr is None else fpr)
+    g = torch.Generator().manual_seed(generator_seed)
     benign = torch.randn((n, *r_true.shape), generator=g)
     backdoor = g_true * torch.randn((n, *r_true.shape), generator=g) + r_true
     s_b, s_p = det.score(benign), det.score(backdoor)
@@ -80,7 +84,7 @@ def evaluate_model(entry: ZooEntry, cache: str, defenses: tuple[str, ...], out: 
             trig.save(Path(out) / "triggers" / f"{entry.id}--{name}.safetensors")
             if r_true is not None:
                 d["trigger_l2"] = float((trig.r - r_true).norm())
-                d["input_detection"] = _input_detection(trig, r_true, g_true, n_inputs, seed)
+                d["input_detection"] = input_detection_metrics(trig, r_true, g_true, n_inputs, seed + 99)
         elif name == "elijah":
             res = elijah_scan(den, seed=seed)
             d = {"spread": res.spread, "clean_spread": res.clean_spread, "network_evaluations": res.network_evaluations}
