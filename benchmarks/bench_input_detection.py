@@ -2,7 +2,8 @@
 
 The floor for any per-input detector is reading each input once, which is what ``x @ r`` does. The goal
 (issue #4) is an LLR within 2x of that. Both run on the same float32 batch already in memory; the LLR
-includes its per-dimension gamma (quadratic term) unless gamma == 1, where it IS a matvec plus a constant.
+includes its per-dimension gamma (quadratic term, the fused `terd.defense.llr_kernel` on CPU) unless
+gamma == 1, where it IS a matvec plus a constant.
 Reported: inputs per second from medians of 15 repeats after a warm-up, and the time ratio. The two are
 timed alternately (LLR, matvec, LLR, ...) so that load drifting on a shared machine hits both alike.
 
@@ -44,7 +45,8 @@ def main() -> None:
     write_results("input_detection_throughput", rows,
                   ["shape", "gamma", "n", "llr_inputs_per_s", "matvec_inputs_per_s", "time_ratio"],
                   notes="time_ratio = median LLR decision time / median `x @ r` time over the same float32 inputs "
-                        "(goal: <= 2). The LLR decision includes the comparison with the FPR-1e-3 threshold.")
+                        "(goal: <= 2). The LLR decision includes the comparison with the FPR-1e-3 threshold. Learned gamma "
+                        "runs the fused numba kernel (one read of each input, four rows per pass).")
 
 
 if __name__ == "__main__":

@@ -328,16 +328,46 @@ def test_llr_matches_brute_force_distributions():
     assert torch.allclose(llr(x, r, g), bd.log_prob(x) - be.log_prob(x), atol=1e-9)
 
 
-def test_llr_row_chunks_cover_every_input(monkeypatch):
+def test_llr_torch_path_row_chunks_cover_every_input(monkeypatch):
     import terd.defense.input_detection as input_detection
 
     d = 48
+    monkeypatch.setattr(input_detection.llr_kernel, "supports", lambda x: False)  # the CUDA path, on CPU
     monkeypatch.setattr(input_detection, "CHUNK_BYTES", 7 * d * 4)  # 7 rows per chunk, 37 inputs: ragged tail
     r, g = torch.randn(d), torch.rand(d) * 0.8 + 0.4
     x = torch.randn(37, d)
     xd, rd, gd = x.double(), r.double(), g.double()
     direct = (-(xd - rd).square() / (2 * gd.square()) + xd.square() / 2).sum(1) - gd.log().sum()
     assert torch.allclose(llr(x, r, g), direct, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [0, 1, 4, 7])
+@pytest.mark.parametrize("d", [1, 1024, 2500])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_llr_kernel_matches_float64_reference(n, d, dtype):
+    from terd.defense import llr_kernel
+
+    gen = torch.Generator().manual_seed(n * 10_000 + d)
+    x, a, b = torch.randn(n, d, generator=gen), torch.rand(d, generator=gen) - 0.5, torch.randn(d, generator=gen)
+    x, a, b = x.to(dtype), a.to(dtype), b.to(dtype)
+    xd = x.double()
+    expected = xd.square() @ a.double() + xd @ b.double()
+    got = llr_kernel.quadratic_rows(x, a, b)
+    assert got.dtype == torch.float64 and got.shape == (n,)
+    tol = 1e-5 * d if dtype == torch.float32 else 1e-10 * d  # float32 blocks of 1024, float64 across blocks
+    assert torch.allclose(got, expected, rtol=0, atol=tol)
+    assert llr_kernel.supports(x) and not llr_kernel.supports(x.half()) and not llr_kernel.supports(x[None])
+
+
+def test_llr_kernel_and_torch_path_agree_on_image_batches(monkeypatch):
+    import terd.defense.input_detection as input_detection
+
+    gen = torch.Generator().manual_seed(3)
+    r, g = torch.randn(3, 32, 32, generator=gen), torch.rand(3, 32, 32, generator=gen) * 0.6 + 0.5
+    x = torch.randn(9, 3, 32, 32, generator=gen)[:, :, ::1, :]  # not a multiple of 4 rows
+    fused = llr(x, r, g)
+    monkeypatch.setattr(input_detection.llr_kernel, "supports", lambda x: False)
+    assert torch.allclose(fused, llr(x, r, g), rtol=0, atol=1e-2)  # torch float32 matvecs: ~1e-3 here
 
 
 def test_llr_needs_no_dense_matrix_and_survives_tiny_gamma():

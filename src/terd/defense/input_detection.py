@@ -2,9 +2,9 @@
 
 Score = log-likelihood ratio  LLR(x) = log N(x; r, diag(gamma^2)) - log N(x; 0, I)
         = sum_i [ -log gamma_i - (x_i - r_i)^2 / (2 gamma_i^2) + x_i^2 / 2 ]
-over a batch, never with a d x d matrix: two matrix-vector products for ordinary gamma, the direct
-float64 form for tiny gamma (where expanding the square would cancel catastrophically). Positive =
-backdoor input.
+over a batch, never with a d x d matrix: one fused pass over the inputs for ordinary gamma (a compiled
+kernel on CPU, two matrix-vector products in torch elsewhere), the direct float64 form for tiny gamma
+(where expanding the square would cancel catastrophically). Positive = backdoor input.
 
 Thresholds: 0 is the paper's rule (pick the likelier hypothesis). Because benign noise is exactly
 N(0, I), the LLR of benign inputs has a known law, so a threshold with a chosen false-positive rate
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from scipy import integrate, optimize, special
 
+from terd.defense import llr_kernel
 from terd.defense.trigger import GAMMA_FLOOR, Trigger
 from terd.errors import TerdError
 
@@ -39,7 +40,8 @@ CHUNK_BYTES = 3 << 20  # rows per LLR chunk: ~3 MB (measured best of 1-4 MB: 64 
 
 
 def _chunked_quadratic(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(x*x) @ a + x @ b, row chunk by row chunk so each input is read from memory once.
+    """(x*x) @ a + x @ b in torch (CUDA and other non-CPU inputs), row chunk by row chunk so each input is
+    read from memory once.
 
     The squares go to one reused buffer and both products write into the result in place: a fresh
     temporary per chunk costs page faults, and with them the learned-gamma LLR ran at 3.6x a matvec.
@@ -59,9 +61,9 @@ def _chunked_quadratic(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tor
 def llr(x: torch.Tensor, r: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     """LLR of each input of a batch (N x C x H x W, or N x d) against the benign N(0, I); shape (N,), float64.
 
-    For gamma >= 0.05 everywhere it is the expanded quadratic a.x^2 + b.x + c: two matrix-vector products in
-    the input's precision (float32 inputs: absolute error ~1e-6 per dimension), with a = (1 - 1/gamma^2)/2,
-    b = r/gamma^2. Smaller gamma uses the direct float64 form -(x - r)^2/(2 gamma^2) + x^2/2, which stays
+    For gamma >= 0.05 everywhere it is the expanded quadratic a.x^2 + b.x + c with a = (1 - 1/gamma^2)/2,
+    b = r/gamma^2, summed in the input's precision in blocks added in float64 (``llr_kernel``; on CUDA two
+    float32 matrix-vector products). Smaller gamma uses the direct float64 form -(x - r)^2/(2 gamma^2) + x^2/2, which stays
     exact where the expansion would cancel catastrophically.
     """
     x = x.flatten(1)
@@ -76,6 +78,8 @@ def llr(x: torch.Tensor, r: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         c = float(-g.log().sum() - (0.5 * r.square() * inv).sum())
         if not bool((a != 0).any()):  # gamma == 1: exactly one matrix-vector product
             return (work @ b).double() + c
+        if llr_kernel.supports(work):
+            return llr_kernel.quadratic_rows(work, a, b) + c
         return _chunked_quadratic(work, a, b).double() + c
     x = x.double()
     return (-(x - r).square() / (2 * g.square()) + x.square() / 2).sum(dim=1) - g.log().sum()
