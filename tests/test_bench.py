@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,40 @@ def test_report_files(tmp_path):
     for f in ("results.json", "results.csv", "report.md", "roc_digits16.png", "scatter_terd-fast_digits16.png"):
         assert (tmp_path / f).is_file(), f
     assert "leave-one-out" in (tmp_path / "report.md").read_text()
+
+
+def _fake_evaluate(entry, cache, defenses, out, n_inputs, attack_n, seed, threads, input_fpr):  # noqa: ANN001
+    """Stands in for a model's evaluation (in the worker process) and leaves a mark per call."""
+    calls = Path(out) / "calls.txt"
+    with calls.open("a") as fh:
+        fh.write(entry.id + "\n")
+    m = 0.01 + 0.001 * int(entry.id[-1])
+    return _row(entry.id, False, m, 1e-4 * (1 + 0.1 * int(entry.id[-1])))
+
+
+def test_bench_resumes_from_saved_rows(tmp_path, monkeypatch):
+    import multiprocessing
+
+    import terd.bench as bench
+
+    if multiprocessing.get_start_method() != "fork":
+        pytest.skip("the fake evaluator reaches the worker only through fork")
+    zoo = tmp_path / "zoo.yaml"
+    zoo.write_text("models:\n" + "".join(f"  - {{id: b{i}, kind: benign, seed: {i}}}\n" for i in range(3)))
+    cache = tmp_path / "cache"
+    for i in range(3):  # a built model: the bench must not train it
+        (cache / f"b{i}").mkdir(parents=True)
+        (cache / f"b{i}" / "model_index.json").write_text("{}")
+        (cache / f"b{i}" / "train.json").write_text(json.dumps({"seed": i}))
+    monkeypatch.setattr(bench, "evaluate_model", _fake_evaluate)
+    out = tmp_path / "out"
+    bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, echo=lambda s: None)
+    assert sorted((out / "calls.txt").read_text().split()) == ["b0", "b1", "b2"]
+    bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, echo=lambda s: None)
+    assert len((out / "calls.txt").read_text().split()) == 3  # every row reused
+    (cache / "b1" / "train.json").write_text(json.dumps({"seed": 1, "rebuilt": True}))
+    summary = bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, echo=lambda s: None)
+    assert (out / "calls.txt").read_text().split()[3:] == ["b1"]  # only the rebuilt model again
+    bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, input_fpr=1e-3, echo=lambda s: None)
+    assert len((out / "calls.txt").read_text().split()) == 7  # other settings: all evaluated anew
+    assert summary["table"] == [] and json.loads((out / "results.json").read_text())["meta"]["input_fpr"] == 1e-3

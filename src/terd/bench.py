@@ -14,6 +14,7 @@ Protocol (what makes the numbers honest):
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -21,7 +22,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from terd.errors import TerdError
 from terd.zoo import ZooEntry, build_zoo, load_zoo
 
 DEFENSES = ("terd-fast", "terd-paper", "elijah")
+INPUT_FPR = 5e-4  # the input-detection goal is a *measured* FPR <= 0.1%; at exactly 1e-3 chance alone exceeds it
 
 
 # --------------------------------------------------------------------------------------------------
@@ -55,7 +57,8 @@ def input_detection_metrics(trigger, r_true: torch.Tensor, g_true: torch.Tensor,
 
 
 def evaluate_model(entry: ZooEntry, cache: str, defenses: tuple[str, ...], out: str, n_inputs: int = 10_000,
-                   attack_n: int = 64, seed: int = 0, threads: int | None = None) -> dict:
+                   attack_n: int = 64, seed: int = 0, threads: int | None = None,
+                   input_fpr: float = INPUT_FPR) -> dict:
     """Attack success (if backdoored) and every defense's raw output for one model."""
     from terd.defense.elijah import elijah_scan
     from terd.defense.reversion import reverse_trigger
@@ -84,7 +87,8 @@ def evaluate_model(entry: ZooEntry, cache: str, defenses: tuple[str, ...], out: 
             trig.save(Path(out) / "triggers" / f"{entry.id}--{name}.safetensors")
             if r_true is not None:
                 d["trigger_l2"] = float((trig.r - r_true).norm())
-                d["input_detection"] = input_detection_metrics(trig, r_true, g_true, n_inputs, seed + 99)
+                d["input_detection"] = input_detection_metrics(trig, r_true, g_true, n_inputs, seed + 99,
+                                                                input_fpr)
         elif name == "elijah":
             res = elijah_scan(den, seed=seed)
             d = {"spread": res.spread, "clean_spread": res.clean_spread, "network_evaluations": res.network_evaluations}
@@ -193,7 +197,8 @@ def _markdown(summary: dict, rows: list[dict], meta: dict) -> str:
              "Thresholds: fitted per dataset on benign models only (mean + 3 std of each feature; Elijah: "
              "mean - 3 std of generation spread). A benign model is judged by thresholds fitted on the other "
              "benign models (leave-one-out); a backdoored model by all benign models. Input detection: reversed "
-             "trigger, threshold at FPR 1e-3 from the closed-form benign law; worst model of each row shown.", "",
+             f"trigger, threshold at FPR {meta.get('input_fpr', INPUT_FPR):g} from the closed-form benign law "
+             "(so the measured FPR stays <= 0.1%); worst model of each row shown.", "",
              "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     for t in summary["table"]:
         lines.append("| " + " | ".join("" if t[c] is None else str(t[c]) for c in TABLE_COLUMNS) + " |")
@@ -226,7 +231,8 @@ def _plots(rows: list[dict], defenses: tuple[str, ...], out: Path) -> list[str]:
                 ax.plot(fpr, tpr, label=defense)
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
         ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"model detection ROC — {dataset}")
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # no curve without both benign and backdoored scores
+            ax.legend()
         fig.tight_layout()
         fig.savefig(out / f"roc_{dataset}.png", dpi=120)
         plt.close(fig)
@@ -293,31 +299,62 @@ def write_report(rows: list[dict], defenses: tuple[str, ...], out: Path, meta: d
     return summary
 
 
+def _model_fingerprint(model_dir: Path) -> str:
+    """Changes when the cached model is rebuilt (its training and attack records change)."""
+    parts = [(model_dir / name).read_text() for name in ("train.json", "attack.json") if (model_dir / name).is_file()]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _cached_row(path: Path, key: dict) -> dict | None:
+    """A model's earlier evaluation, if it was made with the same settings on the same model."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data["row"] if isinstance(data, dict) and data.get("key") == key and "row" in data else None
+
+
 def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...] = ("terd-fast", "elijah"),
               cache: str | Path | None = None, workers: int = 1, n_inputs: int = 10_000, min_asr: float = 0.9,
-              seed: int = 0, echo: Callable[[str], None] = print) -> dict:
-    """Build (or reuse) the zoo, run the defenses on every model in a process pool, write the report."""
+              input_fpr: float = INPUT_FPR, seed: int = 0, echo: Callable[[str], None] = print) -> dict:
+    """Build (or reuse) the zoo, run the defenses on every model in a process pool, write the report.
+
+    Each model's evaluation is saved in ``OUT/rows/<id>.json`` as it finishes, so a rerun after an
+    interruption only evaluates what is missing (or what changed: settings, or a rebuilt model)."""
     for d in defenses:
         if d not in DEFENSES:
             raise TerdError(f"unknown defense {d!r} (available: {', '.join(DEFENSES)})")
     if workers < 1:
         raise TerdError("--workers must be at least 1")
+    if not 0.0 < input_fpr < 1.0:
+        raise TerdError(f"--input-fpr must be in (0, 1), got {input_fpr}")
     entries = load_zoo(zoo_file)
     cache = Path(cache) if cache is not None else Path(zoo_file).with_suffix("").parent / "zoo-cache"
     out = Path(out)
     (out / "triggers").mkdir(parents=True, exist_ok=True)
+    (out / "rows").mkdir(exist_ok=True)
     t0 = time.perf_counter()
     build_zoo(entries, cache, workers=workers, echo=echo)
     threads = max(1, (os.cpu_count() or 1) // workers)
-    rows = []
+    rows: dict[str, dict] = {}
+    keys = {e.id: json.loads(json.dumps(  # as it reads back from JSON (tuples become lists)
+        {"defenses": list(defenses), "n_inputs": n_inputs, "input_fpr": input_fpr, "seed": seed, "entry": asdict(e),
+         "model": _model_fingerprint(cache / e.id)}, default=str)) for e in entries}
+    for e in entries:
+        if (row := _cached_row(out / "rows" / f"{e.id}.json", keys[e.id])) is not None:
+            rows[e.id] = row
+            echo(f"  reused {e.id} (evaluated earlier)")
     with ProcessPoolExecutor(max_workers=workers, max_tasks_per_child=1) as pool:
-        futures = [pool.submit(evaluate_model, e, str(cache), tuple(defenses), str(out), n_inputs, 64, seed,
-                               threads) for e in entries]
-        for e, f in zip(entries, futures, strict=True):
-            rows.append(f.result())
+        futures = {pool.submit(evaluate_model, e, str(cache), tuple(defenses), str(out), n_inputs, 64, seed,
+                               threads, input_fpr): e for e in entries if e.id not in rows}
+        for f in as_completed(futures):
+            e = futures[f]
+            rows[e.id] = f.result()
+            (out / "rows" / f"{e.id}.json").write_text(json.dumps({"key": keys[e.id], "row": rows[e.id]}, indent=2,
+                                                                   default=str))
             echo(f"  evaluated {e.id}")
     meta = {"zoo": str(zoo_file), "defenses": list(defenses), "workers": workers, "cache": str(cache),
-            "seconds": round(time.perf_counter() - t0, 1), "n_inputs": n_inputs, "seed": seed,
-            "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
+            "seconds": round(time.perf_counter() - t0, 1), "n_inputs": n_inputs, "input_fpr": input_fpr,
+            "seed": seed, "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
             "entries": [asdict(e) for e in entries]}
-    return write_report(rows, tuple(defenses), out, meta, min_asr, cache)
+    return write_report([rows[e.id] for e in entries], tuple(defenses), out, meta, min_asr, cache)

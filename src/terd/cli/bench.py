@@ -19,6 +19,7 @@ def bench(
     workers: Annotated[int, typer.Option(help="Models evaluated in parallel (local process pool).")] = 1,
     cache: Annotated[Path | None, typer.Option(help="Where zoo models are built and cached.")] = None,
     n_inputs: Annotated[int, typer.Option(help="Benign and backdoor noises per model for input detection.")] = 10_000,
+    input_fpr: Annotated[float, typer.Option(help="Input detection: false-positive rate the threshold is set for.")] = 5e-4,
     min_asr: Annotated[float, typer.Option(help="Backdoored models below this attack success are excluded.")] = 0.9,
     build_only: Annotated[bool, typer.Option(help="Only build (or finish building) the zoo.")] = False,
 ) -> None:
@@ -34,7 +35,7 @@ def bench(
         build_zoo(entries, cache or zoo.with_suffix("").parent / "zoo-cache", workers=workers, echo=typer.echo)
         return
     summary = run_bench(zoo, out, defenses=names, cache=cache, workers=workers, n_inputs=n_inputs, min_asr=min_asr,
-                        echo=typer.echo)
+                        input_fpr=input_fpr, echo=typer.echo)
     for row in summary["table"]:
         typer.echo(f"{row['defense']:>10} {row['dataset']:>9} {row['family']:<32} TPR {row['TPR']} TNR {row['TNR']} "
                    f"AUC {row['AUC']}")
