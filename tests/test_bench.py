@@ -109,3 +109,14 @@ def test_bench_resumes_from_saved_rows(tmp_path, monkeypatch):
     bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, input_fpr=1e-3, echo=lambda s: None)
     assert len((out / "calls.txt").read_text().split()) == 7  # other settings: all evaluated anew
     assert summary["table"] == [] and json.loads((out / "results.json").read_text())["meta"]["input_fpr"] == 1e-3
+
+
+def test_matrix_over_entry_fields_sets_the_field_not_an_attack_argument(tmp_path):
+    f = tmp_path / "z.yaml"
+    f.write_text("models:\n  - {id: b, kind: benign}\n"
+                 "  - {id: 'ft-{seed}', kind: benign-finetune, base: b, matrix: {seed: [10, 11]}}\n"
+                 "  - {id: 'bd-{epochs}-{trigger}', kind: attack, attack: baddiffusion, base: b,\n"
+                 "     matrix: {epochs: [2, 4], trigger: [box]}}\n")
+    entries = {e.id: e for e in load_zoo(f)}
+    assert entries["ft-10"].seed == 10 and entries["ft-11"].seed == 11 and entries["ft-10"].args == {}
+    assert entries["bd-4-box"].epochs == 4 and entries["bd-4-box"].args == {"trigger": "box"}

@@ -52,7 +52,12 @@ class ZooEntry:
         return get_preset(self.preset).dataset
 
 
+ENTRY_FIELDS = ("preset", "seed", "epochs", "base", "attack")
+
+
 def _expand(raw: dict) -> list[dict]:
+    """A ``matrix`` entry as its product: keys naming an entry field (seed, epochs, ...) set that field, any
+    other key is an attack argument."""
     matrix = raw.pop("matrix", None)
     if not matrix:
         return [raw]
@@ -60,7 +65,9 @@ def _expand(raw: dict) -> list[dict]:
     out = []
     for values in itertools.product(*(matrix[k] if isinstance(matrix[k], list) else [matrix[k]] for k in keys)):
         combo = dict(zip(keys, values, strict=True))
-        entry = {**raw, "args": {**raw.get("args", {}), **combo}}
+        fields = {k: v for k, v in combo.items() if k in ENTRY_FIELDS}  # seed, epochs, preset, base, ...
+        args = {k: v for k, v in combo.items() if k not in ENTRY_FIELDS}  # the attack's own arguments
+        entry = {**raw, **fields, "args": {**raw.get("args", {}), **args}}
         entry["id"] = raw["id"].format(**{k: str(v).replace(".", "p") for k, v in combo.items()})
         out.append(entry)
     return out
