@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from terd.defense.input_detection import InputDetector
+from terd.bench import input_detection_metrics
 from terd.defense.model_detection import kl_features
 from terd.defense.reversion import get_config, reverse_trigger
 from terd.defense.trigger import Trigger
@@ -45,23 +45,6 @@ def default_models() -> list[Path]:
     attacked = sorted(p.parent for p in (ROOT / "runs/attacks").glob("*/attack.json")
                       if (p.parent / "model_index.json").is_file())
     return [BENIGN, *benign, *attacked]
-
-
-def input_detection_eval(trigger: Trigger, true: Trigger | None, n: int = 4000, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    det = InputDetector(trigger)
-    benign = torch.randn((n, *trigger.shape), generator=g)
-    out = {"detector": det.summary(), "n": n,
-           "benign_flag_rate": float(det.is_backdoor(benign).double().mean()),
-           "benign_flag_rate_paper_rule": float((det.score(benign) > 0).double().mean())}
-    if true is not None:
-        bd = true.inputs(torch.randn((n, *trigger.shape), generator=g))
-        s = det.score(bd)
-        out["tpr"] = float((s > det.threshold).double().mean())
-        out["tpr_paper_rule"] = float((s > 0).double().mean())
-        out["tnr"] = 1 - out["benign_flag_rate"]
-        out["tnr_paper_rule"] = 1 - out["benign_flag_rate_paper_rule"]
-    return out
 
 
 def run_model(path: Path, cfg, seed: int) -> dict:  # noqa: ANN001
@@ -83,7 +66,8 @@ def run_model(path: Path, cfg, seed: int) -> dict:  # noqa: ANN001
         row["true_trigger_features"] = kl_features(true)
         row["trigger_l2_to_true"] = float((tr.r - true.r).norm())
         row["gamma_l2_to_true"] = float((tr.gamma - true.gamma).norm())
-    row["input_detection"] = input_detection_eval(tr, true)
+    row["input_detection"] = input_detection_metrics(tr, None if true is None else true.r,
+                                                       None if true is None else true.gamma, 4000, 0)
     return row
 
 
@@ -95,7 +79,7 @@ def to_markdown(rep: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rep["rows"]:
         det = r["input_detection"]
-        io = f"{det['tpr']:.3f} / {det['tnr']:.3f}" if "tpr" in det else f"- / {1 - det['benign_flag_rate']:.3f}"
+        io = f"{det['tpr']:.3f} / {det['tnr']:.3f}" if "tpr" in det else f"- / {det['tnr']:.3f}"
         l2 = f"{r['trigger_l2_to_true']:.2f}" if "trigger_l2_to_true" in r else "-"
         lines.append(f"| {r['model']} | {r['M_r']:.4f} | {r['V_r']:.4f} | {r['gamma_mean']:.3f} "
                      f"[{r['gamma_min']:.2f}, {r['gamma_max']:.2f}] | {r['network_evaluations']} | "

@@ -49,7 +49,7 @@ def compare(path: Path, seed: int) -> dict:
         row[name] = {k: r[k] for k in KEEP if k in r}
         det = r["input_detection"]
         row[name]["input_tpr"] = det.get("tpr")
-        row[name]["input_tnr"] = 1 - det["benign_flag_rate"]
+        row[name]["input_tnr"] = det["tnr"]
     return row
 
 

@@ -39,21 +39,23 @@ INPUT_FPR = 5e-4  # the input-detection goal is a *measured* FPR <= 0.1%; at exa
 # One model (runs in a worker process: peak memory is that process's own)
 # --------------------------------------------------------------------------------------------------
 
-def input_detection_metrics(trigger, r_true: torch.Tensor, g_true: torch.Tensor, n: int, generator_seed: int,  # noqa: ANN001
-                            fpr: float | None = None) -> dict:
-    """TPR/TNR of the reversed trigger's detector on n true backdoor inputs and n benign N(0, I) noises.
+def input_detection_metrics(trigger, r_true: torch.Tensor | None, g_true: torch.Tensor | None, n: int,  # noqa: ANN001
+                            generator_seed: int, fpr: float | None = None) -> dict:
+    """TNR of the reversed trigger's detector on n benign N(0, I) noises and, given the true trigger, its TPR on n
+    true backdoor inputs g_true * eps + r_true.
 
     Both at the detector's FPR threshold (``fpr``; the default 1e-3 when None) and under the paper's LLR > 0."""
     from terd.defense.input_detection import DEFAULT_FPR, InputDetector
 
     det = InputDetector(trigger, fpr=DEFAULT_FPR if fpr is None else fpr)
     g = torch.Generator().manual_seed(generator_seed)
-    benign = torch.randn((n, *r_true.shape), generator=g)
-    backdoor = g_true * torch.randn((n, *r_true.shape), generator=g) + r_true
-    s_b, s_p = det.score(benign), det.score(backdoor)
-    return {"tpr": float((s_p > det.threshold).double().mean()), "tnr": float((s_b <= det.threshold).double().mean()),
-            "tpr_paper_rule": float((s_p > 0).double().mean()), "tnr_paper_rule": float((s_b <= 0).double().mean()),
-            "threshold": det.threshold, "n": n}
+    s_b = det.score(torch.randn((n, *det.r.shape), generator=g))
+    out = {"tnr": float((s_b <= det.threshold).double().mean()), "tnr_paper_rule": float((s_b <= 0).double().mean()),
+           "threshold": det.threshold, "n": n}
+    if r_true is not None:
+        s_p = det.score(g_true * torch.randn((n, *r_true.shape), generator=g) + r_true)
+        out |= {"tpr": float((s_p > det.threshold).double().mean()), "tpr_paper_rule": float((s_p > 0).double().mean())}
+    return out
 
 
 def evaluate_model(entry: ZooEntry, cache: str, defenses: tuple[str, ...], out: str, n_inputs: int = 10_000,
