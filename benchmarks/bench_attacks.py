@@ -45,6 +45,7 @@ EXTRA = {
     "troj-d2i-patch": ("trojdiff", {"setting": "d2i", "trigger": "patch"}, None),
     "troj-d2i-patch-24ep": ("trojdiff", {"setting": "d2i", "trigger": "patch"}, 24),
     "troj-d2i-blend-24ep": ("trojdiff", {"setting": "d2i", "trigger": "blend"}, 24),  # less clean leakage?
+    "troj-out-d2d-24ep": ("trojdiff", {"setting": "out-d2d"}, 24),
     "bd-stop-shoe": ("baddiffusion", {"trigger": "stop-sign", "target": "shoe"}, None),
     "bd-box-corner": ("baddiffusion", {"trigger": "box", "target": "corner"}, None),
     "bd-box8-p0.1": ("baddiffusion", {"trigger": "box-8", "target": "hat", "poison_rate": 0.1}, 40),

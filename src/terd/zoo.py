@@ -110,8 +110,14 @@ def is_built(entry: ZooEntry, cache: Path) -> bool:
     return done and (not entry.backdoored or (d / "attack.json").is_file())
 
 
-def build_entry(entry: ZooEntry, cache: str | Path, *, device: str = "cpu", progress: bool = False) -> Path:
-    """Build one model (resuming an interrupted build); its base must already be built."""
+def build_entry(entry: ZooEntry, cache: str | Path, *, device: str = "cpu", progress: bool = False,
+                threads: int | None = None) -> Path:
+    """Build one model (resuming an interrupted build); its base must already be built.
+
+    ``threads``: torch threads for this build (parallel builds share the cores; oversubscribed, each runs
+    several times slower)."""
+    import torch
+
     from terd.attacks import attack_model, build_attack
     from terd.attacks.build import DEFAULTS
     from terd.data import load_dataset
@@ -123,6 +129,8 @@ def build_entry(entry: ZooEntry, cache: str | Path, *, device: str = "cpu", prog
     out = cache / entry.id
     if is_built(entry, cache):
         return out
+    if threads:
+        torch.set_num_threads(threads)
     preset = get_preset(entry.preset)
     if entry.kind == "benign":
         ds = load_dataset(preset.dataset, channels=preset.channels, size=preset.size)
@@ -157,7 +165,9 @@ def build_order(entries: list[ZooEntry]) -> list[list[ZooEntry]]:
 def build_zoo(entries: list[ZooEntry], cache: str | Path, *, workers: int = 1, device: str = "cpu",
               echo: Callable[[str], None] = print) -> list[Path]:
     """Build every missing model, layer by layer, ``workers`` at a time (a local process pool)."""
+    import os
     from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
 
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -171,8 +181,8 @@ def build_zoo(entries: list[ZooEntry], cache: str | Path, *, workers: int = 1, d
                 build_entry(e, cache, device=device)
                 echo(f"  built {e.id}")
         else:
+            build = partial(build_entry, cache=cache, device=device, threads=max(1, (os.cpu_count() or 1) // workers))
             with ProcessPoolExecutor(max_workers=workers) as pool:
-                for e, _ in zip(todo, pool.map(build_entry, todo, [cache] * len(todo), [device] * len(todo)),
-                                strict=True):
+                for e, _ in zip(todo, pool.map(build, todo), strict=True):
                     echo(f"  built {e.id}")
     return [cache / e.id for e in entries]
