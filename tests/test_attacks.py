@@ -305,15 +305,15 @@ def test_cli_triggers_gallery(tmp_path):
 
 @pytest.mark.slow
 def test_end_to_end_trojdiff_d2i(tmp_path):
-    """The documented default works: `terd attack trojdiff --setting d2i` (12 epochs, ~5 min on 2 CPU cores)
-    gives a backdoor that fires (measured: ASR 0.91, clean 0.03 with n = 64)."""
+    """The documented default works: `terd attack trojdiff --setting d2i` (24 epochs, ~2.5-5 min on 2 CPU cores)
+    gives a backdoor that fires (measured: ASR 0.97, clean 0.03 with n = 64)."""
     out = tmp_path / "troj"
     res = runner.invoke(app, ["attack", "trojdiff", "--base", BASE, "--out", str(out), "--setting", "d2i"])
     assert res.exit_code == 0, res.output
     for f in ("model_index.json", "attack.json", "true_trigger.safetensors", "target.png", "trigger.png"):
         assert (out / f).is_file()
     rep = evaluate_attack(out, n=32)
-    assert rep["triggered"]["asr"] >= 0.7 and rep["clean"]["asr"] <= 0.15
+    assert rep["triggered"]["asr"] >= 0.8 and rep["clean"]["asr"] <= 0.15
 
 
 def test_schedule_fixture_is_linear(schedule):
