@@ -141,7 +141,8 @@ def build_entry(entry: ZooEntry, cache: str | Path, *, device: str = "cpu", prog
     if entry.kind == "benign-finetune":
         ds = load_dataset(preset.dataset, channels=preset.channels, size=preset.size)
         epochs = entry.epochs or DEFAULTS["baddiffusion"].epochs
-        train(preset, ds, out, epochs=epochs, seed=entry.seed, base=base, device=device, progress=progress)
+        train(preset, ds, out, epochs=epochs, seed=entry.seed, base=base, device=device, progress=progress,
+              grid_size=16)  # the preview the attacks save (a 64-image DDPM grid costs ~10 min at 32 px)
         return out
     attack = build_attack(entry.attack, base.image_shape, data_name=preset.dataset, **entry.args)
     attack_model(attack, base_dir, out, epochs=entry.epochs, seed=entry.seed, device=device, progress=progress)
