@@ -120,3 +120,21 @@ def test_matrix_over_entry_fields_sets_the_field_not_an_attack_argument(tmp_path
     entries = {e.id: e for e in load_zoo(f)}
     assert entries["ft-10"].seed == 10 and entries["ft-11"].seed == 11 and entries["ft-10"].args == {}
     assert entries["bd-4-box"].epochs == 4 and entries["bd-4-box"].args == {"trigger": "box"}
+
+
+def test_bench_cli_resumes_into_its_own_out_dir_but_refuses_a_foreign_one(tmp_path):
+    from typer.testing import CliRunner
+
+    from terd.cli import app
+
+    missing = tmp_path / "no-zoo.yaml"
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    res = CliRunner().invoke(app, ["bench", "--zoo", str(missing), "--out", str(foreign)])
+    assert res.exit_code == 2 and "holds no earlier bench run" in res.output
+    assert (foreign / "notes.txt").read_text() == "mine"
+    interrupted = tmp_path / "interrupted"
+    (interrupted / "rows").mkdir(parents=True)  # what a bench leaves before its report
+    res = CliRunner().invoke(app, ["bench", "--zoo", str(missing), "--out", str(interrupted)])
+    assert res.exit_code == 2 and "no such zoo file" in res.output  # past the out-dir check

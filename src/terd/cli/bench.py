@@ -27,8 +27,9 @@ def bench(
     from terd.bench import run_bench
     from terd.zoo import build_zoo, load_zoo
 
-    if out.exists() and any(out.iterdir()) and not (out / "results.json").is_file():
-        raise TerdError(f"{out}: directory is not empty and holds no earlier bench report; choose another --out")
+    earlier_bench = (out / "results.json").is_file() or (out / "rows").is_dir()  # a report, or an interrupted run
+    if out.exists() and any(out.iterdir()) and not earlier_bench:
+        raise TerdError(f"{out}: directory is not empty and holds no earlier bench run; choose another --out")
     names = tuple(d.strip() for d in defenses.split(",") if d.strip())
     if build_only:
         entries = load_zoo(zoo)
