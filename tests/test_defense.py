@@ -359,6 +359,21 @@ def test_llr_kernel_matches_float64_reference(n, d, dtype):
     assert llr_kernel.supports(x) and not llr_kernel.supports(x.half()) and not llr_kernel.supports(x[None])
 
 
+def test_llr_kernel_row_slices_over_threads_cover_every_input(monkeypatch):
+    from terd.defense import llr_kernel
+
+    monkeypatch.setattr(llr_kernel, "PARALLEL_MIN_VALUES", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        for n in (8, 13, 37):  # slices of whole 4-row groups, the ragged tail in the last slice
+            x, a, b = torch.randn(n, 70), torch.rand(70) - 0.5, torch.randn(70)
+            expected = x.double().square() @ a.double() + x.double() @ b.double()
+            assert torch.allclose(llr_kernel.quadratic_rows(x, a, b), expected, rtol=0, atol=1e-4)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_llr_kernel_and_torch_path_agree_on_image_batches(monkeypatch):
     import terd.defense.input_detection as input_detection
 

@@ -9,10 +9,12 @@ float32 matvec. Compiled by numba on first use and cached on disk; CUDA tensors 
 
 from __future__ import annotations
 
-import numba
+import functools
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit
 
 BLOCK = 1024  # values per float32 partial sum (each block's sum is added in float64)
 
@@ -70,21 +72,19 @@ def _tail_rows(x, a, b, out):  # noqa: ANN001, ANN202
         out[i] = t
 
 
-@njit(fastmath=True, cache=True)
-def _rows_serial(x, a, b, out):  # noqa: ANN001, ANN202
+@njit(fastmath=True, cache=True, nogil=True)
+def _rows(x, a, b, out):  # noqa: ANN001, ANN202
     for q in range(x.shape[0] // 4):
         _four_rows(x, a, b, out, 4 * q)
     _tail_rows(x, a, b, out)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def _rows_parallel(x, a, b, out):  # noqa: ANN001, ANN202
-    for q in prange(x.shape[0] // 4):
-        _four_rows(x, a, b, out, 4 * q)
-    _tail_rows(x, a, b, out)
+PARALLEL_MIN_VALUES = 1 << 20  # below ~4 MB of float32 inputs a second thread costs more than it saves
 
 
-PARALLEL_MIN_VALUES = 1 << 20  # below ~4 MB of float32 inputs a thread team costs more than it saves
+@functools.cache
+def _thread_pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="terd-llr")
 
 
 def supports(x: torch.Tensor) -> bool:
@@ -95,17 +95,20 @@ def supports(x: torch.Tensor) -> bool:
 def quadratic_rows(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(x*x) @ a + x @ b for an N x d CPU matrix, float64 result of shape (N,), reading x once.
 
-    Large batches run on as many threads as torch would (a fair match for torch's own matvec); small ones,
-    or a single torch thread, stay serial and never start a thread team.
+    Large batches are split into row slices over as many threads as torch uses (a fair match for torch's
+    own matvec). The kernel releases the GIL, so plain Python threads run it in parallel; no numba
+    threading layer is involved, which keeps concurrent callers safe on every platform.
     """
     xn = x.detach().contiguous().numpy()
     an = a.detach().to(x.dtype).contiguous().numpy()
     bn = b.detach().to(x.dtype).contiguous().numpy()
     out = np.empty(xn.shape[0], dtype=np.float64)
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    threads = min(torch.get_num_threads(), xn.shape[0] // 4)
     if threads > 1 and xn.size >= PARALLEL_MIN_VALUES:
-        numba.set_num_threads(threads)
-        _rows_parallel(xn, an, bn, out)
+        edges = [4 * (xn.shape[0] // 4 * k // threads) for k in range(threads)] + [xn.shape[0]]
+        slices = [slice(lo, hi) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+        for f in [_thread_pool(threads).submit(_rows, xn[s], an, bn, out[s]) for s in slices]:
+            f.result()
     else:
-        _rows_serial(xn, an, bn, out)
+        _rows(xn, an, bn, out)
     return torch.from_numpy(out)
