@@ -39,7 +39,8 @@ HELD_OUT_BENIGN = {"asset": "src/terd/assets/models/digits-benign", "digits-s4-e
                    # the control: digits-benign fine-tuned on CLEAN data with the attacks' schedule (16 epochs)
                    "digits-ft-s10-e16": "runs/benign/digits-ft-s10-e16", "digits-s5-e40": "runs/benign/digits-s5-e40"}
 BACKDOORED = {n: f"runs/attacks/{n}" for n in ("bd-box-hat", "bd-stop-shoe", "bd-box-corner", "troj-d2i-blend", "troj-out-d2d", "villan-ode",
-                                                "troj-in-d2d", "troj-in-d2d-24ep")}
+                                                "troj-in-d2d", "troj-in-d2d-24ep", "troj-d2i-blend-24ep", "troj-out-d2d-24ep",
+                                                "troj-d2i-patch-24ep")}
 INPUT_FPR = 5e-4
 # robustness and adaptive rows (issue #5): judged the same way, tallied apart from the main table
 ROBUSTNESS = {n: f"runs/attacks/{n}" for n in ("bd-box-hat-p0.1", "bd-box-hat-p0.05", "bd-box-hat-p0.02", "bd-box8-hat",
