@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_results  # noqa: E402
 
 from terd.attacks import load_true_trigger  # noqa: E402
-from terd.bench import input_detection_metrics  # noqa: E402
+from terd.bench import INPUT_FPR, input_detection_metrics  # noqa: E402
 from terd.defense.calibration import install_defaults  # noqa: E402
 from terd.defense.model_detection import Thresholds, detect_model, fit_thresholds  # noqa: E402
 from terd.defense.scan import scan_model  # noqa: E402
@@ -41,7 +41,6 @@ HELD_OUT_BENIGN = {"asset": "src/terd/assets/models/digits-benign", "digits-s4-e
 BACKDOORED = {n: f"runs/attacks/{n}" for n in ("bd-box-hat", "bd-stop-shoe", "bd-box-corner", "troj-d2i-blend", "troj-out-d2d", "villan-ode",
                                                 "troj-in-d2d", "troj-in-d2d-24ep", "troj-d2i-blend-24ep", "troj-out-d2d-24ep",
                                                 "troj-d2i-patch-24ep")}
-INPUT_FPR = 5e-4
 # robustness and adaptive rows (issue #5): judged the same way, tallied apart from the main table
 ROBUSTNESS = {n: f"runs/attacks/{n}" for n in ("bd-box-hat-p0.1", "bd-box-hat-p0.05", "bd-box-hat-p0.02", "bd-box8-hat",
                                                 "bd-box4-hat", "troj-d2i-eta0.5", "troj-d2i-eta0.2", "troj-eta0.1")}

@@ -63,8 +63,8 @@ def llr(x: torch.Tensor, r: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
 
     For gamma >= 0.05 everywhere it is the expanded quadratic a.x^2 + b.x + c with a = (1 - 1/gamma^2)/2,
     b = r/gamma^2, summed in the input's precision in blocks added in float64 (``llr_kernel``; on CUDA two
-    float32 matrix-vector products). Smaller gamma uses the direct float64 form -(x - r)^2/(2 gamma^2) + x^2/2, which stays
-    exact where the expansion would cancel catastrophically.
+    float32 matrix-vector products). Smaller gamma uses the direct float64 form -(x - r)^2/(2 gamma^2) + x^2/2,
+    which stays exact where the expansion would cancel catastrophically.
     """
     x = x.flatten(1)
     r = r.double().flatten().to(x.device)
