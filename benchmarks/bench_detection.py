@@ -1,6 +1,6 @@
 """Model and input detection on the tiny-digits16 zoo built this far, with honest thresholds.
 
-Protocol: thresholds (mean + 3 std of M_r, V_r) are fitted with preset ``fast`` on the CALIBRATION benign
+Protocol: thresholds (mean + 3 std of M_r, V_r, P_r) are fitted with preset ``fast`` on the CALIBRATION benign
 models only; every other model (held-out benign and backdoored) is judged with them. Backdoored models
 count only if their attack fires (ASR from benchmarks/results/attacks_digits16.json >= 0.9); the others
 are still scanned and shown. The robustness group (low poison rates, small triggers, the adaptive trigger
@@ -27,7 +27,7 @@ from common import RESULTS, write_results  # noqa: E402
 from terd.attacks import load_true_trigger  # noqa: E402
 from terd.bench import INPUT_FPR, input_detection_metrics  # noqa: E402
 from terd.defense.calibration import install_defaults  # noqa: E402
-from terd.defense.model_detection import Thresholds, detect_model, fit_thresholds  # noqa: E402
+from terd.defense.model_detection import FEATURES, Thresholds, detect_model, fit_thresholds  # noqa: E402
 from terd.defense.scan import scan_model  # noqa: E402
 from terd.defense.trigger import Trigger  # noqa: E402
 
@@ -49,7 +49,10 @@ ROBUSTNESS = {n: f"runs/attacks/{n}" for n in ("bd-box-hat-p0.1", "bd-box-hat-p0
 def scanned(name: str, model: str) -> dict:
     out = CACHE / name
     if (out / "report.json").is_file():
-        return json.loads((out / "report.json").read_text())
+        rep = json.loads((out / "report.json").read_text())
+        if all(f in rep["scores"] for f in FEATURES):
+            return rep
+        raise SystemExit(f"{out} was scanned before the feature set {FEATURES}; delete it to rescan")
     print(f"scanning {name} ...", flush=True)
     return scan_model(ROOT / model, out, preset="fast", samples=0)
 
@@ -69,7 +72,8 @@ def main() -> None:
             rep = scanned(name, model)
             judged = detect_model(rep["scores"], thr if group != "calibration benign" else None)
             row = {"model": name, "group": group, "M_r": round(rep["scores"]["M_r"], 4),
-                   "V_r": round(rep["scores"]["V_r"], 5), "gamma_mean": round(rep["trigger_stats"]["gamma_mean"], 3),
+                   "V_r": round(rep["scores"]["V_r"], 5), "P_r": round(rep["scores"]["P_r"], 4),
+                   "flagged_by": ",".join(judged.flagged_by), "gamma_mean": round(rep["trigger_stats"]["gamma_mean"], 3),
                    "verdict": judged.verdict if group != "calibration benign" else "(fits thresholds)",
                    "evals": rep["network_evaluations"], "seconds": round(rep["seconds"])}
             if group in ("backdoored", "robustness"):
@@ -87,9 +91,10 @@ def main() -> None:
                 row["trigger_l2"] = round(float((trig.r - r_true).norm()), 2)
             rows.append(row)
             print(row, flush=True)
-    cols = ["model", "group", "attack_asr", "attack_sampler", "counted", "M_r", "V_r", "gamma_mean", "verdict", "input_TPR",
+    cols = ["model", "group", "attack_asr", "attack_sampler", "counted", "M_r", "V_r", "P_r", "gamma_mean", "verdict", "flagged_by", "input_TPR",
             "input_TNR", "paper_rule_TPR", "paper_rule_TNR", "trigger_l2", "evals", "seconds"]
-    note = (f"Thresholds (fast, fitted on {', '.join(CALIBRATION)}): M_r > {thr.M_r:.4f} or V_r > {thr.V_r:.5f}. "
+    note = (f"Thresholds (fast, fitted on {', '.join(CALIBRATION)}): M_r > {thr.M_r:.4f} or V_r > {thr.V_r:.5f} "
+            f"or P_r > {thr.P_r:.4f}. "
             "Backdoored models count only when their attack fires (ASR >= 0.9). Input TPR/TNR: threshold for an exact "
             f"benign FPR of {INPUT_FPR:g}; paper_rule: LLR > 0. Seconds are wall time on a shared 2-core CPU.")
     write_results("detection_digits16", rows, cols, notes=note)

@@ -3,7 +3,7 @@
 Same model groups as bench_detection.py: Elijah's threshold (benign-only, mean - 3 std of the generation
 spread) is fitted on the CALIBRATION benign models only; the held-out benign and the backdoored models are
 judged with it. Backdoored models count only if their attack fires (ASR >= 0.9, from
-attacks_digits16.json). terd's verdicts are read from bench_detection.py's cached scans (run it first).
+attacks_digits16.json). terd's verdicts: bench_detection.py's cached scans judged with its thresholds (run it first).
 
 Elijah scans are cached in runs/detection-elijah/<name>.json (delete one to rerun it).
 
@@ -22,6 +22,7 @@ from common import RESULTS, write_results  # noqa: E402
 
 from terd.attacks import load_true_trigger  # noqa: E402
 from terd.defense.elijah import elijah_scan, fit_spread_threshold  # noqa: E402
+from terd.defense.model_detection import Thresholds, detect_model  # noqa: E402
 from terd.models import load_denoiser  # noqa: E402
 
 ELIJAH_CACHE = ROOT / "runs/detection-elijah"
@@ -50,6 +51,7 @@ def main() -> None:
     runs = {name: elijah_row(name, model, group in ("backdoored", "robustness")) for group, models in GROUPS
             for name, model in models.items()}
     threshold = fit_spread_threshold([runs[n]["spread"] for n in CALIBRATION])
+    terd_thr = Thresholds.load(RESULTS / "thresholds_fast_digits16.json")  # bench_detection.py's, not scan-time ones
     rows, tally = [], {"elijah": [0, 0, 0, 0], "terd-fast": [0, 0, 0, 0]}  # TP, P, TN, N (main table only)
     for group, models in GROUPS:
         for name in models:
@@ -64,7 +66,7 @@ def main() -> None:
                 rows.append(row)
                 continue
             row["elijah_verdict"] = "backdoored" if e["spread"] < threshold else "benign"
-            row["terd_verdict"] = terd["verdict"]
+            row["terd_verdict"] = detect_model(terd["scores"], terd_thr).verdict
             counted = True
             if group in ("backdoored", "robustness"):
                 a = max((asr.get(k, {}) for k in (name, f"{name}@ddpm")), key=lambda x: x.get("asr_triggered") or 0)

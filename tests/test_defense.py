@@ -30,9 +30,12 @@ from terd.defense.model_detection import (
     detect_model,
     fit_thresholds,
     kl_features,
+    kl_peak_window,
     kl_per_dim,
+    peak_local_kl,
 )
 from terd.defense.reversion import ReversionConfig, reverse_trigger
+from terd.defense.scan import load_candidates
 from terd.defense.trigger import Trigger
 from terd.errors import TerdError
 from terd.models import save_pipeline
@@ -151,7 +154,7 @@ def test_reversion_recovers_trigger_of_backdoored_gaussian_oracle(schedule, gamm
         SMALL.ddim_steps * 8 + 2 * 4 * 8) * res.iterations["stage2"])
     assert res.network_evaluations == SMALL.network_evaluations_bound()
     assert [c["gamma_init"] for c in res.candidates] == [1.0, 0.5] and sum(c["reported"] for c in res.candidates) == 1
-    assert res.features == {f: max(c[f] for c in res.candidates) for f in ("M_r", "V_r")}
+    assert res.features == {f: max(c[f] for c in res.candidates) for f in ("M_r", "V_r", "P_r")}
     assert kl_features(res.trigger)["M_r"] == pytest.approx(res.features["M_r"])  # the most anomalous is reported
 
 
@@ -164,6 +167,8 @@ def test_any_anomalous_candidate_flags_the_model():
     assert detect_model(candidate_features([benign_like, benign_like]), thr).verdict == "benign"
     assert detect_model(candidate_features([benign_like, trojan_like]), thr).flagged_by == ["M_r"]
     assert candidate_features([trojan_like, badnet_like]) == {"M_r": 0.12, "V_r": 0.016}
+    patch_like = {"M_r": 0.03, "V_r": 0.002, "P_r": 0.4}
+    assert candidate_features([{**benign_like, "P_r": 0.1}, patch_like])["P_r"] == 0.4
     with pytest.raises(ValueError):
         candidate_features([])
 
@@ -265,7 +270,7 @@ def test_gamma_modes(schedule):
 # ---------------------------------------------------------------- model detection
 
 def test_kl_features_closed_form():
-    assert kl_features(Trigger(torch.zeros(SHAPE), torch.ones(SHAPE))) == {"M_r": 0.0, "V_r": 0.0}
+    assert kl_features(Trigger(torch.zeros(SHAPE), torch.ones(SHAPE))) == {"M_r": 0.0, "V_r": 0.0, "P_r": 0.0}
     r, g = torch.randn(SHAPE), torch.rand(SHAPE) + 0.2
     ref = torch.distributions.kl_divergence(torch.distributions.Normal(r.double(), g.double()),
                                             torch.distributions.Normal(0.0, 1.0))
@@ -274,6 +279,24 @@ def test_kl_features_closed_form():
     assert math.isclose(f["M_r"], float(ref.mean()), rel_tol=1e-9)
     assert math.isclose(f["V_r"], float(ref.var(unbiased=False)), rel_tol=1e-9)
     assert math.isfinite(kl_features(Trigger(r, torch.zeros(SHAPE)))["M_r"])  # gamma = 0 guarded
+    pooled = torch.nn.functional.avg_pool2d(ref.mean(0, keepdim=True)[None], 2, stride=1)
+    assert math.isclose(f["P_r"], float(pooled.max()), rel_tol=1e-9)
+
+
+def test_peak_local_kl_sees_a_small_patch_that_the_means_miss():
+    """A TrojDiff-style 2x2 patch (r 0.9, gamma 0.1) on 16 x 16: P_r is the patch's full KL, M_r 4/256 of it."""
+    r, g = torch.zeros(1, 16, 16), torch.ones(1, 16, 16)
+    r[:, 14:, 14:], g[:, 14:, 14:] = 0.9, 0.1
+    per = -math.log(0.1) + (0.01 + 0.81 - 1) / 2
+    f = kl_features(Trigger(r, g))
+    assert math.isclose(f["P_r"], per, rel_tol=1e-6) and math.isclose(f["M_r"], per * 4 / 256, rel_tol=1e-6)
+    assert kl_peak_window(kl_per_dim(r, g)) == {"value": pytest.approx(per), "row": 14, "col": 14, "size": 2}
+    spike = torch.zeros(3, 8, 8)
+    spike[1, 3, 3] = 1.2  # one dimension: the window mean over 4 pixels x 3 channels
+    assert math.isclose(peak_local_kl(spike), 0.1, rel_tol=1e-6)
+    assert peak_local_kl(torch.full((2, 1, 1), 0.5)) == pytest.approx(0.5)  # images smaller than the window
+    with pytest.raises(ValueError):
+        peak_local_kl(torch.zeros(8, 8))
 
 
 def test_thresholds_fit_save_load_and_verdict(tmp_path):
@@ -289,6 +312,15 @@ def test_thresholds_fit_save_load_and_verdict(tmp_path):
     assert detect_model({"M_r": 9.0, "V_r": 9.0}, None).verdict == "uncalibrated"
     with pytest.raises(TerdError):
         fit_thresholds(feats[:1])
+    assert thr.P_r is None and "P_r" not in thr.to_dict()  # features from scans made before P_r existed
+    with_peak = fit_thresholds([{**f, "P_r": p} for f, p in zip(feats, (0.1, 0.12, 0.14), strict=True)])
+    assert math.isclose(with_peak.P_r, 0.12 + 3 * 0.02)
+    again = Thresholds.load(with_peak.save(tmp_path / "p.json"))
+    assert again.P_r == with_peak.P_r
+    v = detect_model({"M_r": 0.1, "V_r": 0.01, "P_r": 0.5}, again)
+    assert v.verdict == "backdoored" and v.flagged_by == ["P_r"] and set(v.margin) == {"M_r", "V_r", "P_r"}
+    v = detect_model({"M_r": 0.1, "V_r": 0.01, "P_r": 0.5}, loaded)  # an older file: decides on M_r, V_r
+    assert v.verdict == "benign" and set(v.thresholds) == {"M_r", "V_r"}
     (tmp_path / "bad.json").write_text('{"M_r": "x"}')
     with pytest.raises(TerdError):
         Thresholds.load(tmp_path / "bad.json")
@@ -531,15 +563,21 @@ def test_cli_scan_end_to_end_with_thresholds_and_resume(tmp_path, tiny_unet, sch
     rep = json.loads((out / "report.json").read_text())
     assert rep["verdict"] == "uncalibrated" and "no calibrated threshold" in rep["note"]
     assert rep["network_evaluations"] == 2 * (2 * 4 + 1 * (2 * 2 + 2 * 2 * 2))  # 2 gamma starts
-    for f in ("trigger.safetensors", "trigger.png", "samples.png"):
+    for f in ("trigger.safetensors", "trigger.png", "samples.png", "candidates.safetensors"):
         assert (out / f).is_file()
     trig = Trigger.load(out / rep["trigger_file"], (1, 8, 8))
     assert kl_features(trig)["M_r"] == pytest.approx(rep["scores"]["M_r"])
-    thr = Thresholds(-1.0, -1.0, {"n_models": 3})
+    cands = load_candidates(out / rep["candidates_file"])  # the scores can be recomputed without a rescan
+    assert len(cands) == len(rep["candidates"])
+    assert candidate_features([kl_features(c) for c in cands]) == pytest.approx(rep["scores"])
+    peak = rep["kl_peak"]
+    assert peak["value"] == pytest.approx(rep["scores"]["P_r"]) and 0 <= peak["row"] < 8 and 0 <= peak["col"] < 8
+    thr = Thresholds(-1.0, -1.0, {"n_models": 3}, P_r=-1.0)
     thr.save(tmp_path / "thr.json")
     res = runner.invoke(app, ["scan", str(model), "--out", str(out), "--thresholds", str(tmp_path / "thr.json"),
                               "--fail-on-backdoor", "--resume", "--samples", "0"])
     assert res.exit_code == 1, res.output  # everything is over a negative threshold
+    assert "over: M_r, V_r, P_r" in res.output and "local anomaly (P_r) at rows" in res.output
     rep2 = json.loads((out / "report.json").read_text())
     assert rep2["verdict"] == "backdoored" and rep2["scores"] == rep["scores"]  # resumed from the finished run
     res = runner.invoke(app, ["scan", str(model), "--out", str(out), "--thresholds", str(tmp_path / "thr.json"),

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from terd.defense.model_detection import FEATURES
 from terd.errors import TerdError
 from terd.zoo import ZooEntry, build_zoo, load_zoo
 
@@ -130,7 +131,8 @@ def decide(rows: list[dict], defense: str, k: float = 3.0) -> None:
             score = -_z(vals, d["spread"])  # low spread = uniform generations = backdoor-like
             flagged = d["spread"] < statistics.fmean(vals) - k * statistics.stdev(vals)
         else:
-            zs = [_z([r["defenses"][defense][f] for r in ref], d[f]) for f in ("M_r", "V_r")]
+            feats = [f for f in FEATURES if f in d and all(f in r["defenses"][defense] for r in ref)]
+            zs = [_z([r["defenses"][defense][f] for r in ref], d[f]) for f in feats]
             score = max(zs)
             flagged = score > k
         d["decision"] = {"flagged": bool(flagged), "score": score, "fitted_on": [r["id"] for r in ref]}
@@ -285,13 +287,13 @@ def write_report(rows: list[dict], defenses: tuple[str, ...], out: Path, meta: d
                                                  default=str))
     with (out / "results.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["id", "dataset", "family", "backdoored", "asr", "defense", "M_r", "V_r", "spread", "flagged",
+        w.writerow(["id", "dataset", "family", "backdoored", "asr", "defense", "M_r", "V_r", "P_r", "spread", "flagged",
                     "score", "trigger_l2", "input_tpr", "input_tnr", "evals", "seconds", "peak_rss_mb"])
         for r in rows:
             for name, d in r["defenses"].items():
                 dec, inp = d.get("decision", {}), d.get("input_detection", {})
                 w.writerow([r["id"], r["dataset"], r["family"], r["backdoored"], r.get("asr"), name, d.get("M_r"),
-                            d.get("V_r"), d.get("spread"), dec.get("flagged"), dec.get("score"), d.get("trigger_l2"),
+                            d.get("V_r"), d.get("P_r"), d.get("spread"), dec.get("flagged"), dec.get("score"), d.get("trigger_l2"),
                             inp.get("tpr"), inp.get("tnr"), d["network_evaluations"], d["seconds"], r["peak_rss_mb"]])
     (out / "report.md").write_text(_markdown(summary, rows, meta))
     meta["plots"] = _plots(rows, defenses, out)
@@ -340,7 +342,7 @@ def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...
     threads = max(1, (os.cpu_count() or 1) // workers)
     rows: dict[str, dict] = {}
     keys = {e.id: json.loads(json.dumps(  # as it reads back from JSON (tuples become lists)
-        {"defenses": list(defenses), "n_inputs": n_inputs, "input_fpr": input_fpr, "seed": seed, "entry": asdict(e),
+        {"defenses": list(defenses), "features": list(FEATURES), "n_inputs": n_inputs, "input_fpr": input_fpr, "seed": seed, "entry": asdict(e),
          "model": _model_fingerprint(cache / e.id)}, default=str)) for e in entries}
     for e in entries:
         if (row := _cached_row(out / "rows" / f"{e.id}.json", keys[e.id])) is not None:

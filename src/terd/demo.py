@@ -60,8 +60,8 @@ def run_demo(out: str | Path, *, echo: Callable[[str], None] = print) -> dict:
         echo(f"scanning the {role} demo model ({name}) with preset fast ...")
         rep = scan_model(model, out / role, preset="fast", samples=8)
         s, thr = rep["scores"], rep["thresholds"]
-        echo(f"  verdict: {rep['verdict'].upper()}  M_r={s['M_r']:.4f} (threshold {thr['M_r']:.4f})  "
-             f"V_r={s['V_r']:.5f} (threshold {thr['V_r']:.5f})  gamma mean {rep['trigger_stats']['gamma_mean']:.2f}  "
+        scores = "  ".join(f"{f}={s[f]:.4g} (threshold {thr[f]:.4g})" for f in thr)
+        echo(f"  verdict: {rep['verdict'].upper()}  {scores}  gamma mean {rep['trigger_stats']['gamma_mean']:.2f}  "
              f"[{rep['network_evaluations']:,} network evaluations, {rep['seconds']:.0f}s]")
         entry = {"model": name, "truth": role, "verdict": rep["verdict"], "scores": s, "thresholds": thr,
                  "report": str(out / role / "report.json"), "samples": str(out / role / "samples.png")}

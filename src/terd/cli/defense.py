@@ -43,6 +43,7 @@ def scan(
     device: DeviceOpt = None,
 ) -> None:
     """Reverse the trigger of a model and decide whether it is backdoored (exit 0 when the scan completes)."""
+    from terd.defense.model_detection import FEATURES
     from terd.defense.reversion import CHECKPOINT_NAME, get_config
     from terd.defense.scan import REPORT, SAMPLES_PNG, TRIGGER, check_out_dir, load_thresholds, scan_model
     from terd.models import load_denoiser
@@ -63,13 +64,18 @@ def scan(
         bar.close()
     thr = report["thresholds"]
     s = report["scores"]
-    line = f"M_r={s['M_r']:.4g} V_r={s['V_r']:.4g}"
+    line = " ".join(f"{f}={s[f]:.4g}" for f in FEATURES if f in s)
     if thr is None:
         typer.echo(f"{model}: no verdict (no calibrated threshold for preset {preset}); {line}")
     else:
         over = report["flagged_by"]
-        typer.echo(f"{model}: {report['verdict'].upper()}; {line} (thresholds M_r={thr['M_r']:.4g} "
-                   f"V_r={thr['V_r']:.4g}{'; over: ' + ', '.join(over) if over else ''})")
+        limits = " ".join(f"{f}={v:.4g}" for f, v in thr.items())
+        typer.echo(f"{model}: {report['verdict'].upper()}; {line} (thresholds {limits}"
+                   f"{'; over: ' + ', '.join(over) if over else ''})")
+        if "P_r" in over:
+            pk = report["kl_peak"]
+            typer.echo(f"  local anomaly (P_r) at rows {pk['row']}-{pk['row'] + pk['size'] - 1}, "
+                       f"cols {pk['col']}-{pk['col'] + pk['size'] - 1}")
     typer.echo(f"  {report['network_evaluations']} network evaluations in {report['seconds']:.0f}s; gamma mean "
                f"{report['trigger_stats']['gamma_mean']:.3f}; report: {out / REPORT}; trigger: {out / TRIGGER}; "
                f"samples: {out / SAMPLES_PNG}")
@@ -85,9 +91,9 @@ def calibrate(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: DeviceOpt = None,
 ) -> None:
-    """Fit model-detection thresholds (mean + 3 std of M_r, V_r) on benign models."""
+    """Fit model-detection thresholds (mean + 3 std of M_r, V_r, P_r) on benign models."""
     from terd.defense.calibration import calibrate as run_calibrate
-    from terd.defense.model_detection import THRESHOLDS_FORMAT
+    from terd.defense.model_detection import FEATURES, THRESHOLDS_FORMAT
     from terd.defense.reversion import get_config
     from terd.models import load_denoiser
 
@@ -105,10 +111,11 @@ def calibrate(
     thr, feats = run_calibrate(dens, preset, seed=seed)
     thr.save(out)
     for f in feats:
-        typer.echo(f"  {f['model']}: M_r={f['M_r']:.4g} V_r={f['V_r']:.4g} ({f['network_evaluations']} evals, "
-                   f"{f['seconds']:.0f}s)")
+        scores = " ".join(f"{k}={f[k]:.4g}" for k in FEATURES if k in f)
+        typer.echo(f"  {f['model']}: {scores} ({f['network_evaluations']} evals, {f['seconds']:.0f}s)")
     warn = f"  warning: {thr.provenance['warning']}" if "warning" in thr.provenance else ""
-    typer.echo(f"thresholds ({preset}, {len(feats)} models): M_r={thr.M_r:.4g} V_r={thr.V_r:.4g} -> {out}{warn}")
+    limits = " ".join(f"{k}={v:.4g}" for k, v in thr.values().items())
+    typer.echo(f"thresholds ({preset}, {len(feats)} models): {limits} -> {out}{warn}")
 
 
 @command

@@ -1,9 +1,14 @@
 """Model detection: is the reversed trigger distribution far from the benign N(0, I)?
 
 Per dimension KL_i = KL(N(r_i, gamma_i^2) || N(0, 1)) = -log gamma_i + (gamma_i^2 + r_i^2 - 1) / 2;
-features M_r = mean_i KL_i and V_r = var_i KL_i. The decision is the paper's benign-only rule:
-thresholds = mean + 3 std of each feature over benign reference models; a model is flagged when
-either feature exceeds its threshold. Thresholds are a JSON file that says how they were made.
+features M_r = mean_i KL_i and V_r = var_i KL_i (the paper's), and P_r, the peak local KL: the largest mean
+of KL over a 2 x 2 pixel window (all channels). Why P_r: M_r and V_r average over the whole image, so a
+trigger confined to a few pixels barely moves them (a working 2 x 2 TrojDiff patch on 16 x 16 digits:
+4 of 256 dimensions, scored benign, measured); a 2 x 2 window is the smallest that asks for spatial
+coherence, which single-pixel noise in a benign model's reversed trigger does not have. The decision is the
+paper's benign-only rule: thresholds = mean + 3 std of each feature over benign reference models; a model
+is flagged when any feature exceeds its threshold. Thresholds are a JSON file that says how they were made;
+a file without a P_r threshold (made before it existed) decides on M_r and V_r alone.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from terd.defense.trigger import GAMMA_FLOOR, Trigger
 from terd.errors import TerdError
 from terd.models.safe_io import read_json
 
-FEATURES = ("M_r", "V_r")
+FEATURES = ("M_r", "V_r", "P_r")
+REQUIRED_FEATURES = ("M_r", "V_r")  # a thresholds file may lack P_r (older files)
+PEAK_WINDOW = 2
 THRESHOLDS_FORMAT = "terd-thresholds/1"
 
 
@@ -32,10 +39,27 @@ def kl_per_dim(r: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     return -g.log() + (g.square() + r.square() - 1) / 2
 
 
+def kl_peak_window(kl: torch.Tensor, window: int = PEAK_WINDOW) -> dict:
+    """Where a C x H x W KL map is largest on average over a ``window`` x ``window`` pixel square (all channels):
+    {"value", "row", "col", "size"} (row, col: the square's top-left pixel)."""
+    if kl.dim() != 3:
+        raise ValueError(f"expected a C x H x W KL map, got shape {tuple(kl.shape)}")
+    k = max(1, min(window, kl.shape[1], kl.shape[2]))
+    pooled = torch.nn.functional.avg_pool2d(kl.mean(dim=0, keepdim=True).unsqueeze(0), k, stride=1)[0, 0]
+    at = int(pooled.argmax())
+    return {"value": float(pooled.flatten()[at]), "row": at // pooled.shape[1], "col": at % pooled.shape[1], "size": k}
+
+
+def peak_local_kl(kl: torch.Tensor, window: int = PEAK_WINDOW) -> float:
+    """The largest mean of a C x H x W KL map over a ``window`` x ``window`` pixel square (all channels)."""
+    return kl_peak_window(kl, window)["value"]
+
+
 def kl_features(trigger: Trigger) -> dict[str, float]:
-    """{"M_r": mean KL, "V_r": population variance of KL} over all C*H*W dimensions."""
-    kl = kl_per_dim(trigger.r, trigger.gamma).flatten()
-    return {"M_r": float(kl.mean()), "V_r": float(kl.var(unbiased=False))}
+    """{"M_r": mean KL, "V_r": population variance of KL, "P_r": peak local KL} over the C*H*W dimensions."""
+    kl = kl_per_dim(trigger.r, trigger.gamma)
+    flat = kl.flatten()
+    return {"M_r": float(flat.mean()), "V_r": float(flat.var(unbiased=False)), "P_r": peak_local_kl(kl)}
 
 
 def candidate_features(per_candidate: list[dict[str, float]]) -> dict[str, float]:
@@ -47,7 +71,7 @@ def candidate_features(per_candidate: list[dict[str, float]]) -> dict[str, float
     """
     if not per_candidate:
         raise ValueError("no candidates")
-    return {f: max(float(c[f]) for c in per_candidate) for f in FEATURES}
+    return {f: max(float(c[f]) for c in per_candidate) for f in FEATURES if all(f in c for c in per_candidate)}
 
 
 @dataclass
@@ -57,9 +81,14 @@ class Thresholds:
     M_r: float
     V_r: float
     provenance: dict = field(default_factory=dict)
+    P_r: float | None = None  # None: fitted before P_r existed; the decision then uses M_r and V_r
+
+    def values(self) -> dict[str, float]:
+        """The thresholds that take part in the decision, by feature."""
+        return {f: getattr(self, f) for f in FEATURES if getattr(self, f) is not None}
 
     def to_dict(self) -> dict:
-        return {"format": THRESHOLDS_FORMAT, "M_r": self.M_r, "V_r": self.V_r, "provenance": self.provenance}
+        return {"format": THRESHOLDS_FORMAT, **self.values(), "provenance": self.provenance}
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -70,12 +99,12 @@ class Thresholds:
     @classmethod
     def from_dict(cls, data: dict, where: str = "thresholds") -> Thresholds:
         try:
-            m, v = float(data["M_r"]), float(data["V_r"])
+            vals = {f: float(data[f]) for f in FEATURES if f in REQUIRED_FEATURES or data.get(f) is not None}
         except (KeyError, TypeError, ValueError):
-            raise TerdError(f"{where}: expected numeric 'M_r' and 'V_r' thresholds") from None
-        if not (math.isfinite(m) and math.isfinite(v)):
+            raise TerdError(f"{where}: expected numeric 'M_r' and 'V_r' thresholds (and optionally 'P_r')") from None
+        if not all(math.isfinite(v) for v in vals.values()):
             raise TerdError(f"{where}: thresholds must be finite")
-        return cls(m, v, dict(data.get("provenance") or {}))
+        return cls(vals["M_r"], vals["V_r"], dict(data.get("provenance") or {}), vals.get("P_r"))
 
     @classmethod
     def load(cls, path: str | Path) -> Thresholds:
@@ -93,6 +122,8 @@ def fit_thresholds(features_of_benign_models: list[dict[str, float]], *, k: floa
         raise TerdError(f"fitting thresholds needs features of at least 2 benign models, got {n}")
     out, stats = {}, {}
     for f in FEATURES:
+        if f not in REQUIRED_FEATURES and not all(f in x for x in features_of_benign_models):
+            continue  # features from scans made before P_r existed
         vals = [float(x[f]) for x in features_of_benign_models]
         mean, std = statistics.fmean(vals), statistics.stdev(vals)
         out[f] = mean + k * std
@@ -101,7 +132,7 @@ def fit_thresholds(features_of_benign_models: list[dict[str, float]], *, k: floa
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(provenance or {})}
     if n < 3:
         prov["warning"] = "fewer than 3 benign models: the std estimate is unreliable"
-    return Thresholds(out["M_r"], out["V_r"], prov)
+    return Thresholds(out["M_r"], out["V_r"], prov, out.get("P_r"))
 
 
 @dataclass
@@ -126,10 +157,9 @@ def detect_model(trigger_or_features: Trigger | dict[str, float], thresholds: Th
     scores = kl_features(trigger_or_features) if isinstance(trigger_or_features, Trigger) else dict(trigger_or_features)
     if thresholds is None:
         return ModelVerdict("uncalibrated", scores, None, None, None, [])
-    thr = {"M_r": thresholds.M_r, "V_r": thresholds.V_r}
-    margin = {f: scores[f] - thr[f] for f in FEATURES}
+    thr = {f: v for f, v in thresholds.values().items() if f in scores}
+    margin = {f: scores[f] - thr[f] for f in thr}
     stats = thresholds.provenance.get("stats", {})
-    margin_std = {f: margin[f] / stats[f]["std"] for f in FEATURES
-                  if stats.get(f, {}).get("std")} or None
-    flagged = [f for f in FEATURES if margin[f] > 0]
+    margin_std = {f: margin[f] / stats[f]["std"] for f in thr if stats.get(f, {}).get("std")} or None
+    flagged = [f for f in thr if margin[f] > 0]
     return ModelVerdict("backdoored" if flagged else "benign", scores, thr, margin, margin_std, flagged)

@@ -10,19 +10,24 @@ import json
 import time
 from pathlib import Path
 
+from safetensors.torch import save_file
+
 from terd.defense.calibration import default_thresholds
 from terd.defense.input_detection import InputDetector
-from terd.defense.model_detection import Thresholds, detect_model
+from terd.defense.model_detection import Thresholds, detect_model, kl_peak_window, kl_per_dim
 from terd.defense.reversion import CHECKPOINT_NAME, Progress, get_config, reverse_trigger
+from terd.defense.trigger import Trigger
 from terd.errors import TerdError
 from terd.models import Denoiser, load_denoiser
+from terd.models.safe_io import load_tensors
 
 REPORT, TRIGGER, TRIGGER_PNG, SAMPLES_PNG = "report.json", "trigger.safetensors", "trigger.png", "samples.png"
+CANDIDATES = "candidates.safetensors"  # every candidate's (r, gamma): features can be recomputed without a rescan
 SCAN_MARKER = "terd-scan/1"
 
 
 def _scan_files() -> set[str]:
-    return {REPORT, TRIGGER, TRIGGER_PNG, SAMPLES_PNG, CHECKPOINT_NAME, CHECKPOINT_NAME.replace(".safetensors", ".tmp")}
+    return {REPORT, TRIGGER, TRIGGER_PNG, SAMPLES_PNG, CANDIDATES, CHECKPOINT_NAME, CHECKPOINT_NAME.replace(".safetensors", ".tmp")}
 
 
 def check_out_dir(out: Path) -> None:
@@ -73,6 +78,29 @@ def _pictures(den, trigger, out: Path, seed: int, n: int = 8, steps: int = 25) -
     save_grid(imgs, out / SAMPLES_PNG, nrow=n)
 
 
+def save_candidates(triggers: list, path: Path) -> None:
+    """All candidate triggers in one safetensors file: tensors ``r_<i>`` and ``gamma_<i>`` (C x H x W)."""
+    tensors = {}
+    for i, trig in enumerate(triggers):
+        tensors[f"r_{i}"], tensors[f"gamma_{i}"] = trig.r.detach().cpu().contiguous(), trig.gamma.detach().cpu().contiguous()
+    save_file(tensors, str(path))
+
+
+def load_candidates(path: str | Path) -> list:
+    """The candidate triggers a scan saved (see :func:`save_candidates`), in candidate order."""
+    tensors = load_tensors(path)
+    n = len([k for k in tensors if k.startswith("r_")])
+    if n == 0 or any(f"r_{i}" not in tensors or f"gamma_{i}" not in tensors for i in range(n)):
+        raise TerdError(f"{path}: expected tensors r_0, gamma_0, ... (a terd scan's candidates file)")
+    return [Trigger(tensors[f"r_{i}"], tensors[f"gamma_{i}"]) for i in range(n)]
+
+
+def _kl_peak(triggers: list) -> dict:
+    """Where the local KL peaks (the P_r window) in the candidate with the largest P_r: a pointer to a small trigger."""
+    peaks = [{**kl_peak_window(kl_per_dim(t.r, t.gamma)), "candidate": i} for i, t in enumerate(triggers)]
+    return max(peaks, key=lambda p: p["value"])
+
+
 def scan_model(
     model: str | Path | Denoiser,
     out: str | Path,
@@ -100,6 +128,7 @@ def scan_model(
     ckpt = out / CHECKPOINT_NAME
     res = reverse_trigger(den, cfg, seed=seed, checkpoint=ckpt, resume=resume, progress=progress)
     res.trigger.save(out / TRIGGER)
+    save_candidates(res.candidate_triggers, out / CANDIDATES)
     verdict = detect_model(res.features, thr)  # any candidate over a threshold flags the model
     det = InputDetector(res.trigger)
     _pictures(den, res.trigger, out, seed, n=samples)
@@ -112,10 +141,11 @@ def scan_model(
         "preset": preset, "seed": seed, "network_evaluations": res.network_evaluations,
         "network_calls": res.network_calls, "seconds": res.seconds, "iterations": res.iterations,
         "stopped_early": res.stopped_early, "resumed_from": res.resumed_from,
-        "trigger_file": TRIGGER, "trigger_png": TRIGGER_PNG, "samples_png": SAMPLES_PNG if samples > 0 else None,
+        "trigger_file": TRIGGER, "candidates_file": CANDIDATES, "trigger_png": TRIGGER_PNG, "samples_png": SAMPLES_PNG if samples > 0 else None,
         "samples_layout": "row 1: generated from x_T = gamma*eps + r (reversed trigger); row 2: same eps, clean",
         "trigger_stats": {"r_l2": float(res.trigger.r.norm()), "r_abs_mean": float(res.trigger.r.abs().mean()),
                           "gamma_mean": float(g.mean()), "gamma_min": float(g.min()), "gamma_max": float(g.max())},
+        "kl_peak": _kl_peak(res.candidate_triggers),
         "candidates": res.candidates, "input_detection": det.summary(), "config": res.config,
         "seconds_total": round(time.perf_counter() - t_start, 3),
     }
