@@ -78,7 +78,7 @@ def _pictures(den, trigger, out: Path, seed: int, n: int = 8, steps: int = 25) -
     save_grid(imgs, out / SAMPLES_PNG, nrow=n)
 
 
-def save_candidates(triggers: list, path: Path) -> None:
+def save_candidates(triggers: list[Trigger], path: Path) -> None:
     """All candidate triggers in one safetensors file: tensors ``r_<i>`` and ``gamma_<i>`` (C x H x W)."""
     tensors = {}
     for i, trig in enumerate(triggers):
@@ -86,7 +86,7 @@ def save_candidates(triggers: list, path: Path) -> None:
     save_file(tensors, str(path))
 
 
-def load_candidates(path: str | Path) -> list:
+def load_candidates(path: str | Path) -> list[Trigger]:
     """The candidate triggers a scan saved (see :func:`save_candidates`), in candidate order."""
     tensors = load_tensors(path)
     n = len([k for k in tensors if k.startswith("r_")])
@@ -95,7 +95,7 @@ def load_candidates(path: str | Path) -> list:
     return [Trigger(tensors[f"r_{i}"], tensors[f"gamma_{i}"]) for i in range(n)]
 
 
-def _kl_peak(triggers: list) -> dict:
+def _kl_peak(triggers: list[Trigger]) -> dict:
     """Where the local KL peaks (the P_r window) in the candidate with the largest P_r: a pointer to a small trigger."""
     peaks = [{**kl_peak_window(kl_per_dim(t.r, t.gamma)), "candidate": i} for i, t in enumerate(triggers)]
     return max(peaks, key=lambda p: p["value"])
