@@ -81,8 +81,8 @@ def _pictures(den, trigger, out: Path, seed: int, n: int = 8, steps: int = 25) -
 def save_candidates(triggers: list[Trigger], path: Path) -> None:
     """All candidate triggers in one safetensors file: tensors ``r_<i>`` and ``gamma_<i>`` (C x H x W)."""
     tensors = {}
-    for i, trig in enumerate(triggers):
-        tensors[f"r_{i}"], tensors[f"gamma_{i}"] = trig.r.detach().cpu().contiguous(), trig.gamma.detach().cpu().contiguous()
+    for i, trig in enumerate(triggers):  # a Trigger already holds detached CPU float32 tensors
+        tensors[f"r_{i}"], tensors[f"gamma_{i}"] = trig.r.contiguous(), trig.gamma.contiguous()
     save_file(tensors, str(path))
 
 
