@@ -96,14 +96,15 @@ def test_bench_resumes_from_saved_rows(tmp_path, monkeypatch):
     for i in range(3):  # a built model: the bench must not train it
         (cache / f"b{i}").mkdir(parents=True)
         (cache / f"b{i}" / "model_index.json").write_text("{}")
-        (cache / f"b{i}" / "train.json").write_text(json.dumps({"seed": i}))
+        (cache / f"b{i}" / "train.json").write_text(json.dumps({"preset": "tiny-digits16", "seed": i, "epochs": 40}))
     monkeypatch.setattr(bench, "evaluate_model", _fake_evaluate)
     out = tmp_path / "out"
     bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, echo=lambda s: None)
     assert sorted((out / "calls.txt").read_text().split()) == ["b0", "b1", "b2"]
     bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, echo=lambda s: None)
     assert len((out / "calls.txt").read_text().split()) == 3  # every row reused
-    (cache / "b1" / "train.json").write_text(json.dumps({"seed": 1, "rebuilt": True}))
+    (cache / "b1" / "train.json").write_text(json.dumps({"preset": "tiny-digits16", "seed": 1, "epochs": 40,
+                                                         "rebuilt": True}))
     summary = bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, echo=lambda s: None)
     assert (out / "calls.txt").read_text().split()[3:] == ["b1"]  # only the rebuilt model again
     bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, input_fpr=1e-3, echo=lambda s: None)
@@ -138,3 +139,29 @@ def test_bench_cli_resumes_into_its_own_out_dir_but_refuses_a_foreign_one(tmp_pa
     (interrupted / "rows").mkdir(parents=True)  # what a bench leaves before its report
     res = CliRunner().invoke(app, ["bench", "--zoo", str(missing), "--out", str(interrupted)])
     assert res.exit_code == 2 and "no such zoo file" in res.output  # past the out-dir check
+
+
+def test_a_cached_model_built_with_other_settings_is_refused_not_reused(tmp_path):
+    from terd.attacks import build_attack
+    from terd.attacks.base import save_attack
+    from terd.zoo import is_built
+
+    f = tmp_path / "z.yaml"
+    f.write_text("models:\n  - {id: b, kind: benign, epochs: 3}\n"
+                 "  - {id: bd, kind: attack, attack: baddiffusion, base: b, epochs: 2, args: {trigger: box, target: hat}}\n")
+    benign, bd = load_zoo(f)
+    cache = tmp_path / "cache"
+    assert not is_built(benign, cache)  # nothing there yet
+    for e, epochs in ((benign, 3), (bd, 2)):
+        (cache / e.id).mkdir(parents=True)
+        (cache / e.id / "model_index.json").write_text("{}")
+        (cache / e.id / "train.json").write_text(json.dumps({"preset": e.preset, "seed": 0, "epochs": epochs}))
+    save_attack(build_attack("baddiffusion", (1, 16, 16), trigger="box", target="hat"), cache / "bd")
+    assert is_built(benign, cache) and is_built(bd, cache)  # the recorded settings are the entry's
+
+    (cache / "b" / "train.json").write_text(json.dumps({"preset": benign.preset, "seed": 0, "epochs": 40}))
+    with pytest.raises(TerdError, match=r"other settings than zoo entry 'b': epochs 40 \(entry: 3\)"):
+        is_built(benign, cache)
+    save_attack(build_attack("baddiffusion", (1, 16, 16), trigger="stop-sign", target="hat"), cache / "bd")
+    with pytest.raises(TerdError, match="other settings than zoo entry 'bd': trigger 'stop-sign' \\(entry: 'box'\\)"):
+        is_built(bd, cache)

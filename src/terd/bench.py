@@ -216,6 +216,22 @@ def _markdown(summary: dict, rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _feature_scatter(ax, rows: list[dict], defense: str, fx: str, fy: str) -> None:  # noqa: ANN001
+    """Benign vs backdoored models on two KL features, with the cuts backdoored models are judged by
+    (mean + 3 std over all benign models of the dataset; benign models are judged leave-one-out)."""
+    for bd, colour in ((False, "tab:blue"), (True, "tab:red")):
+        pts = [(r["defenses"][defense][fx], r["defenses"][defense][fy]) for r in rows if r["backdoored"] == bd]
+        if pts:
+            ax.scatter(*zip(*pts, strict=True), c=colour, label="backdoored" if bd else "benign", s=18)
+    benign = [r["defenses"][defense] for r in rows if not r["backdoored"]]
+    if len(benign) >= 2:
+        for f, line in ((fx, ax.axvline), (fy, ax.axhline)):
+            vals = [d[f] for d in benign]
+            line(statistics.fmean(vals) + 3 * statistics.stdev(vals), color="grey", ls="--", lw=0.8)
+    ax.set(xscale="log", yscale="log", xlabel=fx, ylabel=fy)
+    ax.legend(fontsize="small")
+
+
 def _plots(rows: list[dict], defenses: tuple[str, ...], out: Path) -> list[str]:
     import matplotlib
 
@@ -242,14 +258,14 @@ def _plots(rows: list[dict], defenses: tuple[str, ...], out: Path) -> list[str]:
         plt.close(fig)
         files.append(f"roc_{dataset}.png")
         for defense in [d for d in defenses if d.startswith("terd-")]:
-            fig, ax = plt.subplots(figsize=(4.5, 4))
-            for bd, colour in ((False, "tab:blue"), (True, "tab:red")):
-                pts = [(r["defenses"][defense]["M_r"], r["defenses"][defense]["V_r"]) for r in sub
-                       if r["backdoored"] == bd and defense in r["defenses"]]
-                if pts:
-                    ax.scatter(*zip(*pts, strict=True), c=colour, label="backdoored" if bd else "benign", s=18)
-            ax.set(xscale="log", yscale="log", xlabel="M_r", ylabel="V_r", title=f"{defense} features — {dataset}")
-            ax.legend()
+            scored = [r for r in sub if defense in r["defenses"]]
+            pairs = [("M_r", f) for f in FEATURES[1:] if scored and all(f in r["defenses"][defense] for r in scored)]
+            if not pairs:
+                continue
+            fig, axes = plt.subplots(1, len(pairs), figsize=(4.5 * len(pairs), 4), squeeze=False)
+            for ax, (fx, fy) in zip(axes[0], pairs, strict=True):
+                _feature_scatter(ax, scored, defense, fx, fy)
+            fig.suptitle(f"{defense} features — {dataset}")
             fig.tight_layout()
             fig.savefig(out / f"scatter_{defense}_{dataset}.png", dpi=120)
             plt.close(fig)

@@ -105,9 +105,54 @@ def load_zoo(path: str | Path) -> list[ZooEntry]:
 
 
 def is_built(entry: ZooEntry, cache: Path) -> bool:
+    """Finished and built with this entry's settings (a cached model built otherwise is refused, not reused)."""
     d = cache / entry.id
     done = (d / "model_index.json").is_file() and (d / "train.json").is_file()
-    return done and (not entry.backdoored or (d / "attack.json").is_file())
+    done = done and (not entry.backdoored or (d / "attack.json").is_file())
+    if done:
+        check_cached(entry, d)
+    return done
+
+
+def _expected_epochs(entry: ZooEntry) -> int | None:
+    from terd.attacks.build import DEFAULTS
+    from terd.presets import get_preset
+
+    if entry.epochs is not None:
+        return entry.epochs
+    if entry.kind == "benign":
+        return get_preset(entry.preset).epochs
+    return DEFAULTS.get(entry.attack or "baddiffusion", DEFAULTS["baddiffusion"]).epochs
+
+
+def check_cached(entry: ZooEntry, model_dir: Path) -> None:
+    """Refuse a cached model whose recorded preset, seed, epochs or attack (config and true trigger) differ from
+    its zoo entry: editing an entry must not silently reuse a model built with the old settings."""
+    import json
+
+    import torch
+
+    try:
+        rec = json.loads((model_dir / "train.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise TerdError(f"{model_dir}/train.json is unreadable ({exc}); delete {model_dir} to rebuild it") from None
+    want = {"preset": entry.preset, "seed": entry.seed, "epochs": _expected_epochs(entry)}
+    diff = {k: (rec.get(k), v) for k, v in want.items() if rec.get(k) != v}
+    if entry.backdoored:
+        from terd.attacks import build_attack
+        from terd.attacks.base import load_attack
+
+        cached = load_attack(model_dir)
+        wanted = build_attack(entry.attack, cached.image_shape, data_name=entry.dataset, **entry.args)
+        a, b = cached.config(), wanted.config()
+        diff |= {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+        if not diff and not all(torch.equal(x, y) for x, y in zip(cached.true_trigger(), wanted.true_trigger(),
+                                                                   strict=True)):
+            diff["true_trigger"] = ("cached", "entry's")
+    if diff:
+        shown = ", ".join(f"{k} {have!r} (entry: {need!r})" for k, (have, need) in list(diff.items())[:4])
+        raise TerdError(f"{model_dir} was built with other settings than zoo entry {entry.id!r}: {shown}; "
+                        "delete it to rebuild, or give the entry a new id")
 
 
 def build_entry(entry: ZooEntry, cache: str | Path, *, device: str = "cpu", progress: bool = False,
