@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from terd.bench import input_detection_metrics
+from terd.defense.input_detection import InputDetector
 from terd.defense.model_detection import kl_features
 from terd.defense.reversion import get_config, reverse_trigger
 from terd.defense.trigger import Trigger
@@ -66,7 +67,7 @@ def run_model(path: Path, cfg, seed: int) -> dict:  # noqa: ANN001
         row["true_trigger_features"] = kl_features(true)
         row["trigger_l2_to_true"] = float((tr.r - true.r).norm())
         row["gamma_l2_to_true"] = float((tr.gamma - true.gamma).norm())
-    row["input_detection"] = input_detection_metrics(tr, None if true is None else true.r,
+    row["input_detection"] = input_detection_metrics(InputDetector(tr), None if true is None else true.r,
                                                        None if true is None else true.gamma, 4000, 0)
     return row
 

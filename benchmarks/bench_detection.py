@@ -25,11 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_results  # noqa: E402
 
 from terd.attacks import load_true_trigger  # noqa: E402
-from terd.bench import INPUT_FPR, input_detection_metrics  # noqa: E402
+from terd.bench import INPUT_FPR, input_detection_report  # noqa: E402
 from terd.defense.calibration import install_defaults  # noqa: E402
 from terd.defense.model_detection import FEATURES, Thresholds, detect_model, fit_thresholds  # noqa: E402
 from terd.defense.scan import scan_model  # noqa: E402
-from terd.defense.trigger import Trigger  # noqa: E402
+from terd.defense.trigger import Trigger, load_candidates  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "runs/detection"
@@ -84,19 +84,24 @@ def main() -> None:
                 row["counted"] = (a.get("asr_triggered") or 0) >= 0.9
                 r_true, g_true = load_true_trigger(ROOT / model)
                 trig = Trigger.load(CACHE / name / rep["trigger_file"])
-                m = input_detection_metrics(trig, r_true, g_true, 10_000, generator_seed=1, fpr=INPUT_FPR)
-                for key, col in (("tpr", "input_TPR"), ("tnr", "input_TNR"), ("tpr_paper_rule", "paper_rule_TPR"),
+                reported = next(i for i, c in enumerate(rep["candidates"]) if c["reported"])
+                m = input_detection_report(load_candidates(CACHE / name / rep["candidates_file"]), reported, r_true,
+                                           g_true, 10_000, generator_seed=1, fpr=INPUT_FPR)
+                for key, col in (("tpr", "input_TPR"), ("tnr", "input_TNR"), ("tpr_reported_candidate", "rep_TPR"),
+                                 ("tnr_reported_candidate", "rep_TNR"), ("tpr_paper_rule", "paper_rule_TPR"),
                                  ("tnr_paper_rule", "paper_rule_TNR")):
                     row[col] = round(m[key], 4)
                 row["trigger_l2"] = round(float((trig.r - r_true).norm()), 2)
             rows.append(row)
             print(row, flush=True)
     cols = ["model", "group", "attack_asr", "attack_sampler", "counted", "M_r", "V_r", "P_r", "gamma_mean", "verdict", "flagged_by", "input_TPR",
-            "input_TNR", "paper_rule_TPR", "paper_rule_TNR", "trigger_l2", "evals", "seconds"]
+            "input_TNR", "rep_TPR", "rep_TNR", "paper_rule_TPR", "paper_rule_TNR", "trigger_l2", "evals", "seconds"]
     note = (f"Thresholds (fast, fitted on {', '.join(CALIBRATION)}): M_r > {thr.M_r:.4f} or V_r > {thr.V_r:.5f} "
             f"or P_r > {thr.P_r:.4f}. "
-            "Backdoored models count only when their attack fires (ASR >= 0.9). Input TPR/TNR: threshold for an exact "
-            f"benign FPR of {INPUT_FPR:g}; paper_rule: LLR > 0. Seconds are wall time on a shared 2-core CPU.")
+            "Backdoored models count only when their attack fires (ASR >= 0.9). Input TPR/TNR: flagged when any of the "
+            f"scan's candidate triggers flags, each at an exact benign FPR of {INPUT_FPR:g} / k (union bound: "
+            f"{INPUT_FPR:g} in all); rep: the reported candidate alone at {INPUT_FPR:g}; paper_rule: reported "
+            "candidate, LLR > 0. Seconds are wall time on a shared 2-core CPU.")
     write_results("detection_digits16", rows, cols, notes=note)
     Thresholds.save(thr, RESULTS / "thresholds_fast_digits16.json")
 

@@ -23,8 +23,8 @@ from common import write_results  # noqa: E402
 from terd.attacks import load_true_trigger  # noqa: E402
 from terd.defense.loss import ENDING, noisy_inputs, term_timesteps  # noqa: E402
 from terd.defense.model_detection import kl_features, kl_peak_window, kl_per_dim  # noqa: E402
-from terd.defense.scan import CANDIDATES, load_candidates  # noqa: E402
-from terd.defense.trigger import Trigger  # noqa: E402
+from terd.defense.scan import CANDIDATES  # noqa: E402
+from terd.defense.trigger import Trigger, load_candidates  # noqa: E402
 from terd.models import load_denoiser  # noqa: E402
 
 PATCH_MODEL, BENIGN_MODEL = "runs/attacks/troj-d2i-patch-24ep", "runs/benign/digits-s1-e40"

@@ -17,6 +17,7 @@ from terd.cli import app
 from terd.defense import reversion as rev
 from terd.defense.input_detection import (
     BackdoorInputError,
+    CandidateSetDetector,
     InputDetector,
     gchisq_sf,
     guard_inputs,
@@ -35,8 +36,7 @@ from terd.defense.model_detection import (
     peak_local_kl,
 )
 from terd.defense.reversion import ReversionConfig, reverse_trigger
-from terd.defense.scan import load_candidates
-from terd.defense.trigger import Trigger
+from terd.defense.trigger import Trigger, load_candidates
 from terd.errors import TerdError
 from terd.models import save_pipeline
 
@@ -526,6 +526,53 @@ def test_cli_check_inputs(tmp_path):
     assert rep["flags"] == [False] * 5 + [True] * 3 and rep["detector"]["target_fpr"] == 1e-3
 
 
+def test_candidate_set_detector_flags_when_any_candidate_does_and_keeps_the_fpr():
+    d = 16
+    shape = (1, 4, 4)
+    shift = torch.zeros(shape)
+    shift[0, 0] = 3.0
+    a = Trigger(shift, torch.ones(shape))  # a shift on the first row
+    b = Trigger(torch.zeros(shape), torch.full(shape, 0.3))  # a shrink everywhere
+    one = CandidateSetDetector([a], fpr=0.01)
+    single = InputDetector(a, fpr=0.01)
+    x = torch.randn(500, *shape)
+    assert torch.allclose(one.score(x), single.score(x) - single.threshold)  # one candidate: the plain detector
+    both = CandidateSetDetector([a, b], fpr=0.02)
+    assert [det.fpr for det in both.detectors] == [0.01, 0.01]  # fpr / k each
+    xa, xb = a.inputs(torch.randn(2000, *shape)), b.inputs(torch.randn(2000, *shape))
+    for xs in (xa, xb):  # each candidate's backdoor inputs are caught by the set
+        assert both.is_backdoor(xs).double().mean() >= max(det.is_backdoor(xs).double().mean() for det in both.detectors)
+    assert both.is_backdoor(xa).double().mean() > 0.9 and both.is_backdoor(xb).double().mean() > 0.9
+    benign = torch.randn(200_000, d).reshape(-1, *shape)
+    measured = float(both.is_backdoor(benign).double().mean())
+    assert both.false_positive_bound() == pytest.approx(0.02, rel=1e-3)
+    assert measured <= 0.02 + 3 * math.sqrt(0.02 / 200_000)  # the union bound holds
+    assert measured > 0.01  # and the set flags more benign noise than one candidate alone would
+    with pytest.raises(TerdError, match="differ in shape"):
+        CandidateSetDetector([a, Trigger(torch.zeros(2, 4, 4), torch.ones(2, 4, 4))])
+    with pytest.raises(TerdError, match="no candidate"):
+        CandidateSetDetector([])
+
+
+def test_cli_check_inputs_with_a_candidates_file(tmp_path):
+    from terd.defense.trigger import save_candidates
+
+    shift = Trigger(torch.full(SHAPE, -1.0), torch.ones(SHAPE))
+    shrink = Trigger(torch.zeros(SHAPE), torch.full(SHAPE, 0.3))
+    save_candidates([shift, shrink], tmp_path / "candidates.safetensors")
+    x = torch.cat([torch.randn(5, *SHAPE), shift.inputs(torch.randn(3, *SHAPE)), shrink.inputs(torch.randn(2, *SHAPE))])
+    np.save(tmp_path / "x.npy", x.numpy())
+    res = runner.invoke(app, ["check-inputs", str(tmp_path / "x.npy"), "--trigger", str(tmp_path / "candidates.safetensors"),
+                              "--out", str(tmp_path / "flags.json")])
+    assert res.exit_code == 0, res.output
+    assert "5 of 10 inputs flagged" in res.output and "any of 2 candidates flags" in res.output
+    rep = json.loads((tmp_path / "flags.json").read_text())
+    assert rep["flags"] == [False] * 5 + [True] * 5 and rep["detector"]["fpr_bound"] <= 1e-3 + 1e-9
+    save_file({"x": torch.randn(2, 3, 8, 8)}, str(tmp_path / "wrong.safetensors"))
+    assert "expected" in _one_line_exit2(["check-inputs", tmp_path / "wrong.safetensors", "--trigger",
+                                          tmp_path / "candidates.safetensors"])
+
+
 def test_cli_bad_inputs_exit_2_one_line(tmp_path):
     Trigger(torch.zeros(SHAPE), torch.ones(SHAPE)).save(tmp_path / "trigger.safetensors")
     (tmp_path / "corrupt.safetensors").write_bytes(b"\x00garbage")
@@ -570,6 +617,8 @@ def test_cli_scan_end_to_end_with_thresholds_and_resume(tmp_path, tiny_unet, sch
     cands = load_candidates(out / rep["candidates_file"])  # the scores can be recomputed without a rescan
     assert len(cands) == len(rep["candidates"])
     assert candidate_features([kl_features(c) for c in cands]) == pytest.approx(rep["scores"])
+    assert rep["input_detection"]["rule"] == "any candidate flags"
+    assert len(rep["input_detection"]["candidates"]) == len(cands) and rep["input_detection"]["fpr_bound"] <= 1e-3 + 1e-9  # Imhof tail: ~1e-9 absolute
     peak = rep["kl_peak"]
     assert peak["value"] == pytest.approx(rep["scores"]["P_r"]) and 0 <= peak["row"] < 8 and 0 <= peak["col"] < 8
     thr = Thresholds(-1.0, -1.0, {"n_models": 3}, P_r=-1.0)

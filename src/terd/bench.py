@@ -40,22 +40,34 @@ INPUT_FPR = 5e-4  # the input-detection goal is a *measured* FPR <= 0.1%; at exa
 # One model (runs in a worker process: peak memory is that process's own)
 # --------------------------------------------------------------------------------------------------
 
-def input_detection_metrics(trigger, r_true: torch.Tensor | None, g_true: torch.Tensor | None, n: int,  # noqa: ANN001
-                            generator_seed: int, fpr: float | None = None) -> dict:
-    """TNR of the reversed trigger's detector on n benign N(0, I) noises and, given the true trigger, its TPR on n
-    true backdoor inputs g_true * eps + r_true.
-
-    Both at the detector's FPR threshold (``fpr``; the default 1e-3 when None) and under the paper's LLR > 0."""
-    from terd.defense.input_detection import DEFAULT_FPR, InputDetector
-
-    det = InputDetector(trigger, fpr=DEFAULT_FPR if fpr is None else fpr)
+def input_detection_metrics(detector, r_true: torch.Tensor | None, g_true: torch.Tensor | None, n: int,  # noqa: ANN001
+                            generator_seed: int) -> dict:
+    """TNR of an input detector on n benign N(0, I) noises and, given the true trigger, its TPR on n true
+    backdoor inputs g_true * eps + r_true, at the detector's threshold."""
     g = torch.Generator().manual_seed(generator_seed)
-    s_b = det.score(torch.randn((n, *det.r.shape), generator=g))
-    out = {"tnr": float((s_b <= det.threshold).double().mean()), "tnr_paper_rule": float((s_b <= 0).double().mean()),
-           "threshold": det.threshold, "n": n}
+    shape = tuple(detector.r.shape)
+    s_b = detector.score(torch.randn((n, *shape), generator=g))
+    out = {"tnr": float((s_b <= detector.threshold).double().mean()), "threshold": detector.threshold, "n": n}
     if r_true is not None:
-        s_p = det.score(g_true * torch.randn((n, *r_true.shape), generator=g) + r_true)
-        out |= {"tpr": float((s_p > det.threshold).double().mean()), "tpr_paper_rule": float((s_p > 0).double().mean())}
+        s_p = detector.score(g_true * torch.randn((n, *shape), generator=g) + r_true)
+        out["tpr"] = float((s_p > detector.threshold).double().mean())
+    return out
+
+
+def input_detection_report(candidates: list, reported: int, r_true: torch.Tensor | None,  # noqa: ANN001
+                           g_true: torch.Tensor | None, n: int, generator_seed: int, fpr: float) -> dict:
+    """The headline: the any-candidate detector at ``fpr`` (what ``terd scan`` reports and ``check-inputs`` uses
+    on a candidates file). For comparison, the reported candidate alone at ``fpr`` and under the paper's LLR > 0;
+    every variant sees the same noises."""
+    from terd.defense.input_detection import CandidateSetDetector, InputDetector
+
+    head = input_detection_metrics(CandidateSetDetector(candidates, fpr=fpr), r_true, g_true, n, generator_seed)
+    alone = input_detection_metrics(InputDetector(candidates[reported], fpr=fpr), r_true, g_true, n, generator_seed)
+    paper = input_detection_metrics(InputDetector(candidates[reported], fpr=None), r_true, g_true, n, generator_seed)
+    out = {**head, "rule": f"any of {len(candidates)} candidates", "tnr_reported_candidate": alone["tnr"],
+           "tnr_paper_rule": paper["tnr"]}
+    if r_true is not None:
+        out |= {"tpr_reported_candidate": alone["tpr"], "tpr_paper_rule": paper["tpr"]}
     return out
 
 
@@ -65,6 +77,7 @@ def evaluate_model(entry: ZooEntry, cache: str, defenses: tuple[str, ...], out: 
     """Attack success (if backdoored) and every defense's raw output for one model."""
     from terd.defense.elijah import elijah_scan
     from terd.defense.reversion import reverse_trigger
+    from terd.defense.trigger import save_candidates
     from terd.models import load_denoiser
 
     if threads:
@@ -88,10 +101,12 @@ def evaluate_model(entry: ZooEntry, cache: str, defenses: tuple[str, ...], out: 
             trig = res.trigger
             d = {**res.features, "network_evaluations": res.network_evaluations}
             trig.save(Path(out) / "triggers" / f"{entry.id}--{name}.safetensors")
+            save_candidates(res.candidate_triggers, Path(out) / "triggers" / f"{entry.id}--{name}.candidates.safetensors")
             if r_true is not None:
                 d["trigger_l2"] = float((trig.r - r_true).norm())
-                d["input_detection"] = input_detection_metrics(trig, r_true, g_true, n_inputs, seed + 99,
-                                                                input_fpr)
+                reported = next(i for i, c in enumerate(res.candidates) if c["reported"])
+                d["input_detection"] = input_detection_report(res.candidate_triggers, reported, r_true, g_true,
+                                                              n_inputs, seed + 99, input_fpr)
         elif name == "elijah":
             res = elijah_scan(den, seed=seed)
             d = {"spread": res.spread, "clean_spread": res.clean_spread, "network_evaluations": res.network_evaluations}
@@ -179,6 +194,8 @@ def summarise(rows: list[dict], defenses: tuple[str, ...], min_asr: float) -> di
                                 neg_scores),
                     "input_TPR": round(min(i["tpr"] for i in inp), 4) if inp else None,
                     "input_TNR": round(min(i["tnr"] for i in inp), 4) if inp else None,
+                    "input_TPR_rep": (round(min(i["tpr_reported_candidate"] for i in inp), 4)
+                                      if inp and all("tpr_reported_candidate" in i for i in inp) else None),
                     "trigger_l2": round(statistics.fmean(d["trigger_l2"] for d in ds), 3) if ds else None,
                     "evals": round(statistics.fmean(d["network_evaluations"] for d in ds)) if ds else None,
                     "seconds": round(statistics.fmean(d["seconds"] for d in ds), 1) if ds else None,
@@ -191,7 +208,7 @@ def summarise(rows: list[dict], defenses: tuple[str, ...], min_asr: float) -> di
 # --------------------------------------------------------------------------------------------------
 
 TABLE_COLUMNS = ["defense", "dataset", "family", "models", "benign_models", "TPR", "TNR", "AUC", "input_TPR",
-                 "input_TNR", "trigger_l2", "evals", "seconds"]
+                 "input_TNR", "input_TPR_rep", "trigger_l2", "evals", "seconds"]
 
 
 def _markdown(summary: dict, rows: list[dict], meta: dict) -> str:
@@ -200,9 +217,11 @@ def _markdown(summary: dict, rows: list[dict], meta: dict) -> str:
              f"wall time {meta['seconds']:.0f} s with {meta['workers']} worker(s) on {meta['machine']}.", "",
              "Thresholds: fitted per dataset on benign models only (mean + 3 std of each feature; Elijah: "
              "mean - 3 std of generation spread). A benign model is judged by thresholds fitted on the other "
-             "benign models (leave-one-out); a backdoored model by all benign models. Input detection: reversed "
-             f"trigger, threshold at FPR {meta.get('input_fpr', INPUT_FPR):g} from the closed-form benign law "
-             "(so the measured FPR stays <= 0.1%); worst model of each row shown.", "",
+             "benign models (leave-one-out); a backdoored model by all benign models. Input detection "
+             "(input_TPR/TNR): an input is flagged when any of the scan's candidate triggers flags it, each at FPR "
+             f"{meta.get('input_fpr', INPUT_FPR):g} / k from the closed-form benign law (union bound: at most "
+             f"{meta.get('input_fpr', INPUT_FPR):g} in all, so the measured FPR stays <= 0.1%); input_TPR_rep: the "
+             "reported candidate alone at the same FPR. Worst model of each row shown.", "",
              "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     for t in summary["table"]:
         lines.append("| " + " | ".join("" if t[c] is None else str(t[c]) for c in TABLE_COLUMNS) + " |")
@@ -304,13 +323,13 @@ def write_report(rows: list[dict], defenses: tuple[str, ...], out: Path, meta: d
     with (out / "results.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["id", "dataset", "family", "backdoored", "asr", "defense", "M_r", "V_r", "P_r", "spread", "flagged",
-                    "score", "trigger_l2", "input_tpr", "input_tnr", "evals", "seconds", "peak_rss_mb"])
+                    "score", "trigger_l2", "input_tpr", "input_tnr", "input_tpr_reported_candidate", "evals", "seconds", "peak_rss_mb"])
         for r in rows:
             for name, d in r["defenses"].items():
                 dec, inp = d.get("decision", {}), d.get("input_detection", {})
                 w.writerow([r["id"], r["dataset"], r["family"], r["backdoored"], r.get("asr"), name, d.get("M_r"),
                             d.get("V_r"), d.get("P_r"), d.get("spread"), dec.get("flagged"), dec.get("score"), d.get("trigger_l2"),
-                            inp.get("tpr"), inp.get("tnr"), d["network_evaluations"], d["seconds"], r["peak_rss_mb"]])
+                            inp.get("tpr"), inp.get("tnr"), inp.get("tpr_reported_candidate"), d["network_evaluations"], d["seconds"], r["peak_rss_mb"]])
     (out / "report.md").write_text(_markdown(summary, rows, meta))
     meta["plots"] = _plots(rows, defenses, out)
     for d in defenses:

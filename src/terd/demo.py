@@ -29,13 +29,12 @@ def asset_model(name: str) -> Path:
     return path
 
 
-def _input_check(model_dir: Path, trigger_file: Path, n: int = 20_000) -> dict:
-    """Flag n benign N(0, I) noises and n true backdoor inputs with the detector of the reversed trigger."""
+def _input_check(model_dir: Path, candidates_file: Path, n: int = 20_000) -> dict:
+    """Flag n benign N(0, I) noises and n true backdoor inputs with the scan's input detector (any candidate)."""
     from terd.attacks import load_true_trigger
-    from terd.defense.input_detection import InputDetector
-    from terd.defense.trigger import Trigger
+    from terd.defense.input_detection import load_input_detector
 
-    det = InputDetector(Trigger.load(trigger_file))
+    det = load_input_detector(candidates_file)
     r, gamma = load_true_trigger(model_dir)
     g = torch.Generator().manual_seed(2024)
     benign = torch.randn((n, *r.shape), generator=g)
@@ -66,8 +65,8 @@ def run_demo(out: str | Path, *, echo: Callable[[str], None] = print) -> dict:
         entry = {"model": name, "truth": role, "verdict": rep["verdict"], "scores": s, "thresholds": thr,
                  "report": str(out / role / "report.json"), "samples": str(out / role / "samples.png")}
         if role == "backdoored":
-            entry["input_detection"] = chk = _input_check(model, out / role / rep["trigger_file"])
-            echo(f"  input detection with the reversed trigger: {chk['flagged_backdoor_inputs']:.1%} of "
+            entry["input_detection"] = chk = _input_check(model, out / role / rep["candidates_file"])
+            echo(f"  input detection with the reversed candidates: {chk['flagged_backdoor_inputs']:.1%} of "
                  f"{chk['n']} true backdoor inputs flagged, {chk['flagged_benign_inputs']:.2%} of {chk['n']} "
                  f"benign noises flagged (target FPR {chk['fpr_target']:g})")
         summary["models"][role] = entry

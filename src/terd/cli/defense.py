@@ -121,28 +121,34 @@ def calibrate(
 @command
 def check_inputs(
     inputs: Annotated[Path, typer.Argument(help="Initial noises N x C x H x W (.safetensors or .npy).")],
-    trigger: Annotated[Path, typer.Option("--trigger", help="trigger.safetensors from `terd scan`.")],
+    trigger: Annotated[Path, typer.Option("--trigger", help="candidates.safetensors from `terd scan` (flag when any "
+                                                            "candidate flags; recommended) or its trigger.safetensors.")],
     fpr: Annotated[float, typer.Option(help="Benign false-positive rate of the threshold.")] = 1e-3,
     paper_rule: Annotated[bool, typer.Option("--paper-rule", help="Flag when LLR > 0 instead of the FPR "
                                                                    "threshold.")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Write per-input scores and flags as JSON.")] = None,
 ) -> None:
     """Flag initial noises that look like backdoor inputs of a reversed trigger (before any generation)."""
-    from terd.defense.input_detection import InputDetector
-    from terd.defense.trigger import Trigger
+    from terd.defense.input_detection import InputDetector, load_input_detector
     from terd.tensors import load_noise
 
-    trig = Trigger.load(trigger)
-    x = load_noise(inputs, trig.shape)
-    det = InputDetector(trig, fpr=None if paper_rule else fpr)
+    det = load_input_detector(trigger, fpr=None if paper_rule else fpr)
+    x = load_noise(inputs, tuple(det.r.shape))
     scores = det.score(x)
     flags = scores > det.threshold
     n, k = len(flags), int(flags.sum())
+    single = isinstance(det, InputDetector)
+    label = "LLR" if single else "margin over the nearest candidate's threshold"
     for i in range(min(n, 20)):
-        typer.echo(f"  input {i}: {'BACKDOOR' if flags[i] else 'ok'} (LLR {float(scores[i]):.3f})")
+        typer.echo(f"  input {i}: {'BACKDOOR' if flags[i] else 'ok'} ({label} {float(scores[i]):.3f})")
     if n > 20:
         typer.echo(f"  ... {n - 20} more")
-    rule = "LLR > 0 (paper rule)" if paper_rule else f"LLR > {det.threshold:.4g} (benign FPR {fpr:g}, {det.method})"
+    if single:
+        rule = ("LLR > 0 (paper rule)" if paper_rule else
+                f"LLR > {det.threshold:.4g} (benign FPR {fpr:g}, {det.method})")
+    else:
+        each = "LLR > 0 (paper rule)" if paper_rule else f"benign FPR {fpr / len(det.detectors):.3g} each, {fpr:g} in all"
+        rule = f"any of {len(det.detectors)} candidates flags ({each})"
     typer.echo(f"{k} of {n} inputs flagged as backdoor inputs; rule: {rule}")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

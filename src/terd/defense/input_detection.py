@@ -21,13 +21,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import integrate, optimize, special
 
 from terd.defense import llr_kernel
-from terd.defense.trigger import GAMMA_FLOOR, Trigger
+from terd.defense.trigger import GAMMA_FLOOR, Trigger, load_candidates
 from terd.errors import TerdError
 
 DEFAULT_FPR = 1e-3
@@ -221,6 +222,61 @@ class InputDetector:
                 "expected_tpr": self.expected_tpr(), "expected_tpr_paper_rule": self.expected_tpr(0.0)}
 
 
+class CandidateSetDetector:
+    """Flags an input when ANY of a scan's candidate triggers flags it (positive = backdoor).
+
+    A scan does not know which candidate is the real trigger; the one it reports (largest M_r) can be the wrong
+    one for input detection (photos32 TrojDiff: TPR 0.957 with the reported candidate, 1.0 with the other).
+    Each candidate's detector gets ``fpr / k`` for k candidates, so by the union bound the benign false-positive
+    rate of "any flags" is at most ``fpr`` (each term exact from the closed-form law). ``fpr=None``: each
+    candidate uses the paper's LLR > 0. ``score`` is the largest margin over a candidate's threshold, so the
+    threshold is 0 either way.
+    """
+
+    def __init__(self, triggers: list[Trigger], fpr: float | None = DEFAULT_FPR) -> None:
+        if not triggers:
+            raise TerdError("no candidate triggers given")
+        if len({t.shape for t in triggers}) != 1:
+            raise TerdError(f"candidate triggers differ in shape: {sorted({t.shape for t in triggers})}")
+        if fpr is not None and not 0.0 < fpr < 1.0:
+            raise TerdError(f"--fpr must be in (0, 1), got {fpr}")
+        self.fpr = fpr
+        each = None if fpr is None else fpr / len(triggers)
+        self.detectors = [InputDetector(t, fpr=each) for t in triggers]
+        self.r = self.detectors[0].r
+        self.threshold = 0.0
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """Per input, max over candidates of (LLR - that candidate's threshold), float64 (N,); > 0 = flagged."""
+        return torch.stack([d.score(x) - d.threshold for d in self.detectors]).amax(dim=0)
+
+    def is_backdoor(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score(x) > self.threshold
+
+    def false_positive_bound(self) -> float:
+        """Upper bound on the benign false-positive rate: the sum of each candidate's exact rate."""
+        return min(1.0, sum(d.false_positive_rate() for d in self.detectors))
+
+    def summary(self) -> dict:
+        return {"rule": "any candidate flags", "threshold": self.threshold, "target_fpr": self.fpr,
+                "fpr_bound": self.false_positive_bound(), "candidates": [d.summary() for d in self.detectors]}
+
+
+def load_input_detector(path: str | Path, fpr: float | None = DEFAULT_FPR,
+                        image_shape: tuple[int, int, int] | None = None) -> InputDetector | CandidateSetDetector:
+    """The detector a scan's file defines: a candidates file (``r_0``, ``gamma_0``, ...) gives the any-candidate
+    detector, a trigger file (``r``, ``gamma``) the single-trigger one."""
+    from terd.models.safe_io import load_tensors
+
+    if "r_0" in load_tensors(path):
+        cands = load_candidates(path)
+        if image_shape is not None and cands[0].shape != tuple(image_shape):
+            raise TerdError(f"{path}: candidates are {' x '.join(map(str, cands[0].shape))}, expected "
+                            f"{' x '.join(map(str, image_shape))}")
+        return CandidateSetDetector(cands, fpr=fpr)
+    return InputDetector(Trigger.load(path, image_shape), fpr=fpr)
+
+
 class BackdoorInputError(TerdError):
     """Raised by the guard when initial noise looks like a backdoor input and the policy is "reject"."""
 
@@ -239,7 +295,7 @@ class GuardReport:
 GUARD_POLICIES = ("reject", "drop", "report")
 
 
-def guard_inputs(detector: InputDetector, x_T: torch.Tensor, on_flag: str = "reject"
+def guard_inputs(detector: InputDetector | CandidateSetDetector, x_T: torch.Tensor, on_flag: str = "reject"
                  ) -> tuple[torch.Tensor, GuardReport]:
     """Screen initial noises before generation.
 
@@ -259,8 +315,8 @@ def guard_inputs(detector: InputDetector, x_T: torch.Tensor, on_flag: str = "rej
     return x_T, report
 
 
-def guarded_sample(den, x_T: torch.Tensor, detector: InputDetector, *, on_flag: str = "reject",  # noqa: ANN001
-                   sampler: Callable | None = None, **sample_kwargs) -> tuple[torch.Tensor, GuardReport]:
+def guarded_sample(den, x_T: torch.Tensor, detector: InputDetector | CandidateSetDetector, *,  # noqa: ANN001
+                   on_flag: str = "reject", sampler: Callable | None = None, **sample_kwargs) -> tuple[torch.Tensor, GuardReport]:
     """Generate from ``x_T`` only after the guard passed it: the model never sees a rejected input."""
     from terd.sampling import sample_images
 

@@ -10,16 +10,13 @@ import json
 import time
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from terd.defense.calibration import default_thresholds
-from terd.defense.input_detection import InputDetector
+from terd.defense.input_detection import CandidateSetDetector
 from terd.defense.model_detection import Thresholds, detect_model, kl_peak_window, kl_per_dim
 from terd.defense.reversion import CHECKPOINT_NAME, Progress, get_config, reverse_trigger
-from terd.defense.trigger import Trigger
+from terd.defense.trigger import Trigger, save_candidates
 from terd.errors import TerdError
 from terd.models import Denoiser, load_denoiser
-from terd.models.safe_io import load_tensors
 
 REPORT, TRIGGER, TRIGGER_PNG, SAMPLES_PNG = "report.json", "trigger.safetensors", "trigger.png", "samples.png"
 CANDIDATES = "candidates.safetensors"  # every candidate's (r, gamma): features can be recomputed without a rescan
@@ -78,23 +75,6 @@ def _pictures(den, trigger, out: Path, seed: int, n: int = 8, steps: int = 25) -
     save_grid(imgs, out / SAMPLES_PNG, nrow=n)
 
 
-def save_candidates(triggers: list[Trigger], path: Path) -> None:
-    """All candidate triggers in one safetensors file: tensors ``r_<i>`` and ``gamma_<i>`` (C x H x W)."""
-    tensors = {}
-    for i, trig in enumerate(triggers):  # a Trigger already holds detached CPU float32 tensors
-        tensors[f"r_{i}"], tensors[f"gamma_{i}"] = trig.r.contiguous(), trig.gamma.contiguous()
-    save_file(tensors, str(path))
-
-
-def load_candidates(path: str | Path) -> list[Trigger]:
-    """The candidate triggers a scan saved (see :func:`save_candidates`), in candidate order."""
-    tensors = load_tensors(path)
-    n = len([k for k in tensors if k.startswith("r_")])
-    if n == 0 or any(f"r_{i}" not in tensors or f"gamma_{i}" not in tensors for i in range(n)):
-        raise TerdError(f"{path}: expected tensors r_0, gamma_0, ... (a terd scan's candidates file)")
-    return [Trigger(tensors[f"r_{i}"], tensors[f"gamma_{i}"]) for i in range(n)]
-
-
 def _kl_peak(triggers: list[Trigger]) -> dict:
     """Where the local KL peaks (the P_r window) in the candidate with the largest P_r: a pointer to a small trigger."""
     peaks = [{**kl_peak_window(kl_per_dim(t.r, t.gamma)), "candidate": i} for i, t in enumerate(triggers)]
@@ -130,7 +110,7 @@ def scan_model(
     res.trigger.save(out / TRIGGER)
     save_candidates(res.candidate_triggers, out / CANDIDATES)
     verdict = detect_model(res.features, thr)  # any candidate over a threshold flags the model
-    det = InputDetector(res.trigger)
+    det = CandidateSetDetector(res.candidate_triggers)  # flag an input when any candidate flags it
     _pictures(den, res.trigger, out, seed, n=samples)
     g = res.trigger.gamma
     report = {
@@ -146,7 +126,7 @@ def scan_model(
         "trigger_stats": {"r_l2": float(res.trigger.r.norm()), "r_abs_mean": float(res.trigger.r.abs().mean()),
                           "gamma_mean": float(g.mean()), "gamma_min": float(g.min()), "gamma_max": float(g.max())},
         "kl_peak": _kl_peak(res.candidate_triggers),
-        "candidates": res.candidates, "input_detection": det.summary(), "config": res.config,
+        "candidates": res.candidates, "input_detection": {**det.summary(), "detector_file": CANDIDATES}, "config": res.config,
         "seconds_total": round(time.perf_counter() - t_start, 3),
     }
     if thr is None:

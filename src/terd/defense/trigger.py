@@ -2,7 +2,8 @@
 
 Every noise-space attack puts its trigger on the initial noise as x_T = gamma * eps + r, so this
 pair (r, gamma), each C x H x W, is the one object reversion produces and both detectors consume.
-Stored as safetensors with tensors ``r`` and ``gamma`` (never a pickle).
+Stored as safetensors with tensors ``r`` and ``gamma`` (never a pickle); a scan's candidates file holds
+every candidate as ``r_<i>`` / ``gamma_<i>``.
 """
 
 from __future__ import annotations
@@ -77,3 +78,20 @@ class Trigger:
             return cls(r, gamma)
         except TerdError as exc:
             raise TerdError(f"{path}: {exc}") from None
+
+
+def save_candidates(triggers: list[Trigger], path: str | Path) -> None:
+    """All candidate triggers in one safetensors file: tensors ``r_<i>`` and ``gamma_<i>`` (C x H x W)."""
+    tensors = {}
+    for i, trig in enumerate(triggers):  # a Trigger already holds detached CPU float32 tensors
+        tensors[f"r_{i}"], tensors[f"gamma_{i}"] = trig.r.contiguous(), trig.gamma.contiguous()
+    save_file(tensors, str(path))
+
+
+def load_candidates(path: str | Path) -> list[Trigger]:
+    """The candidate triggers a scan saved (see :func:`save_candidates`), in candidate order."""
+    tensors = load_tensors(path)
+    n = len([k for k in tensors if k.startswith("r_")])
+    if n == 0 or any(f"r_{i}" not in tensors or f"gamma_{i}" not in tensors for i in range(n)):
+        raise TerdError(f"{path}: expected tensors r_0, gamma_0, ... (a terd scan's candidates file)")
+    return [Trigger(tensors[f"r_{i}"], tensors[f"gamma_{i}"]) for i in range(n)]
