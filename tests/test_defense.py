@@ -548,6 +548,11 @@ def test_candidate_set_detector_flags_when_any_candidate_does_and_keeps_the_fpr(
     assert both.false_positive_bound() == pytest.approx(0.02, rel=1e-3)
     assert measured <= 0.02 + 3 * math.sqrt(0.02 / 200_000)  # the union bound holds
     assert measured > 0.01  # and the set flags more benign noise than one candidate alone would
+    near_benign = Trigger(torch.full(shape, 0.05), torch.full(shape, 0.99))  # misses almost all its own inputs
+    kept = CandidateSetDetector([near_benign, a], fpr=0.02)
+    assert kept.kept == [1] and kept.own_tpr[0] < 0.1 and kept.detectors[0].fpr == 0.02  # the whole budget to a
+    assert CandidateSetDetector([near_benign], fpr=0.02).kept == [0]  # one candidate is always used
+    assert CandidateSetDetector([near_benign, a], fpr=None).kept == [0, 1]  # paper rule: nothing to split
     with pytest.raises(TerdError, match="differ in shape"):
         CandidateSetDetector([a, Trigger(torch.zeros(2, 4, 4), torch.ones(2, 4, 4))])
     with pytest.raises(TerdError, match="no candidate"):

@@ -222,27 +222,43 @@ class InputDetector:
                 "expected_tpr": self.expected_tpr(), "expected_tpr_paper_rule": self.expected_tpr(0.0)}
 
 
+MIN_OWN_TPR = 0.5  # a candidate that misses most of its own inputs is too close to benign noise to be a trigger
+
+
 class CandidateSetDetector:
     """Flags an input when ANY of a scan's candidate triggers flags it (positive = backdoor).
 
     A scan does not know which candidate is the real trigger; the one it reports (largest M_r) can be the wrong
     one for input detection (photos32 TrojDiff: TPR 0.957 with the reported candidate, 1.0 with the other).
-    Each candidate's detector gets ``fpr / k`` for k candidates, so by the union bound the benign false-positive
-    rate of "any flags" is at most ``fpr`` (each term exact from the closed-form law). ``fpr=None``: each
-    candidate uses the paper's LLR > 0. ``score`` is the largest margin over a candidate's threshold, so the
-    threshold is 0 either way.
+    The benign false-positive budget ``fpr`` is split evenly over the candidates that could be a trigger, so by
+    the union bound "any flags" keeps a benign rate of at most ``fpr`` (each term exact, closed form).
+
+    Which candidates could be a trigger: a backdoor input distribution must be told apart from benign noise
+    (else the backdoor would fire on ordinary noise), so a candidate whose detector would catch fewer than
+    ``min_own_tpr`` of its OWN inputs N(r, gamma^2) at an even share of the budget gets none (it only dilutes
+    the others' shares). On the digits16 and photos32 scans these own-input rates are bimodal (0.02-0.25 vs
+    0.68-1.0), so any cut between 0.3 and 0.65 keeps the same candidates. When none passes, the one closest to
+    passing is kept. ``fpr=None``: every candidate, each with the paper's LLR > 0. ``score`` is the largest
+    margin over a kept candidate's threshold, so the threshold is 0.
     """
 
-    def __init__(self, triggers: list[Trigger], fpr: float | None = DEFAULT_FPR) -> None:
+    def __init__(self, triggers: list[Trigger], fpr: float | None = DEFAULT_FPR, *,
+                 min_own_tpr: float = MIN_OWN_TPR) -> None:
         if not triggers:
             raise TerdError("no candidate triggers given")
         if len({t.shape for t in triggers}) != 1:
             raise TerdError(f"candidate triggers differ in shape: {sorted({t.shape for t in triggers})}")
         if fpr is not None and not 0.0 < fpr < 1.0:
             raise TerdError(f"--fpr must be in (0, 1), got {fpr}")
-        self.fpr = fpr
-        each = None if fpr is None else fpr / len(triggers)
-        self.detectors = [InputDetector(t, fpr=each) for t in triggers]
+        self.fpr, self.own_tpr = fpr, None
+        self.kept = list(range(len(triggers)))
+        if fpr is not None and len(triggers) > 1:
+            even = [InputDetector(t, fpr=fpr / len(triggers)) for t in triggers]
+            self.own_tpr = [d.expected_tpr() for d in even]
+            self.kept = [i for i, v in enumerate(self.own_tpr) if v >= min_own_tpr]
+            self.kept = self.kept or [max(range(len(triggers)), key=self.own_tpr.__getitem__)]
+        each = None if fpr is None else fpr / len(self.kept)
+        self.detectors = [InputDetector(triggers[i], fpr=each) for i in self.kept]
         self.r = self.detectors[0].r
         self.threshold = 0.0
 
@@ -259,7 +275,8 @@ class CandidateSetDetector:
 
     def summary(self) -> dict:
         return {"rule": "any candidate flags", "threshold": self.threshold, "target_fpr": self.fpr,
-                "fpr_bound": self.false_positive_bound(), "candidates": [d.summary() for d in self.detectors]}
+                "fpr_bound": self.false_positive_bound(), "kept_candidates": self.kept,
+                "own_input_tpr": self.own_tpr, "candidates": [d.summary() for d in self.detectors]}
 
 
 def load_input_detector(path: str | Path, fpr: float | None = DEFAULT_FPR,
