@@ -320,7 +320,11 @@ def test_thresholds_fit_save_load_and_verdict(tmp_path):
     v = detect_model({"M_r": 0.1, "V_r": 0.01, "P_r": 0.5}, again)
     assert v.verdict == "backdoored" and v.flagged_by == ["P_r"] and set(v.margin) == {"M_r", "V_r", "P_r"}
     v = detect_model({"M_r": 0.1, "V_r": 0.01, "P_r": 0.5}, loaded)  # an older file: decides on M_r, V_r
-    assert v.verdict == "benign" and set(v.thresholds) == {"M_r", "V_r"}
+    assert v.verdict == "benign" and set(v.thresholds) == {"M_r", "V_r"} and v.unscored == []
+    v = detect_model({"M_r": 0.1, "V_r": 0.01}, again)  # scores of an older scan: P_r cannot be judged
+    assert v.verdict == "benign" and v.unscored == ["P_r"] and set(v.thresholds) == {"M_r", "V_r"}
+    with pytest.raises(TerdError, match="scores lack V_r"):
+        detect_model({"M_r": 0.1}, again)
     (tmp_path / "bad.json").write_text('{"M_r": "x"}')
     with pytest.raises(TerdError):
         Thresholds.load(tmp_path / "bad.json")

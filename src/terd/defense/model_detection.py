@@ -143,6 +143,7 @@ class ModelVerdict:
     margin: dict[str, float] | None  # score - threshold: > 0 = over the threshold (backdoor side)
     margin_std: dict[str, float] | None  # the margin in benign standard deviations, when known
     flagged_by: list[str]
+    unscored: list[str] = field(default_factory=list)  # thresholded features the scores lack (an older scan)
 
     @property
     def backdoored(self) -> bool:
@@ -153,13 +154,19 @@ class ModelVerdict:
 
 
 def detect_model(trigger_or_features: Trigger | dict[str, float], thresholds: Thresholds | None) -> ModelVerdict:
-    """Apply the decision rule; without thresholds the verdict is "uncalibrated" (scores only)."""
+    """Apply the decision rule; without thresholds the verdict is "uncalibrated" (scores only).
+
+    Scores must hold the required features; a thresholded optional feature they lack (P_r, for scores from a
+    scan made before it existed) cannot be judged and is listed in ``unscored`` rather than silently skipped."""
     scores = kl_features(trigger_or_features) if isinstance(trigger_or_features, Trigger) else dict(trigger_or_features)
+    if missing := [f for f in REQUIRED_FEATURES if f not in scores]:
+        raise TerdError(f"scores lack {', '.join(missing)} (have: {', '.join(scores) or 'none'})")
     if thresholds is None:
         return ModelVerdict("uncalibrated", scores, None, None, None, [])
     thr = {f: v for f, v in thresholds.values().items() if f in scores}
+    unscored = [f for f in thresholds.values() if f not in scores]
     margin = {f: scores[f] - thr[f] for f in thr}
     stats = thresholds.provenance.get("stats", {})
     margin_std = {f: margin[f] / stats[f]["std"] for f in thr if stats.get(f, {}).get("std")} or None
     flagged = [f for f in thr if margin[f] > 0]
-    return ModelVerdict("backdoored" if flagged else "benign", scores, thr, margin, margin_std, flagged)
+    return ModelVerdict("backdoored" if flagged else "benign", scores, thr, margin, margin_std, flagged, unscored)
