@@ -636,6 +636,7 @@ def test_cli_scan_end_to_end_with_thresholds_and_resume(tmp_path, tiny_unet, sch
                               "--fail-on-backdoor", "--resume", "--samples", "0"])
     assert res.exit_code == 1, res.output  # everything is over a negative threshold
     assert "over: M_r, V_r, P_r" in res.output and "local anomaly (P_r) at rows" in res.output
+    assert f"terd check-inputs NOISES --trigger {out / 'candidates.safetensors'}" in res.output
     rep2 = json.loads((out / "report.json").read_text())
     assert rep2["verdict"] == "backdoored" and rep2["scores"] == rep["scores"]  # resumed from the finished run
     res = runner.invoke(app, ["scan", str(model), "--out", str(out), "--thresholds", str(tmp_path / "thr.json"),

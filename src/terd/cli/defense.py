@@ -45,7 +45,15 @@ def scan(
     """Reverse the trigger of a model and decide whether it is backdoored (exit 0 when the scan completes)."""
     from terd.defense.model_detection import FEATURES
     from terd.defense.reversion import CHECKPOINT_NAME, get_config
-    from terd.defense.scan import REPORT, SAMPLES_PNG, TRIGGER, check_out_dir, load_thresholds, scan_model
+    from terd.defense.scan import (
+        CANDIDATES,
+        REPORT,
+        SAMPLES_PNG,
+        TRIGGER,
+        check_out_dir,
+        load_thresholds,
+        scan_model,
+    )
     from terd.models import load_denoiser
 
     cfg = get_config(preset, gamma_mode=gamma)
@@ -79,6 +87,7 @@ def scan(
     typer.echo(f"  {report['network_evaluations']} network evaluations in {report['seconds']:.0f}s; gamma mean "
                f"{report['trigger_stats']['gamma_mean']:.3f}; report: {out / REPORT}; trigger: {out / TRIGGER}; "
                f"samples: {out / SAMPLES_PNG}")
+    typer.echo(f"  screen initial noises before generation: terd check-inputs NOISES --trigger {out / CANDIDATES}")
     if fail_on_backdoor and report["verdict"] == "backdoored":
         raise typer.Exit(1)
 
