@@ -103,6 +103,7 @@ def test_bench_resumes_from_saved_rows(tmp_path, monkeypatch):
     assert sorted((out / "calls.txt").read_text().split()) == ["b0", "b1", "b2"]
     bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, echo=lambda s: None)
     assert len((out / "calls.txt").read_text().split()) == 3  # every row reused
+    assert "3 model(s) reused from an earlier run" in (out / "report.md").read_text()
     (cache / "b1" / "train.json").write_text(json.dumps({"preset": "tiny-digits16", "seed": 1, "epochs": 40,
                                                          "rebuilt": True}))
     summary = bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, echo=lambda s: None)

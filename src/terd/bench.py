@@ -61,10 +61,12 @@ def input_detection_report(candidates: list, reported: int, r_true: torch.Tensor
     every variant sees the same noises."""
     from terd.defense.input_detection import CandidateSetDetector, InputDetector
 
-    head = input_detection_metrics(CandidateSetDetector(candidates, fpr=fpr), r_true, g_true, n, generator_seed)
+    det = CandidateSetDetector(candidates, fpr=fpr)
+    head = input_detection_metrics(det, r_true, g_true, n, generator_seed)
     alone = input_detection_metrics(InputDetector(candidates[reported], fpr=fpr), r_true, g_true, n, generator_seed)
     paper = input_detection_metrics(InputDetector(candidates[reported], fpr=None), r_true, g_true, n, generator_seed)
-    out = {**head, "rule": f"any of {len(candidates)} candidates", "tnr_reported_candidate": alone["tnr"],
+    out = {**head, "rule": "any kept candidate flags", "kept_candidates": det.kept, "candidates": len(candidates),
+           "tnr_reported_candidate": alone["tnr"],
            "tnr_paper_rule": paper["tnr"]}
     if r_true is not None:
         out |= {"tpr_reported_candidate": alone["tpr"], "tpr_paper_rule": paper["tpr"]}
@@ -214,7 +216,9 @@ TABLE_COLUMNS = ["defense", "dataset", "family", "models", "benign_models", "TPR
 def _markdown(summary: dict, rows: list[dict], meta: dict) -> str:
     lines = ["# terd bench report", "",
              f"Zoo: `{meta['zoo']}`; defenses: {', '.join(meta['defenses'])}; {len(rows)} models; "
-             f"wall time {meta['seconds']:.0f} s with {meta['workers']} worker(s) on {meta['machine']}.", "",
+             f"wall time {meta['seconds']:.0f} s with {meta['workers']} worker(s) on {meta['machine']}"
+             + (f"; {len(meta['reused_rows'])} model(s) reused from an earlier run with the same settings "
+                f"(not in that time): {', '.join(meta['reused_rows'])}." if meta.get("reused_rows") else "."), "",
              "Thresholds: fitted per dataset on benign models only (mean + 3 std of each feature; Elijah: "
              "mean - 3 std of generation spread). A benign model is judged by thresholds fitted on the other "
              "benign models (leave-one-out); a backdoored model by all benign models. Input detection "
@@ -247,7 +251,11 @@ def _feature_scatter(ax, rows: list[dict], defense: str, fx: str, fy: str) -> No
         for f, line in ((fx, ax.axvline), (fy, ax.axhline)):
             vals = [d[f] for d in benign]
             line(statistics.fmean(vals) + 3 * statistics.stdev(vals), color="grey", ls="--", lw=0.8)
-    ax.set(xscale="log", yscale="log", xlabel=fx, ylabel=fy)
+    for f, axis in ((fx, "x"), (fy, "y")):  # log only when the values span a decade (else unreadable ticks)
+        vals = [r["defenses"][defense][f] for r in rows if r["defenses"][defense][f] > 0]
+        if vals and max(vals) > 10 * min(vals):
+            getattr(ax, f"set_{axis}scale")("log")
+    ax.set(xlabel=fx, ylabel=fy)
     ax.legend(fontsize="small")
 
 
@@ -383,6 +391,7 @@ def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...
         if (row := _cached_row(out / "rows" / f"{e.id}.json", keys[e.id])) is not None:
             rows[e.id] = row
             echo(f"  reused {e.id} (evaluated earlier)")
+    reused = list(rows)
     with ProcessPoolExecutor(max_workers=workers, max_tasks_per_child=1) as pool:
         futures = {pool.submit(evaluate_model, e, str(cache), tuple(defenses), str(out), n_inputs, 64, seed,
                                threads, input_fpr): e for e in entries if e.id not in rows}
@@ -395,5 +404,5 @@ def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...
     meta = {"zoo": str(zoo_file), "defenses": list(defenses), "workers": workers, "cache": str(cache),
             "seconds": round(time.perf_counter() - t0, 1), "n_inputs": n_inputs, "input_fpr": input_fpr,
             "seed": seed, "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
-            "entries": [asdict(e) for e in entries]}
+            "entries": [asdict(e) for e in entries], "reused_rows": reused}
     return write_report([rows[e.id] for e in entries], tuple(defenses), out, meta, min_asr, cache)
