@@ -239,13 +239,17 @@ def _markdown(summary: dict, rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _feature_scatter(ax, rows: list[dict], defense: str, fx: str, fy: str) -> None:  # noqa: ANN001
+def _feature_scatter(ax, rows: list[dict], defense: str, fx: str, fy: str,  # noqa: ANN001
+                     excluded: frozenset[str] = frozenset()) -> None:
     """Benign vs backdoored models on two KL features, with the cuts backdoored models are judged by
     (mean + 3 std over all benign models of the dataset; benign models are judged leave-one-out)."""
-    for bd, colour in ((False, "tab:blue"), (True, "tab:red")):
-        pts = [(r["defenses"][defense][fx], r["defenses"][defense][fy]) for r in rows if r["backdoored"] == bd]
+    groups = (("benign", "tab:blue", lambda r: not r["backdoored"]),
+              ("backdoored", "tab:red", lambda r: r["backdoored"] and r["id"] not in excluded),
+              ("backdoor does not fire", "tab:grey", lambda r: r["id"] in excluded))
+    for label, colour, member in groups:
+        pts = [(r["defenses"][defense][fx], r["defenses"][defense][fy]) for r in rows if member(r)]
         if pts:
-            ax.scatter(*zip(*pts, strict=True), c=colour, label="backdoored" if bd else "benign", s=18)
+            ax.scatter(*zip(*pts, strict=True), c=colour, label=label, s=18)
     benign = [r["defenses"][defense] for r in rows if not r["backdoored"]]
     if len(benign) >= 2:
         for f, line in ((fx, ax.axvline), (fy, ax.axhline)):
@@ -259,7 +263,7 @@ def _feature_scatter(ax, rows: list[dict], defense: str, fx: str, fy: str) -> No
     ax.legend(fontsize="small")
 
 
-def _plots(rows: list[dict], defenses: tuple[str, ...], out: Path) -> list[str]:
+def _plots(rows: list[dict], defenses: tuple[str, ...], out: Path, excluded: frozenset[str] = frozenset()) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -272,7 +276,8 @@ def _plots(rows: list[dict], defenses: tuple[str, ...], out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(4.5, 4))
         for defense in defenses:
             pts = [(r["backdoored"], r["defenses"][defense]["decision"]["score"]) for r in sub
-                   if r["defenses"].get(defense, {}).get("decision", {}).get("score") is not None]
+                   if r["defenses"].get(defense, {}).get("decision", {}).get("score") is not None
+                   and r["id"] not in excluded]  # as the table's AUC: backdoors that do not fire are left out
             if len({p[0] for p in pts}) == 2:
                 fpr, tpr, _ = roc_curve([p[0] for p in pts], [max(min(p[1], 1e9), -1e9) for p in pts])
                 ax.plot(fpr, tpr, label=defense)
@@ -291,7 +296,7 @@ def _plots(rows: list[dict], defenses: tuple[str, ...], out: Path) -> list[str]:
                 continue
             fig, axes = plt.subplots(1, len(pairs), figsize=(4.5 * len(pairs), 4), squeeze=False)
             for ax, (fx, fy) in zip(axes[0], pairs, strict=True):
-                _feature_scatter(ax, scored, defense, fx, fy)
+                _feature_scatter(ax, scored, defense, fx, fy, excluded)
             fig.suptitle(f"{defense} features — {dataset}")
             fig.tight_layout()
             fig.savefig(out / f"scatter_{defense}_{dataset}.png", dpi=120)
@@ -339,7 +344,7 @@ def write_report(rows: list[dict], defenses: tuple[str, ...], out: Path, meta: d
                             d.get("V_r"), d.get("P_r"), d.get("spread"), dec.get("flagged"), dec.get("score"), d.get("trigger_l2"),
                             inp.get("tpr"), inp.get("tnr"), inp.get("tpr_reported_candidate"), d["network_evaluations"], d["seconds"], r["peak_rss_mb"]])
     (out / "report.md").write_text(_markdown(summary, rows, meta))
-    meta["plots"] = _plots(rows, defenses, out)
+    meta["plots"] = _plots(rows, defenses, out, frozenset(summary["excluded_attacks_that_do_not_fire"]))
     for d in defenses:
         if d.startswith("terd-") and (g := _gallery(rows, cache, out, d)):
             meta["plots"].append(g)
