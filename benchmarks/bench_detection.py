@@ -98,8 +98,8 @@ def main() -> None:
             "input_TNR", "rep_TPR", "rep_TNR", "paper_rule_TPR", "paper_rule_TNR", "trigger_l2", "evals", "seconds"]
     note = (f"Thresholds (fast, fitted on {', '.join(CALIBRATION)}): M_r > {thr.M_r:.4f} or V_r > {thr.V_r:.5f} "
             f"or P_r > {thr.P_r:.4f}. "
-            "Backdoored models count only when their attack fires (ASR >= 0.9). Input TPR/TNR: flagged when any of the "
-            f"scan's candidate triggers flags, each at an exact benign FPR of {INPUT_FPR:g} / k (union bound: "
+            "Backdoored models count only when their attack fires (ASR >= 0.9). Input TPR/TNR: flagged when any of the k "
+            f"scan candidates that could be a trigger flags, each at an exact benign FPR of {INPUT_FPR:g} / k (union bound: "
             f"{INPUT_FPR:g} in all); rep: the reported candidate alone at {INPUT_FPR:g}; paper_rule: reported "
             "candidate, LLR > 0. Seconds are wall time on a shared 2-core CPU.")
     write_results("detection_digits16", rows, cols, notes=note)

@@ -222,7 +222,8 @@ def _markdown(summary: dict, rows: list[dict], meta: dict) -> str:
              "Thresholds: fitted per dataset on benign models only (mean + 3 std of each feature; Elijah: "
              "mean - 3 std of generation spread). A benign model is judged by thresholds fitted on the other "
              "benign models (leave-one-out); a backdoored model by all benign models. Input detection "
-             "(input_TPR/TNR): an input is flagged when any of the scan's candidate triggers flags it, each at FPR "
+             "(input_TPR/TNR): an input is flagged when any of the k scan candidates that could be a trigger "
+             "(their detector catches >= half of their own inputs) flags it, each at FPR "
              f"{meta.get('input_fpr', INPUT_FPR):g} / k from the closed-form benign law (union bound: at most "
              f"{meta.get('input_fpr', INPUT_FPR):g} in all, so the measured FPR stays <= 0.1%); input_TPR_rep: the "
              "reported candidate alone at the same FPR. Worst model of each row shown.", "",
