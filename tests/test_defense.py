@@ -580,6 +580,9 @@ def test_cli_check_inputs_with_a_candidates_file(tmp_path):
     save_file({"x": torch.randn(2, 3, 8, 8)}, str(tmp_path / "wrong.safetensors"))
     assert "expected" in _one_line_exit2(["check-inputs", tmp_path / "wrong.safetensors", "--trigger",
                                           tmp_path / "candidates.safetensors"])
+    assert "no such file" in _one_line_exit2(["check-inputs", tmp_path / "x.npy", "--trigger", tmp_path / "none.safetensors"])
+    save_file({"r_0": torch.zeros(8, 8), "gamma_0": torch.ones(8, 8)}, str(tmp_path / "flat.safetensors"))
+    assert "C x H x W" in _one_line_exit2(["check-inputs", tmp_path / "x.npy", "--trigger", tmp_path / "flat.safetensors"])
 
 
 def test_cli_bad_inputs_exit_2_one_line(tmp_path):
@@ -668,3 +671,14 @@ def test_cli_calibrate_writes_thresholds(tmp_path, tiny_unet, schedule, monkeypa
     assert thr.provenance["n_models"] == 2 and "warning" in thr.provenance and thr.provenance["preset"] == "fast"
     (tmp_path / "mine.json").write_text("{}")
     assert "refusing" in _one_line_exit2(["calibrate", a, b, "--out", tmp_path / "mine.json"])
+
+
+def test_detection_rate_against_another_law_matches_monte_carlo():
+    shape = (1, 4, 4)
+    det = InputDetector(Trigger(torch.full(shape, 0.8), torch.full(shape, 0.6)), fpr=0.01)
+    assert det.detection_rate(det.r, det.gamma) == pytest.approx(det.expected_tpr(), abs=1e-9)  # its own law
+    assert det.detection_rate(torch.zeros(shape), torch.ones(shape)) == pytest.approx(0.01, abs=1e-6)  # benign
+    r_true, g_true = torch.full(shape, 0.5), torch.full(shape, 0.7)  # a trigger near, not at, the reversed one
+    x = g_true * torch.randn(200_000, *shape, generator=torch.Generator().manual_seed(3)) + r_true
+    measured = float(det.is_backdoor(x).double().mean())
+    assert det.detection_rate(r_true, g_true) == pytest.approx(measured, abs=4 * math.sqrt(0.25 / 200_000))

@@ -114,7 +114,8 @@ def is_built(entry: ZooEntry, cache: Path) -> bool:
     return done
 
 
-def _expected_epochs(entry: ZooEntry) -> int | None:
+def _expected_epochs(entry: ZooEntry) -> int:
+    """The epochs an entry trains for (its own, else its kind's default): what builds use and the cache check."""
     from terd.attacks.build import DEFAULTS
     from terd.presets import get_preset
 
@@ -164,7 +165,6 @@ def build_entry(entry: ZooEntry, cache: str | Path, *, device: str = "cpu", prog
     import torch
 
     from terd.attacks import attack_model, build_attack
-    from terd.attacks.build import DEFAULTS
     from terd.data import load_dataset
     from terd.models import load_denoiser
     from terd.presets import get_preset
@@ -179,18 +179,17 @@ def build_entry(entry: ZooEntry, cache: str | Path, *, device: str = "cpu", prog
     preset = get_preset(entry.preset)
     if entry.kind == "benign":
         ds = load_dataset(preset.dataset, channels=preset.channels, size=preset.size)
-        train(preset, ds, out, epochs=entry.epochs, seed=entry.seed, device=device, progress=progress)
+        train(preset, ds, out, epochs=_expected_epochs(entry), seed=entry.seed, device=device, progress=progress)
         return out
     base_dir = cache / entry.base
     base = load_denoiser(base_dir, device=device)
     if entry.kind == "benign-finetune":
         ds = load_dataset(preset.dataset, channels=preset.channels, size=preset.size)
-        epochs = entry.epochs or DEFAULTS["baddiffusion"].epochs
-        train(preset, ds, out, epochs=epochs, seed=entry.seed, base=base, device=device, progress=progress,
+        train(preset, ds, out, epochs=_expected_epochs(entry), seed=entry.seed, base=base, device=device, progress=progress,
               grid_size=16)  # the preview the attacks save (a 64-image DDPM grid costs ~10 min at 32 px)
         return out
     attack = build_attack(entry.attack, base.image_shape, data_name=preset.dataset, **entry.args)
-    attack_model(attack, base_dir, out, epochs=entry.epochs, seed=entry.seed, device=device, progress=progress)
+    attack_model(attack, base_dir, out, epochs=_expected_epochs(entry), seed=entry.seed, device=device, progress=progress)
     return out
 
 

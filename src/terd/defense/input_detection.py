@@ -28,7 +28,7 @@ import torch
 from scipy import integrate, optimize, special
 
 from terd.defense import llr_kernel
-from terd.defense.trigger import GAMMA_FLOOR, Trigger, load_candidates
+from terd.defense.trigger import GAMMA_FLOOR, Trigger, candidates_from_tensors
 from terd.errors import TerdError
 
 DEFAULT_FPR = 1e-3
@@ -215,6 +215,12 @@ class InputDetector:
         """Detection rate if backdoor inputs really are N(r, gamma^2) (the reversed trigger is exact)."""
         return self.backdoor_law.sf(self.threshold if threshold is None else threshold)
 
+    def detection_rate(self, r: torch.Tensor, gamma: torch.Tensor, threshold: float | None = None) -> float:
+        """Exact rate at which inputs x = gamma * eps + r (e.g. a true trigger's) are flagged, closed form."""
+        mean, scale = (torch.as_tensor(v, dtype=torch.float64).expand_as(self.r).flatten().numpy() for v in (r, gamma))
+        rn, gn = self.r.double().flatten().numpy(), self.gamma.double().flatten().numpy()
+        return _Law(*_quadratic_form(mean, scale, rn, gn)).sf(self.threshold if threshold is None else threshold)
+
     def summary(self) -> dict:
         return {"threshold": self.threshold, "threshold_paper": self.threshold_paper,
                 "threshold_fpr": self.threshold_fpr, "target_fpr": self.fpr, "method": self.method,
@@ -251,14 +257,15 @@ class CandidateSetDetector:
         if fpr is not None and not 0.0 < fpr < 1.0:
             raise TerdError(f"--fpr must be in (0, 1), got {fpr}")
         self.fpr, self.own_tpr = fpr, None
-        self.kept = list(range(len(triggers)))
+        self.kept, built = list(range(len(triggers))), None
         if fpr is not None and len(triggers) > 1:
             even = [InputDetector(t, fpr=fpr / len(triggers)) for t in triggers]
             self.own_tpr = [d.expected_tpr() for d in even]
             self.kept = [i for i, v in enumerate(self.own_tpr) if v >= min_own_tpr]
             self.kept = self.kept or [max(range(len(triggers)), key=self.own_tpr.__getitem__)]
+            built = even if len(self.kept) == len(triggers) else None  # all kept: the shares stay even
         each = None if fpr is None else fpr / len(self.kept)
-        self.detectors = [InputDetector(triggers[i], fpr=each) for i in self.kept]
+        self.detectors = built or [InputDetector(triggers[i], fpr=each) for i in self.kept]
         self.r = self.detectors[0].r
         self.threshold = 0.0
 
@@ -285,13 +292,14 @@ def load_input_detector(path: str | Path, fpr: float | None = DEFAULT_FPR,
     detector, a trigger file (``r``, ``gamma``) the single-trigger one."""
     from terd.models.safe_io import load_tensors
 
-    if "r_0" in load_tensors(path):
-        cands = load_candidates(path)
+    tensors = load_tensors(path)  # read once: its tensor names say which kind of file it is
+    if "r_0" in tensors:
+        cands = candidates_from_tensors(tensors, path)
         if image_shape is not None and cands[0].shape != tuple(image_shape):
             raise TerdError(f"{path}: candidates are {' x '.join(map(str, cands[0].shape))}, expected "
                             f"{' x '.join(map(str, image_shape))}")
         return CandidateSetDetector(cands, fpr=fpr)
-    return InputDetector(Trigger.load(path, image_shape), fpr=fpr)
+    return InputDetector(Trigger.from_tensors(tensors, path, image_shape), fpr=fpr)
 
 
 class BackdoorInputError(TerdError):

@@ -57,8 +57,12 @@ class Trigger:
     @classmethod
     def load(cls, path: str | Path, image_shape: tuple[int, int, int] | None = None) -> Trigger:
         """Read a trigger file (safetensors with ``r`` and optional ``gamma``, default 1) and check its shape."""
-        path = Path(path)
-        tensors = load_tensors(path)
+        return cls.from_tensors(load_tensors(path), path, image_shape)
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], path: str | Path,
+                     image_shape: tuple[int, int, int] | None = None) -> Trigger:
+        """A trigger from a trigger file's tensors (``path`` only names the file in errors)."""
         if "r" not in tensors:
             raise TerdError(f"{path}: not a trigger file (no tensor 'r'; found {', '.join(tensors) or 'none'})")
         r = tensors["r"].float()
@@ -90,8 +94,15 @@ def save_candidates(triggers: list[Trigger], path: str | Path) -> None:
 
 def load_candidates(path: str | Path) -> list[Trigger]:
     """The candidate triggers a scan saved (see :func:`save_candidates`), in candidate order."""
-    tensors = load_tensors(path)
+    return candidates_from_tensors(load_tensors(path), path)
+
+
+def candidates_from_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> list[Trigger]:
+    """The candidates in a candidates file's tensors (``path`` only names the file in errors)."""
     n = len([k for k in tensors if k.startswith("r_")])
     if n == 0 or any(f"r_{i}" not in tensors or f"gamma_{i}" not in tensors for i in range(n)):
         raise TerdError(f"{path}: expected tensors r_0, gamma_0, ... (a terd scan's candidates file)")
-    return [Trigger(tensors[f"r_{i}"], tensors[f"gamma_{i}"]) for i in range(n)]
+    try:
+        return [Trigger(tensors[f"r_{i}"], tensors[f"gamma_{i}"]) for i in range(n)]
+    except TerdError as exc:
+        raise TerdError(f"{path}: {exc}") from None
