@@ -395,6 +395,41 @@ def test_llr_kernel_matches_float64_reference(n, d, dtype):
     assert llr_kernel.supports(x) and not llr_kernel.supports(x.half()) and not llr_kernel.supports(x[None])
 
 
+@pytest.mark.parametrize("n", [0, 3, 9])
+@pytest.mark.parametrize("d", [5, 2500])
+def test_llr_kernel_many_forms_match_one_form_at_a_time(n, d):
+    from terd.defense import llr_kernel
+
+    gen = torch.Generator().manual_seed(n + d)
+    x, a, b = torch.randn(n, d, generator=gen), torch.rand(3, d, generator=gen) - 0.5, torch.randn(3, d, generator=gen)
+    got = llr_kernel.quadratic_rows(x, a, b)
+    assert got.shape == (n, 3) and got.dtype == torch.float64
+    expected = x.double().square() @ a.double().T + x.double() @ b.double().T
+    assert torch.allclose(got, expected, rtol=0, atol=1e-5 * d)
+    for k in range(3):  # the same sums as the one-form kernel
+        assert torch.allclose(got[:, k], llr_kernel.quadratic_rows(x, a[k], b[k]), rtol=0, atol=1e-9 * d)
+
+
+def test_llr_many_matches_llr_per_law_on_every_path(monkeypatch):
+    import terd.defense.input_detection as input_detection
+    from terd.defense.input_detection import llr_many
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(11, 2, 8, 8, generator=gen)
+    r1, r2 = torch.randn(2, 8, 8, generator=gen), torch.randn(2, 8, 8, generator=gen)
+    learned = torch.rand(2, 8, 8, generator=gen) * 0.5 + 0.5
+    ones, tiny = torch.ones(2, 8, 8), torch.full((2, 8, 8), 0.01)
+    for laws in ([(r1, learned), (r2, ones)], [(r1, ones), (r2, ones)], [(r1, tiny), (r2, learned)], [(r1, learned)]):
+        got = llr_many(x, laws)
+        expected = torch.stack([llr(x, r, g) for r, g in laws], dim=1)
+        assert got.shape == (11, len(laws)) and torch.allclose(got, expected, rtol=1e-6, atol=1e-4)
+    monkeypatch.setattr(input_detection.llr_kernel, "supports", lambda x: False)  # CUDA-like: per-law torch path
+    laws = [(r1, learned), (r2, learned)]
+    assert torch.allclose(llr_many(x, laws), torch.stack([llr(x, r, g) for r, g in laws], dim=1), atol=1e-4)
+    with pytest.raises(TerdError, match="values each"):
+        llr_many(x, [(torch.zeros(3), torch.ones(3))])
+
+
 def test_llr_kernel_row_slices_over_threads_cover_every_input(monkeypatch):
     from terd.defense import llr_kernel
 

@@ -30,10 +30,10 @@ import torch
 
 from terd.defense.model_detection import FEATURES
 from terd.errors import TerdError
+from terd.rates import INPUT_FPR
 from terd.zoo import ZooEntry, build_zoo, load_zoo
 
 DEFENSES = ("terd-fast", "terd-paper", "elijah")
-INPUT_FPR = 5e-4  # the input-detection goal is a *measured* FPR <= 0.1%; at exactly 1e-3 chance alone exceeds it
 
 
 # --------------------------------------------------------------------------------------------------

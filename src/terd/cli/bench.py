@@ -9,6 +9,7 @@ import typer
 
 from terd.cli import command
 from terd.errors import TerdError
+from terd.rates import INPUT_FPR
 
 
 @command
@@ -19,7 +20,7 @@ def bench(
     workers: Annotated[int, typer.Option(help="Models evaluated in parallel (local process pool).")] = 1,
     cache: Annotated[Path | None, typer.Option(help="Where zoo models are built and cached.")] = None,
     n_inputs: Annotated[int, typer.Option(help="Benign and backdoor noises per model for input detection.")] = 10_000,
-    input_fpr: Annotated[float, typer.Option(help="Input detection: false-positive rate the threshold is set for.")] = 5e-4,  # = terd.bench.INPUT_FPR
+    input_fpr: Annotated[float, typer.Option(help="Input detection: false-positive rate the threshold is set for.")] = INPUT_FPR,
     min_asr: Annotated[float, typer.Option(help="Backdoored models below this attack success are excluded.")] = 0.9,
     build_only: Annotated[bool, typer.Option(help="Only build (or finish building) the zoo.")] = False,
 ) -> None:

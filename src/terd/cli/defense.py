@@ -11,6 +11,7 @@ import typer
 from terd.cli import DeviceOpt, command
 from terd.cli import resolve_device as _device
 from terd.errors import TerdError
+from terd.rates import DEFAULT_FPR
 
 
 def _progress_bar(total: int):  # noqa: ANN202
@@ -132,7 +133,7 @@ def check_inputs(
     inputs: Annotated[Path, typer.Argument(help="Initial noises N x C x H x W (.safetensors or .npy).")],
     trigger: Annotated[Path, typer.Option("--trigger", help="candidates.safetensors from `terd scan` (flag when any "
                                                             "candidate flags; recommended) or its trigger.safetensors.")],
-    fpr: Annotated[float, typer.Option(help="Benign false-positive rate of the threshold.")] = 1e-3,
+    fpr: Annotated[float, typer.Option(help="Benign false-positive rate of the threshold.")] = DEFAULT_FPR,
     paper_rule: Annotated[bool, typer.Option("--paper-rule", help="Flag when LLR > 0 instead of the FPR "
                                                                    "threshold.")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Write per-input scores and flags as JSON.")] = None,

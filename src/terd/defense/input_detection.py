@@ -30,9 +30,7 @@ from scipy import integrate, optimize, special
 from terd.defense import llr_kernel
 from terd.defense.trigger import GAMMA_FLOOR, Trigger, candidates_from_tensors
 from terd.errors import TerdError
-
-DEFAULT_FPR = 1e-3
-
+from terd.rates import DEFAULT_FPR
 
 EXPANDED_MIN_GAMMA = 0.05  # below this the expanded quadratic loses digits to cancellation
 
@@ -59,6 +57,33 @@ def _chunked_quadratic(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tor
     return out
 
 
+def _expanded_form(r: torch.Tensor, g: torch.Tensor, dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """(a, b, c) with LLR = a.x^2 + b.x + c in ``dtype``; None when some gamma is too small to expand safely.
+    ``r`` and ``g`` are flat float64 (g already floored)."""
+    if float(g.min()) < EXPANDED_MIN_GAMMA:
+        return None
+    inv = 1.0 / g.square()
+    a, b = (0.5 * (1.0 - inv)).to(dtype), (r * inv).to(dtype)
+    return a, b, float(-g.log().sum() - (0.5 * r.square() * inv).sum())
+
+
+def _flat_law(x: torch.Tensor, r: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r = r.double().flatten().to(x.device)
+    if x.shape[1] != r.numel():
+        raise TerdError(f"inputs have {x.shape[1]} values each, the trigger {r.numel()}")
+    return r, gamma.double().flatten().clamp(min=GAMMA_FLOOR).to(x.device)
+
+
+def _work(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _direct_llr(x: torch.Tensor, r: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    return (-(x - r).square() / (2 * g.square()) + x.square() / 2).sum(dim=1) - g.log().sum()
+
+
 def llr(x: torch.Tensor, r: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     """LLR of each input of a batch (N x C x H x W, or N x d) against the benign N(0, I); shape (N,), float64.
 
@@ -68,22 +93,34 @@ def llr(x: torch.Tensor, r: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     which stays exact where the expansion would cancel catastrophically.
     """
     x = x.flatten(1)
-    r = r.double().flatten().to(x.device)
-    g = gamma.double().flatten().clamp(min=GAMMA_FLOOR).to(x.device)
-    if x.shape[1] != r.numel():
-        raise TerdError(f"inputs have {x.shape[1]} values each, the trigger {r.numel()}")
-    if float(g.min()) >= EXPANDED_MIN_GAMMA:
-        inv = 1.0 / g.square()
-        work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        a, b = (0.5 * (1.0 - inv)).to(work.dtype), (r * inv).to(work.dtype)
-        c = float(-g.log().sum() - (0.5 * r.square() * inv).sum())
-        if not bool((a != 0).any()):  # gamma == 1: exactly one matrix-vector product
-            return (work @ b).double() + c
+    r, g = _flat_law(x, r, gamma)
+    work = _work(x)
+    form = _expanded_form(r, g, work.dtype)
+    if form is None:
+        return _direct_llr(x, r, g)
+    a, b, c = form
+    if not bool((a != 0).any()):  # gamma == 1: exactly one matrix-vector product
+        return (work @ b).double() + c
+    if llr_kernel.supports(work):
+        return llr_kernel.quadratic_rows(work, a, b) + c
+    return _chunked_quadratic(work, a, b).double() + c
+
+
+def llr_many(x: torch.Tensor, laws: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """LLR of each input under each of K laws (r, gamma); N x K, float64. On CPU all K come from one read of
+    the inputs (the multi-form kernel), so screening against a scan's candidates costs about one pass."""
+    x = x.flatten(1)
+    flat = [_flat_law(x, r, g) for r, g in laws]
+    work = _work(x)
+    forms = [_expanded_form(r, g, work.dtype) for r, g in flat]
+    if len(laws) > 1 and all(f is not None for f in forms):
+        a, b = torch.stack([f[0] for f in forms]), torch.stack([f[1] for f in forms])
+        c = torch.tensor([f[2] for f in forms], dtype=torch.float64, device=x.device)
+        if not bool((a != 0).any()):  # every gamma == 1: one matrix product
+            return (work @ b.T).double() + c
         if llr_kernel.supports(work):
             return llr_kernel.quadratic_rows(work, a, b) + c
-        return _chunked_quadratic(work, a, b).double() + c
-    x = x.double()
-    return (-(x - r).square() / (2 * g.square()) + x.square() / 2).sum(dim=1) - g.log().sum()
+    return torch.stack([llr(x, r, g) for r, g in laws], dim=1)
 
 
 def _quadratic_form(mean: np.ndarray, scale: np.ndarray, r: np.ndarray, g: np.ndarray):  # noqa: ANN202
@@ -167,6 +204,17 @@ class _Law:
                                      rtol=1e-12))
 
 
+def _as_batch(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inputs as an N x C x H x W batch of the trigger's shape (one input may come without the batch axis)."""
+    x = torch.as_tensor(x)
+    if x.dim() == len(shape):
+        x = x.unsqueeze(0)
+    if tuple(x.shape[1:]) != tuple(shape):
+        raise TerdError(f"inputs are {' x '.join(map(str, x.shape[1:]))}, the trigger "
+                        f"{' x '.join(map(str, shape))}")
+    return x
+
+
 class InputDetector:
     """Flags initial noises that look like backdoor inputs of a reversed trigger (positive = backdoor).
 
@@ -196,13 +244,7 @@ class InputDetector:
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """LLR per input (float64, shape (N,)); higher = more backdoor-like."""
-        x = torch.as_tensor(x)
-        if x.dim() == len(self.r.shape):
-            x = x.unsqueeze(0)
-        if tuple(x.shape[1:]) != tuple(self.r.shape):
-            raise TerdError(f"inputs are {' x '.join(map(str, x.shape[1:]))}, the trigger "
-                            f"{' x '.join(map(str, self.r.shape))}")
-        return llr(x, self.r, self.gamma)
+        return llr(_as_batch(x, self.r.shape), self.r, self.gamma)
 
     def is_backdoor(self, x: torch.Tensor) -> torch.Tensor:
         return self.score(x) > self.threshold
@@ -270,8 +312,12 @@ class CandidateSetDetector:
         self.threshold = 0.0
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
-        """Per input, max over candidates of (LLR - that candidate's threshold), float64 (N,); > 0 = flagged."""
-        return torch.stack([d.score(x) - d.threshold for d in self.detectors]).amax(dim=0)
+        """Per input, max over candidates of (LLR - that candidate's threshold), float64 (N,); > 0 = flagged.
+        All candidates score the inputs in one pass over them (``llr_many``)."""
+        x = _as_batch(x, self.r.shape)
+        scores = llr_many(x, [(d.r, d.gamma) for d in self.detectors])
+        return (scores - torch.tensor([d.threshold for d in self.detectors], dtype=torch.float64,
+                                      device=scores.device)).amax(dim=1)
 
     def is_backdoor(self, x: torch.Tensor) -> torch.Tensor:
         return self.score(x) > self.threshold

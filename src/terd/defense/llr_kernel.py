@@ -79,6 +79,32 @@ def _rows(x, a, b, out):  # noqa: ANN001, ANN202
     _tail_rows(x, a, b, out)
 
 
+@njit(fastmath=True, cache=True, nogil=True)
+def _rows_multi(x, a, b, out):  # noqa: ANN001, ANN202
+    """K quadratic forms (rows of a, b) per input row; out is N x K. Each block of four input rows (16 KB)
+    is loaded from memory once and reused from cache by all K forms."""
+    n, d = x.shape
+    k_forms = a.shape[0]
+    for q in range(n // 4):
+        i = 4 * q
+        for k in range(k_forms):
+            out[i, k], out[i + 1, k], out[i + 2, k], out[i + 3, k] = 0.0, 0.0, 0.0, 0.0
+        for start in range(0, d, BLOCK):
+            length = min(BLOCK, d - start)
+            for k in range(k_forms):
+                s0, s1, s2, s3 = _block4(x[i], x[i + 1], x[i + 2], x[i + 3], a[k], b[k], start, length)
+                out[i, k] += s0
+                out[i + 1, k] += s1
+                out[i + 2, k] += s2
+                out[i + 3, k] += s3
+    for i in range(4 * (n // 4), n):
+        for k in range(k_forms):
+            t = 0.0
+            for start in range(0, d, BLOCK):
+                t += _block1(x[i], a[k], b[k], start, min(BLOCK, d - start))
+            out[i, k] = t
+
+
 PARALLEL_MIN_VALUES = 1 << 20  # below ~4 MB of float32 inputs a second thread costs more than it saves
 
 
@@ -95,6 +121,9 @@ def supports(x: torch.Tensor) -> bool:
 def quadratic_rows(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(x*x) @ a + x @ b for an N x d CPU matrix, float64 result of shape (N,), reading x once.
 
+    With K forms at once (a and b K x d, e.g. a scan's candidate triggers) the result is N x K, still from one
+    read of x.
+
     Large batches are split into row slices over as many threads as torch uses (a fair match for torch's
     own matvec). The kernel releases the GIL, so plain Python threads run it in parallel; no numba
     threading layer is involved, which keeps concurrent callers safe on every platform.
@@ -102,13 +131,14 @@ def quadratic_rows(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.T
     xn = x.detach().contiguous().numpy()
     an = a.detach().to(x.dtype).contiguous().numpy()
     bn = b.detach().to(x.dtype).contiguous().numpy()
-    out = np.empty(xn.shape[0], dtype=np.float64)
+    kernel = _rows if an.ndim == 1 else _rows_multi
+    out = np.empty(xn.shape[:1] + an.shape[:-1], dtype=np.float64)
     threads = min(torch.get_num_threads(), xn.shape[0] // 4)
     if threads > 1 and xn.size >= PARALLEL_MIN_VALUES:
         edges = [4 * (xn.shape[0] // 4 * k // threads) for k in range(threads)] + [xn.shape[0]]
         slices = [slice(lo, hi) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
-        for f in [_thread_pool(threads).submit(_rows, xn[s], an, bn, out[s]) for s in slices]:
+        for f in [_thread_pool(threads).submit(kernel, xn[s], an, bn, out[s]) for s in slices]:
             f.result()
     else:
-        _rows(xn, an, bn, out)
+        kernel(xn, an, bn, out)
     return torch.from_numpy(out)
