@@ -166,3 +166,70 @@ def test_a_cached_model_built_with_other_settings_is_refused_not_reused(tmp_path
     save_attack(build_attack("baddiffusion", (1, 16, 16), trigger="stop-sign", target="hat"), cache / "bd")
     with pytest.raises(TerdError, match="other settings than zoo entry 'bd': trigger 'stop-sign' \\(entry: 'box'\\)"):
         is_built(bd, cache)
+
+
+def test_attack_success_takes_the_best_sampler_the_attack_offers(monkeypatch):
+    import terd.attacks as attacks
+    from terd.attacks import build_attack
+    from terd.bench import attack_success
+
+    asr = {"trojdiff-ddim": 0.86, "trojdiff-ddpm": 0.95, None: 0.97}
+    calls = []
+
+    def fake_eval(model_dir, n, seed, sampler=None):  # noqa: ANN001, ANN202
+        calls.append(sampler)
+        return {"triggered": {"asr": asr[sampler]}, "clean": {"asr": 0.1 if sampler == "trojdiff-ddpm" else 0.0},
+                "description": "fake"}
+
+    monkeypatch.setattr(attacks, "evaluate_attack", fake_eval)
+    monkeypatch.setattr(attacks, "load_attack", lambda d: build_attack("trojdiff", (1, 16, 16), setting="in-d2d"))
+    got = attack_success("m", 8, 0)
+    assert calls == ["trojdiff-ddim", "trojdiff-ddpm"]
+    assert got["asr"] == 0.95 and got["clean_asr"] == 0.1 and got["asr_sampler"] == "trojdiff-ddpm"
+    assert got["asr_by_sampler"] == {"trojdiff-ddim": 0.86, "trojdiff-ddpm": 0.95}
+    bd = build_attack("baddiffusion", (1, 16, 16))
+    asr[bd.sampler] = 0.97
+    monkeypatch.setattr(attacks, "load_attack", lambda d: bd)
+    got = attack_success("m", 8, 0)  # one sampler: the attack's own
+    assert calls[2:] == [bd.sampler] and got["asr_by_sampler"] == {bd.sampler: 0.97} and got["asr"] == 0.97
+    monkeypatch.setattr(attacks, "load_attack", lambda d: build_attack("trojdiff", (1, 16, 16), setting="in-d2d"))
+    earlier = {"trojdiff-ddim": {"asr": 0.86, "clean_asr": 0.0, "attack": "earlier"}}
+    got = attack_success("m", 8, 0, measured=earlier)  # what was measured already is not sampled again
+    assert calls[3:] == ["trojdiff-ddpm"] and got["asr_by_sampler"] == {"trojdiff-ddim": 0.86, "trojdiff-ddpm": 0.95}
+
+
+def _fake_success(model_dir, n, seed, measured):  # noqa: ANN001
+    assert measured == {"own": {"asr": 0.86, "clean_asr": 0.0, "attack": "fake"}}
+    with (Path(model_dir).parent / "asr-calls.txt").open("a") as fh:
+        fh.write(Path(model_dir).name + "\n")
+    return {"asr": 0.95, "clean_asr": 0.0, "asr_sampler": "s", "asr_by_sampler": {"s": 0.95}, "attack": "fake"}
+
+
+def test_bench_re_measures_only_the_attack_of_rows_saved_before_every_sampler(tmp_path, monkeypatch):
+    import multiprocessing
+
+    import terd.bench as bench
+
+    if multiprocessing.get_start_method() != "fork":
+        pytest.skip("the fakes reach the worker only through fork")
+    zoo = tmp_path / "zoo.yaml"
+    zoo.write_text("models:\n  - {id: b0, kind: benign, seed: 0}\n")
+    cache = tmp_path / "cache"
+    (cache / "b0").mkdir(parents=True)
+    (cache / "b0" / "model_index.json").write_text("{}")
+    (cache / "b0" / "train.json").write_text(json.dumps({"preset": "tiny-digits16", "seed": 0, "epochs": 40}))
+    monkeypatch.setattr(bench, "evaluate_model", _fake_evaluate)
+    monkeypatch.setattr(bench, "attack_success", _fake_success)
+    monkeypatch.setattr(bench, "_earlier_success", lambda d, row: {"own": {k: row[k] for k in ("asr", "clean_asr", "attack")}})
+    out = tmp_path / "out"
+    bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, echo=lambda s: None)
+    saved = json.loads((out / "rows" / "b0.json").read_text())
+    saved["row"] |= {"backdoored": True, "asr": 0.86, "clean_asr": 0.0, "attack": "fake"}  # as a backdoored row from before asr_by_sampler
+    (out / "rows" / "b0.json").write_text(json.dumps(saved))
+    bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, echo=lambda s: None)
+    assert (out / "calls.txt").read_text().split() == ["b0"]  # the defenses were not run again
+    assert (cache / "asr-calls.txt").read_text().split() == ["b0"]
+    row = json.loads((out / "rows" / "b0.json").read_text())["row"]
+    assert row["asr"] == 0.95 and row["asr_by_sampler"] == {"s": 0.95}
+    bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, echo=lambda s: None)
+    assert (cache / "asr-calls.txt").read_text().split() == ["b0"]  # measured once

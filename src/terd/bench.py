@@ -2,8 +2,9 @@
 
 Protocol (what makes the numbers honest):
 
-* every backdoored model's attack success is measured first; a model whose backdoor does not fire
-  (ASR < ``min_asr``) is listed and excluded from detection metrics;
+* every backdoored model's attack success is measured first, with each sampler the attack offers (TrojDiff:
+  its DDIM and its DDPM; the attacker picks the sampler, so the best one counts); a model whose backdoor
+  does not fire (ASR < ``min_asr``) is listed and excluded from detection metrics;
 * thresholds are fitted on benign models of the same dataset only, never on the model being judged:
   a benign model is judged by thresholds fitted on the *other* benign models (leave-one-out), a
   backdoored model by thresholds fitted on all benign models;
@@ -73,8 +74,35 @@ def input_detection_report(candidates: list, reported: int, r_true: torch.Tensor
     return out
 
 
+ATTACK_N = 64  # samples per attack-success measurement (triggered and clean each)
+
+
+def attack_success(model_dir: str | Path, n: int = ATTACK_N, seed: int = 0, measured: dict | None = None) -> dict:
+    """ASR of a backdoored model with every sampler its attack offers; the best one is the model's ASR (an
+    attacker samples the way the backdoor fires). Clean ASR is that sampler's. ``measured``: {sampler: {"asr",
+    "clean_asr", "attack"}} already measured with the same ``n`` and ``seed`` (not sampled again)."""
+    from terd.attacks import evaluate_attack, load_attack
+    from terd.attacks.trojdiff import SAMPLERS, TrojDiff
+
+    attack = load_attack(model_dir)
+    reps = dict(measured or {})
+    for name in SAMPLERS if isinstance(attack, TrojDiff) else (attack.sampler,):
+        if name not in reps:
+            rep = evaluate_attack(model_dir, n=n, seed=seed, sampler=name)
+            reps[name] = {"asr": rep["triggered"]["asr"], "clean_asr": rep["clean"]["asr"], "attack": rep["description"]}
+    best = max(reps, key=lambda name: reps[name]["asr"])
+    return {**reps[best], "asr_sampler": best, "asr_by_sampler": {name: rep["asr"] for name, rep in reps.items()}}
+
+
+def _earlier_success(model_dir: Path, row: dict) -> dict:
+    """A row saved before ASR covered every sampler was measured with the attack's own sampler (same n, seed)."""
+    from terd.attacks import load_attack
+
+    return {load_attack(model_dir).sampler: {k: row.get(k) for k in ("asr", "clean_asr", "attack")}}
+
+
 def evaluate_model(entry: ZooEntry, cache: str, defenses: tuple[str, ...], out: str, n_inputs: int = 10_000,
-                   attack_n: int = 64, seed: int = 0, threads: int | None = None,
+                   attack_n: int = ATTACK_N, seed: int = 0, threads: int | None = None,
                    input_fpr: float = INPUT_FPR) -> dict:
     """Attack success (if backdoored) and every defense's raw output for one model."""
     from terd.defense.elijah import elijah_scan
@@ -89,11 +117,9 @@ def evaluate_model(entry: ZooEntry, cache: str, defenses: tuple[str, ...], out: 
                  "backdoored": entry.backdoored, "tags": list(entry.tags), "defenses": {}}
     r_true = g_true = None
     if entry.backdoored:
-        from terd.attacks import evaluate_attack, load_true_trigger
+        from terd.attacks import load_true_trigger
 
-        rep = evaluate_attack(model_dir, n=attack_n, seed=seed)
-        row["asr"], row["clean_asr"] = rep["triggered"]["asr"], rep["clean"]["asr"]
-        row["attack"] = rep["description"]
+        row |= attack_success(model_dir, attack_n, seed)
         r_true, g_true = load_true_trigger(model_dir)
     den = load_denoiser(model_dir)
     for name in defenses:
@@ -233,10 +259,12 @@ def _markdown(summary: dict, rows: list[dict], meta: dict) -> str:
     exc = summary["excluded_attacks_that_do_not_fire"]
     lines += ["", f"Backdoored models excluded because their attack does not fire (ASR < {summary['min_asr']}): "
               + (", ".join(exc) if exc else "none"), "", "## Attack success", "",
-              "| model | attack | ASR | clean ASR |", "|---|---|---|---|"]
+              "ASR: the best of the samplers the attack offers (each listed); clean ASR with that sampler.", "",
+              "| model | attack | ASR | clean ASR | ASR per sampler |", "|---|---|---|---|---|"]
     for r in rows:
         if r["backdoored"]:
-            lines.append(f"| {r['id']} | {r.get('attack', '')} | {r.get('asr')} | {r.get('clean_asr')} |")
+            per = ", ".join(f"{k} {v}" for k, v in r.get("asr_by_sampler", {}).items())
+            lines.append(f"| {r['id']} | {r.get('attack', '')} | {r.get('asr')} | {r.get('clean_asr')} | {per} |")
     return "\n".join(lines) + "\n"
 
 
@@ -398,8 +426,17 @@ def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...
             rows[e.id] = row
             echo(f"  reused {e.id} (evaluated earlier)")
     reused = list(rows)
+    stale = [e for e in entries if e.id in rows and rows[e.id]["backdoored"] and "asr_by_sampler" not in rows[e.id]]
     with ProcessPoolExecutor(max_workers=workers, max_tasks_per_child=1) as pool:
-        futures = {pool.submit(evaluate_model, e, str(cache), tuple(defenses), str(out), n_inputs, 64, seed,
+        # rows from before ASR covered every sampler: only the attack is re-evaluated, the defenses stay
+        for e, success in zip(stale, pool.map(attack_success, [str(cache / e.id) for e in stale],
+                                              [ATTACK_N] * len(stale), [seed] * len(stale),
+                                              [_earlier_success(cache / e.id, rows[e.id]) for e in stale]), strict=True):
+            rows[e.id] |= success
+            (out / "rows" / f"{e.id}.json").write_text(json.dumps({"key": keys[e.id], "row": rows[e.id]}, indent=2,
+                                                                   default=str))
+            echo(f"  attack success re-measured for {e.id} ({success['asr_sampler']}: {success['asr']})")
+        futures = {pool.submit(evaluate_model, e, str(cache), tuple(defenses), str(out), n_inputs, ATTACK_N, seed,
                                threads, input_fpr): e for e in entries if e.id not in rows}
         for f in as_completed(futures):
             e = futures[f]
