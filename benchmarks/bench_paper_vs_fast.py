@@ -5,8 +5,8 @@ evaluations, and that the wall-time ratio be measured in one run on the same mod
 presets back to back in one process (same seed, same thread count) on each model given and records:
 M_r / V_r of each, network evaluations, seconds, their ratios, l2 of the reversed r to the true trigger
 and input-detection TPR/TNR of each reversed trigger (attacked models), and `fast`'s verdict under the
-shipped `fast` thresholds. `paper` has no shipped thresholds (one `paper` scan costs ~1 h of CPU on a
-tiny model), so its features are compared with the benign models' `paper` features in the table.
+shipped `fast` thresholds. The table judges `paper`'s features with the shipped `paper` thresholds
+(bench_paper_thresholds.py: the same three benign calibration models as `fast`'s) when they exist.
 
 One file per model under benchmarks/results/paper_vs_fast/ (so models can run in parallel processes);
 the summary table benchmarks/results/paper_vs_fast.md is rebuilt from all of them after each model.
@@ -57,11 +57,11 @@ def summary_table() -> str:
     rows = [json.loads(p.read_text()) for p in sorted(PER_MODEL.glob("*.json"))]
     lines = ["# paper_vs_fast", "",
              "Both presets on the same model in one process, one after the other (same seed, 1 thread). "
-             "`fast` verdict: shipped `fast` thresholds (fitted on benign seeds 1-3). `paper` has no fitted "
-             "thresholds: compare its M_r/V_r with the benign rows' `paper` values.", "",
+             "Verdicts: each preset's shipped thresholds (both fitted on benign seeds 1-3), on M_r and V_r.", "",
              "| model | attack | M_r fast / paper | V_r fast / paper | l2 to true r fast / paper | "
-             "input TPR fast / paper | evals fast / paper (ratio) | seconds fast / paper (ratio) | fast verdict |",
+             "input TPR fast / paper | evals fast / paper (ratio) | seconds fast / paper (ratio) | verdict fast / paper |",
              "|---|---|---|---|---|---|---|---|---|"]
+    paper_thr = default_thresholds("paper")
     for r in rows:
         f, p = r["fast"], r["paper"]
 
@@ -71,7 +71,8 @@ def summary_table() -> str:
         lines.append(f"| {r['model']} | {r['attack']} | {pair('M_r', '.4f')} | {pair('V_r', '.4f')} | "
                      f"{pair('trigger_l2_to_true', '.2f')} | {pair('input_tpr', '.3f')} | "
                      f"{f['network_evaluations']} / {p['network_evaluations']} ({r['evaluation_ratio']}x) | "
-                     f"{f['seconds']:.0f} / {p['seconds']:.0f} ({r['wall_ratio']}x) | {r['fast_verdict']} |")
+                     f"{f['seconds']:.0f} / {p['seconds']:.0f} ({r['wall_ratio']}x) | {r['fast_verdict']} / "
+                     f"{detect_model({k: p[k] for k in ('M_r', 'V_r')}, paper_thr).verdict} |")
     return "\n".join(lines) + "\n"
 
 
