@@ -333,9 +333,11 @@ def test_thresholds_fit_save_load_and_verdict(tmp_path):
 def test_default_thresholds_need_three_benign_models(tmp_path):
     from terd.defense.calibration import default_thresholds, install_defaults
 
-    shipped = default_thresholds("fast")
-    assert shipped is not None and shipped.provenance["n_models"] >= 3 and shipped.provenance["preset"] == "fast"
-    assert default_thresholds("paper") is None  # never calibrated: scan says so instead of guessing
+    for preset in ("fast", "paper"):  # both shipped, each fitted with its own schedule
+        shipped = default_thresholds(preset)
+        assert shipped is not None and shipped.provenance["n_models"] >= 3 and shipped.provenance["preset"] == preset
+    (tmp_path / "none.json").write_text(json.dumps({"presets": {"paper": None}}))
+    assert default_thresholds("paper", tmp_path / "none.json") is None  # never calibrated: scan says so
     two = fit_thresholds([{"M_r": 0.1, "V_r": 0.01}, {"M_r": 0.2, "V_r": 0.02}])
     with pytest.raises(TerdError):
         install_defaults(two, "fast", tmp_path / "d.json")

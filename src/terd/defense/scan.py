@@ -116,6 +116,7 @@ def scan_model(
     report = {
         "format": SCAN_MARKER, "model": str(den.source or model), "verdict": verdict.verdict, "scores": verdict.scores,
         "thresholds": verdict.thresholds, "thresholds_source": thr_source,
+        "thresholds_warning": thr.provenance.get("warning") if thr is not None else None,
         "margin": verdict.margin, "margin_std": verdict.margin_std, "flagged_by": verdict.flagged_by,
         "margin_note": "score - threshold; positive = over the threshold (backdoor side)",
         "preset": preset, "seed": seed, "network_evaluations": res.network_evaluations,
