@@ -670,7 +670,7 @@ def test_cli_scan_end_to_end_with_thresholds_and_resume(tmp_path, tiny_unet, sch
     assert len(rep["input_detection"]["candidates"]) == len(cands) and rep["input_detection"]["fpr_bound"] <= 1e-3 + 1e-9  # Imhof tail: ~1e-9 absolute
     peak = rep["kl_peak"]
     assert peak["value"] == pytest.approx(rep["scores"]["P_r"]) and 0 <= peak["row"] < 8 and 0 <= peak["col"] < 8
-    thr = Thresholds(-1.0, -1.0, {"n_models": 3}, P_r=-1.0)
+    thr = Thresholds(-1.0, -1.0, {"n_models": 3, "warning": "a held-out benign model exceeds these"}, P_r=-1.0)
     thr.save(tmp_path / "thr.json")
     res = runner.invoke(app, ["scan", str(model), "--out", str(out), "--thresholds", str(tmp_path / "thr.json"),
                               "--fail-on-backdoor", "--resume", "--samples", "0"])
@@ -679,6 +679,8 @@ def test_cli_scan_end_to_end_with_thresholds_and_resume(tmp_path, tiny_unet, sch
     assert f"terd check-inputs NOISES --trigger {out / 'candidates.safetensors'}" in res.output
     rep2 = json.loads((out / "report.json").read_text())
     assert rep2["verdict"] == "backdoored" and rep2["scores"] == rep["scores"]  # resumed from the finished run
+    assert rep["thresholds_warning"] is None and rep2["thresholds_warning"] == "a held-out benign model exceeds these"
+    assert "thresholds warning: a held-out benign model exceeds these" in res.output  # where the user sees it
     res = runner.invoke(app, ["scan", str(model), "--out", str(out), "--thresholds", str(tmp_path / "thr.json"),
                               "--resume", "--samples", "0"])
     assert res.exit_code == 0
