@@ -395,6 +395,11 @@ def _cached_row(path: Path, key: dict) -> dict | None:
     return data["row"] if isinstance(data, dict) and data.get("key") == key and "row" in data else None
 
 
+def _save_row(out: Path, key: dict, row: dict) -> None:
+    """OUT/rows/<id>.json: a model's evaluation with the settings it was made under (what a rerun may reuse)."""
+    (out / "rows" / f"{row['id']}.json").write_text(json.dumps({"key": key, "row": row}, indent=2, default=str))
+
+
 def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...] = ("terd-fast", "elijah"),
               cache: str | Path | None = None, workers: int = 1, n_inputs: int = 10_000, min_asr: float = 0.9,
               input_fpr: float = INPUT_FPR, seed: int = 0, echo: Callable[[str], None] = print) -> dict:
@@ -433,16 +438,14 @@ def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...
                                               [ATTACK_N] * len(stale), [seed] * len(stale),
                                               [_earlier_success(cache / e.id, rows[e.id]) for e in stale]), strict=True):
             rows[e.id] |= success
-            (out / "rows" / f"{e.id}.json").write_text(json.dumps({"key": keys[e.id], "row": rows[e.id]}, indent=2,
-                                                                   default=str))
+            _save_row(out, keys[e.id], rows[e.id])
             echo(f"  attack success re-measured for {e.id} ({success['asr_sampler']}: {success['asr']})")
         futures = {pool.submit(evaluate_model, e, str(cache), tuple(defenses), str(out), n_inputs, ATTACK_N, seed,
                                threads, input_fpr): e for e in entries if e.id not in rows}
         for f in as_completed(futures):
             e = futures[f]
             rows[e.id] = f.result()
-            (out / "rows" / f"{e.id}.json").write_text(json.dumps({"key": keys[e.id], "row": rows[e.id]}, indent=2,
-                                                                   default=str))
+            _save_row(out, keys[e.id], rows[e.id])
             echo(f"  evaluated {e.id}")
     meta = {"zoo": str(zoo_file), "defenses": list(defenses), "workers": workers, "cache": str(cache),
             "seconds": round(time.perf_counter() - t0, 1), "n_inputs": n_inputs, "input_fpr": input_fpr,
