@@ -84,43 +84,40 @@ def _direct_llr(x: torch.Tensor, r: torch.Tensor, g: torch.Tensor) -> torch.Tens
     return (-(x - r).square() / (2 * g.square()) + x.square() / 2).sum(dim=1) - g.log().sum()
 
 
-def llr(x: torch.Tensor, r: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """LLR of each input of a batch (N x C x H x W, or N x d) against the benign N(0, I); shape (N,), float64.
-
-    For gamma >= 0.05 everywhere it is the expanded quadratic a.x^2 + b.x + c with a = (1 - 1/gamma^2)/2,
-    b = r/gamma^2, summed in the input's precision in blocks added in float64 (``llr_kernel``; on CUDA two
-    float32 matrix-vector products). Smaller gamma uses the direct float64 form -(x - r)^2/(2 gamma^2) + x^2/2,
-    which stays exact where the expansion would cancel catastrophically.
-    """
-    x = x.flatten(1)
-    r, g = _flat_law(x, r, gamma)
-    work = _work(x)
-    form = _expanded_form(r, g, work.dtype)
-    if form is None:
-        return _direct_llr(x, r, g)
-    a, b, c = form
-    if not bool((a != 0).any()):  # gamma == 1: exactly one matrix-vector product
-        return (work @ b).double() + c
+def _quadratic(work: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(x*x) @ a_k + x @ b_k for K forms (a, b: K x d), N x K float64, each input read once where possible:
+    gamma == 1 is one matrix product, CPU the fused kernel, elsewhere row-chunked torch per form."""
+    if not bool((a != 0).any()):  # every gamma == 1: the quadratic term vanishes
+        return (work @ b.T).double()
     if llr_kernel.supports(work):
-        return llr_kernel.quadratic_rows(work, a, b) + c
-    return _chunked_quadratic(work, a, b).double() + c
+        return llr_kernel.quadratic_rows(work, a, b)
+    return torch.stack([_chunked_quadratic(work, ak, bk).double() for ak, bk in zip(a, b, strict=True)], dim=1)
 
 
 def llr_many(x: torch.Tensor, laws: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """LLR of each input under each of K laws (r, gamma); N x K, float64. On CPU all K come from one read of
-    the inputs (the multi-form kernel), so screening against a scan's candidates costs about one pass."""
+    """LLR of each input of a batch (N x C x H x W, or N x d) under each of K laws (r, gamma) against the benign
+    N(0, I); N x K, float64. On CPU all K come from one read of the inputs (the multi-form kernel), so screening
+    against a scan's candidates costs about one pass.
+
+    For gamma >= 0.05 everywhere it is the expanded quadratic a.x^2 + b.x + c with a = (1 - 1/gamma^2)/2,
+    b = r/gamma^2, summed in the input's precision in blocks added in float64 (``llr_kernel``; on CUDA
+    float32 matrix-vector products). A law with smaller gamma uses the direct float64 form
+    -(x - r)^2/(2 gamma^2) + x^2/2, which stays exact where the expansion would cancel catastrophically.
+    """
     x = x.flatten(1)
-    flat = [_flat_law(x, r, g) for r, g in laws]
     work = _work(x)
+    flat = [_flat_law(x, r, g) for r, g in laws]
     forms = [_expanded_form(r, g, work.dtype) for r, g in flat]
-    if len(laws) > 1 and all(f is not None for f in forms):
-        a, b = torch.stack([f[0] for f in forms]), torch.stack([f[1] for f in forms])
+    if all(f is not None for f in forms):
         c = torch.tensor([f[2] for f in forms], dtype=torch.float64, device=x.device)
-        if not bool((a != 0).any()):  # every gamma == 1: one matrix product
-            return (work @ b.T).double() + c
-        if llr_kernel.supports(work):
-            return llr_kernel.quadratic_rows(work, a, b) + c
-    return torch.stack([llr(x, r, g) for r, g in laws], dim=1)
+        return _quadratic(work, torch.stack([f[0] for f in forms]), torch.stack([f[1] for f in forms])) + c
+    return torch.stack([_direct_llr(x, r, g) if f is None else _quadratic(work, f[0][None], f[1][None])[:, 0] + f[2]
+                        for f, (r, g) in zip(forms, flat, strict=True)], dim=1)
+
+
+def llr(x: torch.Tensor, r: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """LLR of each input under one law (r, gamma); shape (N,), float64 (see ``llr_many``)."""
+    return llr_many(x, [(r, gamma)])[:, 0]
 
 
 def _quadratic_form(mean: np.ndarray, scale: np.ndarray, r: np.ndarray, g: np.ndarray):  # noqa: ANN202

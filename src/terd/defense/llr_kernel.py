@@ -49,38 +49,8 @@ def _block4(x0, x1, x2, x3, a, b, start, length):  # noqa: ANN001, ANN202
     return s0, s1, s2, s3
 
 
-@njit(fastmath=True, inline="always", cache=True)
-def _four_rows(x, a, b, out, i):  # noqa: ANN001, ANN202
-    d = x.shape[1]
-    t0, t1, t2, t3 = 0.0, 0.0, 0.0, 0.0
-    for start in range(0, d, BLOCK):
-        s0, s1, s2, s3 = _block4(x[i], x[i + 1], x[i + 2], x[i + 3], a, b, start, min(BLOCK, d - start))
-        t0 += s0
-        t1 += s1
-        t2 += s2
-        t3 += s3
-    out[i], out[i + 1], out[i + 2], out[i + 3] = t0, t1, t2, t3
-
-
-@njit(fastmath=True, inline="always", cache=True)
-def _tail_rows(x, a, b, out):  # noqa: ANN001, ANN202
-    n, d = x.shape
-    for i in range(4 * (n // 4), n):  # the last n % 4 rows
-        t = 0.0
-        for start in range(0, d, BLOCK):
-            t += _block1(x[i], a, b, start, min(BLOCK, d - start))
-        out[i] = t
-
-
 @njit(fastmath=True, cache=True, nogil=True)
 def _rows(x, a, b, out):  # noqa: ANN001, ANN202
-    for q in range(x.shape[0] // 4):
-        _four_rows(x, a, b, out, 4 * q)
-    _tail_rows(x, a, b, out)
-
-
-@njit(fastmath=True, cache=True, nogil=True)
-def _rows_multi(x, a, b, out):  # noqa: ANN001, ANN202
     """K quadratic forms (rows of a, b) per input row; out is N x K. Each block of four input rows (16 KB)
     is loaded from memory once and reused from cache by all K forms."""
     n, d = x.shape
@@ -129,16 +99,15 @@ def quadratic_rows(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.T
     threading layer is involved, which keeps concurrent callers safe on every platform.
     """
     xn = x.detach().contiguous().numpy()
-    an = a.detach().to(x.dtype).contiguous().numpy()
-    bn = b.detach().to(x.dtype).contiguous().numpy()
-    kernel = _rows if an.ndim == 1 else _rows_multi
-    out = np.empty(xn.shape[:1] + an.shape[:-1], dtype=np.float64)
+    an = a.detach().to(x.dtype).reshape(-1, x.shape[1]).contiguous().numpy()  # one form: a 1 x d block
+    bn = b.detach().to(x.dtype).reshape(-1, x.shape[1]).contiguous().numpy()
+    out = np.empty((xn.shape[0], an.shape[0]), dtype=np.float64)
     threads = min(torch.get_num_threads(), xn.shape[0] // 4)
     if threads > 1 and xn.size >= PARALLEL_MIN_VALUES:
         edges = [4 * (xn.shape[0] // 4 * k // threads) for k in range(threads)] + [xn.shape[0]]
         slices = [slice(lo, hi) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
-        for f in [_thread_pool(threads).submit(kernel, xn[s], an, bn, out[s]) for s in slices]:
+        for f in [_thread_pool(threads).submit(_rows, xn[s], an, bn, out[s]) for s in slices]:
             f.result()
     else:
-        kernel(xn, an, bn, out)
-    return torch.from_numpy(out)
+        _rows(xn, an, bn, out)
+    return torch.from_numpy(out if a.dim() == 2 else out.reshape(-1))
