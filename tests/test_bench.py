@@ -74,7 +74,7 @@ def test_report_files(tmp_path):
     assert "leave-one-out" in (tmp_path / "report.md").read_text()
 
 
-def _fake_evaluate(entry, cache, defenses, out, n_inputs, attack_n, seed, threads, input_fpr):  # noqa: ANN001
+def _fake_evaluate(entry, cache, defenses, out, n_inputs, attack_n, seed, threads, input_fpr, device):  # noqa: ANN001
     """Stands in for a model's evaluation (in the worker process) and leaves a mark per call."""
     calls = Path(out) / "calls.txt"
     with calls.open("a") as fh:
@@ -176,7 +176,7 @@ def test_attack_success_takes_the_best_sampler_the_attack_offers(monkeypatch):
     asr = {"trojdiff-ddim": 0.86, "trojdiff-ddpm": 0.95, None: 0.97}
     calls = []
 
-    def fake_eval(model_dir, n, seed, sampler=None):  # noqa: ANN001, ANN202
+    def fake_eval(model_dir, n, seed, sampler=None, device="cpu"):  # noqa: ANN001, ANN202
         calls.append(sampler)
         return {"triggered": {"asr": asr[sampler]}, "clean": {"asr": 0.1 if sampler == "trojdiff-ddpm" else 0.0},
                 "description": "fake"}
@@ -198,7 +198,7 @@ def test_attack_success_takes_the_best_sampler_the_attack_offers(monkeypatch):
     assert calls[3:] == ["trojdiff-ddpm"] and got["asr_by_sampler"] == {"trojdiff-ddim": 0.86, "trojdiff-ddpm": 0.95}
 
 
-def _fake_success(model_dir, n, seed, measured):  # noqa: ANN001
+def _fake_success(model_dir, n, seed, measured, device):  # noqa: ANN001
     assert measured == {"own": {"asr": 0.86, "clean_asr": 0.0, "attack": "fake"}}
     with (Path(model_dir).parent / "asr-calls.txt").open("a") as fh:
         fh.write(Path(model_dir).name + "\n")
@@ -233,3 +233,113 @@ def test_bench_re_measures_only_the_attack_of_rows_saved_before_every_sampler(tm
     assert row["asr"] == 0.95 and row["asr_by_sampler"] == {"s": 0.95}
     bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, echo=lambda s: None)
     assert (cache / "asr-calls.txt").read_text().split() == ["b0"]  # measured once
+
+
+FULL_SCALE_ZOO = ZOO.parent / "zoo-cifar10.yaml"
+
+
+def _full_scale_layout(root: Path) -> Path:
+    """The zoo file next to the two local directories it names (empty stand-ins: only their paths matter)."""
+    (root / "benchmarks").mkdir(parents=True)
+    (root / "data/cifar-10-batches-py").mkdir(parents=True)
+    (root / "models/ddpm-cifar10-32").mkdir(parents=True)
+    zoo = root / "benchmarks/zoo-cifar10.yaml"
+    zoo.write_text(FULL_SCALE_ZOO.read_text())
+    return zoo
+
+
+def test_full_scale_zoo_reads_its_data_and_pretrained_model_from_local_paths(tmp_path):
+    from terd.zoo import is_built, model_dir
+
+    zoo = _full_scale_layout(tmp_path)
+    entries = {e.id: e for e in load_zoo(zoo)}
+    google = entries["c10-google-ddpm"]
+    assert google.kind == "pretrained" and not google.backdoored
+    assert model_dir(google, tmp_path / "cache") == (tmp_path / "models/ddpm-cifar10-32").resolve()
+    assert is_built(google, tmp_path / "cache")  # never built
+    built = [e for e in entries.values() if e.kind != "pretrained"]
+    assert len(built) >= 15 and all(e.base == "c10-google-ddpm" and e.preset == "ddpm-cifar10" for e in built)
+    assert sum(not e.backdoored for e in entries.values()) >= 5
+    assert {e.source for e in entries.values()} == {str((tmp_path / "data/cifar-10-batches-py").resolve())}
+    assert {e.dataset for e in entries.values()} == {"cifar-10-batches-py"}  # the report's dataset label
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    assert {e.source for e in load_zoo(zoo, data=other)} == {str(other.resolve())}  # --data wins
+    with pytest.raises(TerdError, match="--data .* does not exist"):
+        load_zoo(zoo, data=tmp_path / "nope")
+    (tmp_path / "data/cifar-10-batches-py").rmdir()
+    with pytest.raises(TerdError, match="data .*cifar-10-batches-py' does not exist"):
+        load_zoo(zoo)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("models:\n  - {id: p, kind: pretrained}", "needs a 'path'"),
+    ("models:\n  - {id: p, kind: pretrained, path: m, base: q}", "needs a 'path' \\(and no base"),
+    ("models:\n  - {id: b, kind: benign, path: m}", "'path' is for kind pretrained"),
+    ("models:\n  - {id: p, kind: pretrained, path: missing}", "path .*missing' does not exist"),
+    ("data: 3\nmodels:\n  - {id: b, kind: benign}", "data must be a path"),
+])
+def test_bad_local_paths_in_zoo_files(tmp_path, text, message):
+    (tmp_path / "m").mkdir()
+    f = tmp_path / "z.yaml"
+    f.write_text(text)
+    with pytest.raises(TerdError, match=message):
+        load_zoo(f)
+
+
+def test_a_pretrained_base_is_read_where_it_lives(tmp_path, monkeypatch):
+    import terd.zoo as zoo_mod
+
+    (tmp_path / "google").mkdir()
+    f = tmp_path / "z.yaml"
+    f.write_text("models:\n  - {id: g, kind: pretrained, path: google}\n"
+                 "  - {id: bd, kind: attack, attack: baddiffusion, base: g}\n")
+    calls = []
+    monkeypatch.setattr(zoo_mod, "build_entry", lambda e, cache, device, base_dir: calls.append((e.id, base_dir)))
+    dirs = zoo_mod.build_zoo(load_zoo(f), tmp_path / "cache", echo=lambda s: None)
+    assert calls == [("bd", (tmp_path / "google").resolve())]  # the pretrained model is not built, only used
+    assert dirs == [(tmp_path / "google").resolve(), tmp_path / "cache" / "bd"]
+
+
+def test_bench_scans_a_pretrained_model_and_notices_when_its_files_change(tmp_path, monkeypatch):
+    import multiprocessing
+
+    import terd.bench as bench
+
+    if multiprocessing.get_start_method() != "fork":
+        pytest.skip("the fake evaluator reaches the worker only through fork")
+    (tmp_path / "m1" / "unet").mkdir(parents=True)
+    (tmp_path / "m1" / "unet" / "weights.bin").write_text("a")
+    zoo = tmp_path / "zoo.yaml"
+    zoo.write_text("models:\n  - {id: p1, kind: pretrained, path: m1}\n")
+    monkeypatch.setattr(bench, "evaluate_model", _fake_evaluate)
+    out = tmp_path / "out"
+    bench.run_bench(zoo, out, defenses=("terd-fast",), cache=tmp_path / "cache", echo=lambda s: None)
+    bench.run_bench(zoo, out, defenses=("terd-fast",), cache=tmp_path / "cache", echo=lambda s: None)
+    assert (out / "calls.txt").read_text().split() == ["p1"]  # evaluated once, then reused
+    saved = json.loads((out / "rows" / "p1.json").read_text())
+    assert saved["key"]["entry"]["path"] == str((tmp_path / "m1").resolve())
+    assert not (tmp_path / "cache" / "p1").exists()  # nothing copied or built
+    (tmp_path / "m1" / "unet" / "weights.bin").write_text("bb")  # the user replaced the weights
+    bench.run_bench(zoo, out, defenses=("terd-fast",), cache=tmp_path / "cache", echo=lambda s: None)
+    assert (out / "calls.txt").read_text().split() == ["p1", "p1"]
+
+
+def test_rows_recorded_before_path_and_data_existed_keep_their_key():
+    from terd.bench import _entry_key
+    from terd.zoo import ZooEntry
+
+    key = _entry_key(ZooEntry(id="b", kind="benign"))
+    assert "path" not in key and "data" not in key and key["id"] == "b"
+
+
+def test_bench_cli_refuses_a_missing_gpu_in_one_line(tmp_path):
+    import torch
+    from typer.testing import CliRunner
+
+    from terd.cli import app
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    res = CliRunner().invoke(app, ["bench", "--zoo", str(ZOO), "--out", str(tmp_path / "o"), "--device", "cuda"])
+    assert res.exit_code == 2 and "no CUDA device" in res.output

@@ -32,7 +32,7 @@ import torch
 from terd.defense.model_detection import FEATURES
 from terd.errors import TerdError
 from terd.rates import INPUT_FPR
-from terd.zoo import ZooEntry, build_zoo, load_zoo
+from terd.zoo import ZooEntry, build_zoo, load_zoo, model_dir, pool_context
 
 DEFENSES = ("terd-fast", "terd-paper", "elijah")
 
@@ -77,7 +77,8 @@ def input_detection_report(candidates: list, reported: int, r_true: torch.Tensor
 ATTACK_N = 64  # samples per attack-success measurement (triggered and clean each)
 
 
-def attack_success(model_dir: str | Path, n: int = ATTACK_N, seed: int = 0, measured: dict | None = None) -> dict:
+def attack_success(model_dir: str | Path, n: int = ATTACK_N, seed: int = 0, measured: dict | None = None,
+                   device: str = "cpu") -> dict:
     """ASR of a backdoored model with every sampler its attack offers; the best one is the model's ASR (an
     attacker samples the way the backdoor fires). Clean ASR is that sampler's. ``measured``: {sampler: {"asr",
     "clean_asr", "attack"}} already measured with the same ``n`` and ``seed`` (not sampled again)."""
@@ -88,7 +89,7 @@ def attack_success(model_dir: str | Path, n: int = ATTACK_N, seed: int = 0, meas
     reps = dict(measured or {})
     for name in SAMPLERS if isinstance(attack, TrojDiff) else (attack.sampler,):
         if name not in reps:
-            rep = evaluate_attack(model_dir, n=n, seed=seed, sampler=name)
+            rep = evaluate_attack(model_dir, n=n, seed=seed, sampler=name, device=device)
             reps[name] = {"asr": rep["triggered"]["asr"], "clean_asr": rep["clean"]["asr"], "attack": rep["description"]}
     best = max(reps, key=lambda name: reps[name]["asr"])
     return {**reps[best], "asr_sampler": best, "asr_by_sampler": {name: rep["asr"] for name, rep in reps.items()}}
@@ -103,7 +104,7 @@ def _earlier_success(model_dir: Path, row: dict) -> dict:
 
 def evaluate_model(entry: ZooEntry, cache: str, defenses: tuple[str, ...], out: str, n_inputs: int = 10_000,
                    attack_n: int = ATTACK_N, seed: int = 0, threads: int | None = None,
-                   input_fpr: float = INPUT_FPR) -> dict:
+                   input_fpr: float = INPUT_FPR, device: str = "cpu") -> dict:
     """Attack success (if backdoored) and every defense's raw output for one model."""
     from terd.defense.elijah import elijah_scan
     from terd.defense.reversion import reverse_trigger
@@ -112,16 +113,16 @@ def evaluate_model(entry: ZooEntry, cache: str, defenses: tuple[str, ...], out: 
 
     if threads:
         torch.set_num_threads(threads)
-    model_dir = Path(cache) / entry.id
+    where = model_dir(entry, cache)
     row: dict = {"id": entry.id, "kind": entry.kind, "family": entry.family, "dataset": entry.dataset,
                  "backdoored": entry.backdoored, "tags": list(entry.tags), "defenses": {}}
     r_true = g_true = None
     if entry.backdoored:
         from terd.attacks import load_true_trigger
 
-        row |= attack_success(model_dir, attack_n, seed)
-        r_true, g_true = load_true_trigger(model_dir)
-    den = load_denoiser(model_dir)
+        row |= attack_success(where, attack_n, seed, device=device)
+        r_true, g_true = load_true_trigger(where)
+    den = load_denoiser(where, device=device)
     for name in defenses:
         t0 = time.perf_counter()
         if name.startswith("terd-"):
@@ -243,6 +244,7 @@ def _markdown(summary: dict, rows: list[dict], meta: dict) -> str:
     lines = ["# terd bench report", "",
              f"Zoo: `{meta['zoo']}`; defenses: {', '.join(meta['defenses'])}; {len(rows)} models; "
              f"wall time {meta['seconds']:.0f} s with {meta['workers']} worker(s) on {meta['machine']}"
+             + (f", models on {meta['device']}" if meta.get("device", "cpu") != "cpu" else "")
              + (f"; {len(meta['reused_rows'])} model(s) reused from an earlier run with the same settings "
                 f"(not in that time): {', '.join(meta['reused_rows'])}." if meta.get("reused_rows") else "."), "",
              "Thresholds: fitted per dataset on benign models only (mean + 3 std of each feature; Elijah: "
@@ -381,9 +383,19 @@ def write_report(rows: list[dict], defenses: tuple[str, ...], out: Path, meta: d
 
 
 def _model_fingerprint(model_dir: Path) -> str:
-    """Changes when the cached model is rebuilt (its training and attack records change)."""
+    """Changes when the cached model is rebuilt (its training and attack records change); for a model terd
+    did not build (no train.json), when any of its files changes size or modification time."""
     parts = [(model_dir / name).read_text() for name in ("train.json", "attack.json") if (model_dir / name).is_file()]
+    if not parts:
+        parts = [f"{f.relative_to(model_dir)} {f.stat().st_size} {f.stat().st_mtime_ns}"
+                 for f in sorted(model_dir.rglob("*")) if f.is_file()]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _entry_key(entry: ZooEntry) -> dict:
+    """The entry as a row's settings key. Fields added after rows were recorded (path, data) are left out
+    while unset, so those rows stay valid."""
+    return {k: v for k, v in asdict(entry).items() if not (k in ("path", "data") and v is None)}
 
 
 def _cached_row(path: Path, key: dict) -> dict | None:
@@ -402,8 +414,12 @@ def _save_row(out: Path, key: dict, row: dict) -> None:
 
 def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...] = ("terd-fast", "elijah"),
               cache: str | Path | None = None, workers: int = 1, n_inputs: int = 10_000, min_asr: float = 0.9,
-              input_fpr: float = INPUT_FPR, seed: int = 0, echo: Callable[[str], None] = print) -> dict:
+              input_fpr: float = INPUT_FPR, seed: int = 0, device: str = "cpu", data: str | Path | None = None,
+              echo: Callable[[str], None] = print) -> dict:
     """Build (or reuse) the zoo, run the defenses on every model in a process pool, write the report.
+
+    ``device``: where models train and are scanned (e.g. ``cuda`` for the full-scale zoo); ``data``
+    replaces the zoo file's training data (a local dataset path, e.g. a CIFAR-10 directory).
 
     Each model's evaluation is saved in ``OUT/rows/<id>.json`` as it finishes, so a rerun after an
     interruption only evaluates what is missing (or what changed: settings, or a rebuilt model)."""
@@ -414,34 +430,35 @@ def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...
         raise TerdError("--workers must be at least 1")
     if not 0.0 < input_fpr < 1.0:
         raise TerdError(f"--input-fpr must be in (0, 1), got {input_fpr}")
-    entries = load_zoo(zoo_file)
+    entries = load_zoo(zoo_file, data=data)
     cache = Path(cache) if cache is not None else Path(zoo_file).with_suffix("").parent / "zoo-cache"
     out = Path(out)
     (out / "triggers").mkdir(parents=True, exist_ok=True)
     (out / "rows").mkdir(exist_ok=True)
     t0 = time.perf_counter()
-    build_zoo(entries, cache, workers=workers, echo=echo)
+    build_zoo(entries, cache, workers=workers, device=device, echo=echo)
     threads = max(1, (os.cpu_count() or 1) // workers)
     rows: dict[str, dict] = {}
     keys = {e.id: json.loads(json.dumps(  # as it reads back from JSON (tuples become lists)
-        {"defenses": list(defenses), "features": list(FEATURES), "n_inputs": n_inputs, "input_fpr": input_fpr, "seed": seed, "entry": asdict(e),
-         "model": _model_fingerprint(cache / e.id)}, default=str)) for e in entries}
+        {"defenses": list(defenses), "features": list(FEATURES), "n_inputs": n_inputs, "input_fpr": input_fpr, "seed": seed, "entry": _entry_key(e),
+         "model": _model_fingerprint(model_dir(e, cache))}, default=str)) for e in entries}
     for e in entries:
         if (row := _cached_row(out / "rows" / f"{e.id}.json", keys[e.id])) is not None:
             rows[e.id] = row
             echo(f"  reused {e.id} (evaluated earlier)")
     reused = list(rows)
     stale = [e for e in entries if e.id in rows and rows[e.id]["backdoored"] and "asr_by_sampler" not in rows[e.id]]
-    with ProcessPoolExecutor(max_workers=workers, max_tasks_per_child=1) as pool:
+    with ProcessPoolExecutor(max_workers=workers, max_tasks_per_child=1, mp_context=pool_context(device)) as pool:
         # rows from before ASR covered every sampler: only the attack is re-evaluated, the defenses stay
-        for e, success in zip(stale, pool.map(attack_success, [str(cache / e.id) for e in stale],
+        for e, success in zip(stale, pool.map(attack_success, [str(model_dir(e, cache)) for e in stale],
                                               [ATTACK_N] * len(stale), [seed] * len(stale),
-                                              [_earlier_success(cache / e.id, rows[e.id]) for e in stale]), strict=True):
+                                              [_earlier_success(model_dir(e, cache), rows[e.id]) for e in stale],
+                                              [device] * len(stale)), strict=True):
             rows[e.id] |= success
             _save_row(out, keys[e.id], rows[e.id])
             echo(f"  attack success re-measured for {e.id} ({success['asr_sampler']}: {success['asr']})")
         futures = {pool.submit(evaluate_model, e, str(cache), tuple(defenses), str(out), n_inputs, ATTACK_N, seed,
-                               threads, input_fpr): e for e in entries if e.id not in rows}
+                               threads, input_fpr, device): e for e in entries if e.id not in rows}
         for f in as_completed(futures):
             e = futures[f]
             rows[e.id] = f.result()
@@ -449,6 +466,6 @@ def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...
             echo(f"  evaluated {e.id}")
     meta = {"zoo": str(zoo_file), "defenses": list(defenses), "workers": workers, "cache": str(cache),
             "seconds": round(time.perf_counter() - t0, 1), "n_inputs": n_inputs, "input_fpr": input_fpr,
-            "seed": seed, "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
+            "seed": seed, "device": device, "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
             "entries": [asdict(e) for e in entries], "reused_rows": reused}
     return write_report([rows[e.id] for e in entries], tuple(defenses), out, meta, min_asr, cache)

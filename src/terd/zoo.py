@@ -6,9 +6,14 @@ A zoo file (YAML) lists entries; an entry with a ``matrix`` expands into the pro
 * ``benign``: ``terd train`` from scratch (``preset``, ``seed``, ``epochs``);
 * ``benign-finetune``: the base model fine-tuned on clean data with the attacks' schedule — the control
   that fine-tuning alone is not flagged;
-* ``attack``: ``terd attack`` on a base model (``attack`` + ``args`` of :func:`terd.attacks.build_attack`).
+* ``attack``: ``terd attack`` on a base model (``attack`` + ``args`` of :func:`terd.attacks.build_attack`);
+* ``pretrained``: a benign model that already exists in a local directory (``path``), e.g. a downloaded
+  google/ddpm-cifar10-32: never built, scanned as benign and usable as the ``base`` of other entries.
 
-Every model lives in ``CACHE/<id>``; a finished one is skipped, an interrupted one resumes.
+Training data: the preset's built-in dataset, or ``data`` (a local image folder, CIFAR-10 directory or .npz),
+set for the whole zoo at the top of the file or per entry. Relative paths (``data``, ``path``) are relative
+to the zoo file. Every built model lives in ``CACHE/<id>``; a finished one is skipped, an interrupted one
+resumes.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import yaml
 
 from terd.errors import TerdError
 
-KINDS = ("benign", "benign-finetune", "attack")
+KINDS = ("benign", "benign-finetune", "attack", "pretrained")
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,8 @@ class ZooEntry:
     attack: str | None = None
     args: dict = field(default_factory=dict)
     tags: tuple[str, ...] = ()
+    path: str | None = None  # pretrained: the model's directory
+    data: str | None = None  # training data (a local path) instead of the preset's built-in dataset
 
     @property
     def backdoored(self) -> bool:
@@ -46,10 +53,21 @@ class ZooEntry:
         return self.attack if self.backdoored else "benign"
 
     @property
-    def dataset(self) -> str:
+    def source(self) -> str:
+        """What :func:`terd.data.load_dataset` reads: ``data``, else the preset's built-in dataset."""
         from terd.presets import get_preset
 
-        return get_preset(self.preset).dataset
+        return self.data or get_preset(self.preset).dataset
+
+    @property
+    def dataset(self) -> str:
+        """The dataset's name in reports (thresholds are fitted per dataset)."""
+        return Path(self.data).name if self.data else self.source
+
+
+def model_dir(entry: ZooEntry, cache: str | Path) -> Path:
+    """Where an entry's model is: its own directory for ``pretrained``, else ``CACHE/<id>``."""
+    return Path(entry.path) if entry.kind == "pretrained" else Path(cache) / entry.id
 
 
 ENTRY_FIELDS = ("preset", "seed", "epochs", "base", "attack")
@@ -73,22 +91,48 @@ def _expand(raw: dict) -> list[dict]:
     return out
 
 
-def load_zoo(path: str | Path) -> list[ZooEntry]:
-    """Read and validate a zoo file; bases must be defined and ids unique."""
+def _local(path: Path, value: object, what: str) -> str:
+    """A path from the zoo file, relative to the file, that must exist (checked before any work starts)."""
+    if not isinstance(value, str) or not value:
+        raise TerdError(f"{path}: {what} must be a path, got {value!r}")
+    p = Path(value).expanduser()
+    p = p if p.is_absolute() else path.parent / p
+    if not p.exists():
+        raise TerdError(f"{path}: {what} {str(p)!r} does not exist")
+    return str(p.resolve())
+
+
+def load_zoo(path: str | Path, *, data: str | Path | None = None) -> list[ZooEntry]:
+    """Read and validate a zoo file; bases must be defined and ids unique.
+
+    ``data`` (e.g. ``terd bench --data``) replaces the file's top-level ``data`` (entries' own ``data`` win)."""
     path = Path(path)
     if not path.is_file():
         raise TerdError(f"{path}: no such zoo file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data_key = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise TerdError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+    if not isinstance(data_key, dict) or not isinstance(data_key.get("models"), list):
         raise TerdError(f"{path}: a zoo file needs a 'models:' list")
+    default_data = str(Path(data).expanduser().resolve()) if data is not None else data_key.get("data")
+    if data is not None and not Path(default_data).exists():
+        raise TerdError(f"--data {str(data)!r} does not exist")
+    if data is None and default_data is not None:
+        default_data = _local(path, default_data, "data")
     entries: list[ZooEntry] = []
-    for raw in data["models"]:
+    for raw in data_key["models"]:
         if not isinstance(raw, dict) or "id" not in raw or raw.get("kind") not in KINDS:
             raise TerdError(f"{path}: each model needs an 'id' and a 'kind' in {KINDS}; got {raw!r}"[:300])
-        for e in _expand(dict(raw)):
+        raw = dict(raw)
+        raw["data"] = _local(path, raw["data"], f"model {raw['id']!r}: data") if "data" in raw else default_data
+        if raw["kind"] == "pretrained":
+            if "path" not in raw or "base" in raw or "attack" in raw:
+                raise TerdError(f"{path}: pretrained model {raw['id']!r} needs a 'path' (and no base or attack)")
+            raw["path"] = _local(path, raw["path"], f"model {raw['id']!r}: path")
+        elif "path" in raw:
+            raise TerdError(f"{path}: model {raw['id']!r}: 'path' is for kind pretrained (this one is built)")
+        for e in _expand(raw):
             try:
                 entries.append(ZooEntry(**{**e, "tags": tuple(e.get("tags", ()))}))
             except TypeError as exc:
@@ -97,7 +141,7 @@ def load_zoo(path: str | Path) -> list[ZooEntry]:
     if dup := sorted({i for i in ids if ids.count(i) > 1}):
         raise TerdError(f"{path}: duplicate model ids {dup}")
     for e in entries:
-        if e.kind != "benign" and e.base not in ids:
+        if e.kind not in ("benign", "pretrained") and e.base not in ids:
             raise TerdError(f"{path}: model {e.id!r} needs a 'base' defined in the zoo (got {e.base!r})")
         if e.kind == "attack" and not e.attack:
             raise TerdError(f"{path}: attack model {e.id!r} needs 'attack: baddiffusion|trojdiff|villan'")
@@ -106,6 +150,8 @@ def load_zoo(path: str | Path) -> list[ZooEntry]:
 
 def is_built(entry: ZooEntry, cache: Path) -> bool:
     """Finished and built with this entry's settings (a cached model built otherwise is refused, not reused)."""
+    if entry.kind == "pretrained":
+        return True  # exists (checked by load_zoo); never built
     d = cache / entry.id
     done = (d / "model_index.json").is_file() and (d / "train.json").is_file()
     done = done and (not entry.backdoored or (d / "attack.json").is_file())
@@ -144,7 +190,7 @@ def check_cached(entry: ZooEntry, model_dir: Path) -> None:
         from terd.attacks.base import load_attack
 
         cached = load_attack(model_dir)
-        wanted = build_attack(entry.attack, cached.image_shape, data_name=entry.dataset, **entry.args)
+        wanted = build_attack(entry.attack, cached.image_shape, data_name=entry.source, **entry.args)
         a, b = cached.config(), wanted.config()
         diff |= {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
         if not diff and not all(torch.equal(x, y) for x, y in zip(cached.true_trigger(), wanted.true_trigger(),
@@ -157,8 +203,10 @@ def check_cached(entry: ZooEntry, model_dir: Path) -> None:
 
 
 def build_entry(entry: ZooEntry, cache: str | Path, *, device: str = "cpu", progress: bool = False,
-                threads: int | None = None) -> Path:
+                threads: int | None = None, base_dir: str | Path | None = None) -> Path:
     """Build one model (resuming an interrupted build); its base must already be built.
+
+    ``base_dir``: where the base model is (default ``CACHE/<base>``; a ``pretrained`` base lives elsewhere).
 
     ``threads``: torch threads for this build (parallel builds share the cores; oversubscribed, each runs
     several times slower)."""
@@ -171,25 +219,27 @@ def build_entry(entry: ZooEntry, cache: str | Path, *, device: str = "cpu", prog
     from terd.train import train
 
     cache = Path(cache)
-    out = cache / entry.id
+    out = model_dir(entry, cache)
     if is_built(entry, cache):
         return out
     if threads:
         torch.set_num_threads(threads)
     preset = get_preset(entry.preset)
     if entry.kind == "benign":
-        ds = load_dataset(preset.dataset, channels=preset.channels, size=preset.size)
+        ds = load_dataset(entry.source, channels=preset.channels, size=preset.size)
         train(preset, ds, out, epochs=_expected_epochs(entry), seed=entry.seed, device=device, progress=progress)
         return out
-    base_dir = cache / entry.base
+    base_dir = Path(base_dir) if base_dir is not None else cache / entry.base
     base = load_denoiser(base_dir, device=device)
     if entry.kind == "benign-finetune":
-        ds = load_dataset(preset.dataset, channels=preset.channels, size=preset.size)
+        ds = load_dataset(entry.source, channels=preset.channels, size=preset.size)
         train(preset, ds, out, epochs=_expected_epochs(entry), seed=entry.seed, base=base, device=device, progress=progress,
               grid_size=16)  # the preview the attacks save (a 64-image DDPM grid costs ~10 min at 32 px)
         return out
-    attack = build_attack(entry.attack, base.image_shape, data_name=preset.dataset, **entry.args)
-    attack_model(attack, base_dir, out, epochs=_expected_epochs(entry), seed=entry.seed, device=device, progress=progress)
+    attack = build_attack(entry.attack, base.image_shape, data_name=entry.source, **entry.args)
+    ds = load_dataset(entry.data, channels=preset.channels, size=preset.size) if entry.data else None
+    attack_model(attack, base_dir, out, dataset=ds, epochs=_expected_epochs(entry), seed=entry.seed, device=device,
+                 progress=progress)
     return out
 
 
@@ -212,10 +262,14 @@ def build_zoo(entries: list[ZooEntry], cache: str | Path, *, workers: int = 1, d
     """Build every missing model, layer by layer, ``workers`` at a time (a local process pool)."""
     import os
     from concurrent.futures import ProcessPoolExecutor
-    from functools import partial
 
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
+    by_id = {e.id: e for e in entries}
+
+    def base_of(e: ZooEntry) -> Path | None:
+        return model_dir(by_id[e.base], cache) if e.base else None
+
     for layer in build_order(entries):
         todo = [e for e in layer if not is_built(e, cache)]
         if not todo:
@@ -223,11 +277,21 @@ def build_zoo(entries: list[ZooEntry], cache: str | Path, *, workers: int = 1, d
         echo(f"building {len(todo)} model(s): {', '.join(e.id for e in todo)}")
         if workers <= 1:
             for e in todo:
-                build_entry(e, cache, device=device)
+                build_entry(e, cache, device=device, base_dir=base_of(e))
                 echo(f"  built {e.id}")
         else:
-            build = partial(build_entry, cache=cache, device=device, threads=max(1, (os.cpu_count() or 1) // workers))
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                for e, _ in zip(todo, pool.map(build, todo), strict=True):
+            threads = max(1, (os.cpu_count() or 1) // workers)
+            with ProcessPoolExecutor(max_workers=workers, mp_context=pool_context(device)) as pool:
+                jobs = [pool.submit(build_entry, e, cache, device=device, threads=threads, base_dir=base_of(e))
+                        for e in todo]
+                for e, job in zip(todo, jobs, strict=True):
+                    job.result()
                     echo(f"  built {e.id}")
-    return [cache / e.id for e in entries]
+    return [model_dir(e, cache) for e in entries]
+
+
+def pool_context(device: str):  # noqa: ANN201
+    """Worker processes for ``device``: forked on CPU (cheap), spawned for a GPU (CUDA cannot be forked)."""
+    import multiprocessing
+
+    return None if device == "cpu" else multiprocessing.get_context("spawn")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from terd.cli import command
+from terd.cli import DeviceOpt, command, resolve_device
 from terd.errors import TerdError
 from terd.rates import INPUT_FPR
 
@@ -23,6 +23,9 @@ def bench(
     input_fpr: Annotated[float, typer.Option(help="Input detection: false-positive rate the threshold is set for.")] = INPUT_FPR,
     min_asr: Annotated[float, typer.Option(help="Backdoored models below this attack success are excluded.")] = 0.9,
     build_only: Annotated[bool, typer.Option(help="Only build (or finish building) the zoo.")] = False,
+    data: Annotated[Path | None, typer.Option(help="Training data for the zoo's builds (a local image folder, "
+                                              "CIFAR-10 directory or .npz), replacing the zoo file's 'data'.")] = None,
+    device: DeviceOpt = None,
 ) -> None:
     """Build the zoo (cached, resumable) and run the defenses on every model; write the report."""
     from terd.bench import run_bench
@@ -32,12 +35,14 @@ def bench(
     if out.exists() and any(out.iterdir()) and not earlier_bench:
         raise TerdError(f"{out}: directory is not empty and holds no earlier bench run; choose another --out")
     names = tuple(d.strip() for d in defenses.split(",") if d.strip())
+    dev = resolve_device(device)
     if build_only:
-        entries = load_zoo(zoo)
-        build_zoo(entries, cache or zoo.with_suffix("").parent / "zoo-cache", workers=workers, echo=typer.echo)
+        entries = load_zoo(zoo, data=data)
+        build_zoo(entries, cache or zoo.with_suffix("").parent / "zoo-cache", workers=workers, device=dev,
+                  echo=typer.echo)
         return
     summary = run_bench(zoo, out, defenses=names, cache=cache, workers=workers, n_inputs=n_inputs, min_asr=min_asr,
-                        input_fpr=input_fpr, echo=typer.echo)
+                        input_fpr=input_fpr, device=dev, data=data, echo=typer.echo)
     for row in summary["table"]:
         typer.echo(f"{row['defense']:>10} {row['dataset']:>9} {row['family']:<32} TPR {row['TPR']} TNR {row['TNR']} "
                    f"AUC {row['AUC']}")
