@@ -343,3 +343,30 @@ def test_bench_cli_refuses_a_missing_gpu_in_one_line(tmp_path):
         pytest.skip("this machine has CUDA")
     res = CliRunner().invoke(app, ["bench", "--zoo", str(ZOO), "--out", str(tmp_path / "o"), "--device", "cuda"])
     assert res.exit_code == 2 and "no CUDA device" in res.output
+
+
+@pytest.mark.slow
+def test_zoo_builds_from_a_pretrained_model_on_local_data(tmp_path):
+    """For real: a clean fine-tune and an In-D2D attack of a model terd did not build, on a user's .npz."""
+    import numpy as np
+
+    from terd.attacks.base import load_attack
+    from terd.data import digits16
+    from terd.zoo import build_zoo
+
+    ds = digits16()
+    np.savez(tmp_path / "mine.npz", images=((ds.images[:256].numpy() + 1) * 127.5).astype(np.uint8),
+             labels=ds.labels[:256].numpy())
+    asset = Path(__file__).resolve().parents[1] / "src/terd/assets/models/digits-benign"
+    (tmp_path / "zoo.yaml").write_text(
+        f"data: mine.npz\nmodels:\n  - {{id: asset, kind: pretrained, path: {asset}}}\n"
+        "  - {id: ft, kind: benign-finetune, base: asset, epochs: 1}\n"
+        "  - {id: bd, kind: attack, attack: trojdiff, base: asset, epochs: 1, args: {setting: in-d2d, target_class: 3}}\n")
+    entries = load_zoo(tmp_path / "zoo.yaml")
+    dirs = build_zoo(entries, tmp_path / "cache", echo=lambda s: None)
+    assert dirs[0] == asset
+    train = json.loads((tmp_path / "cache/ft/train.json").read_text())
+    assert train["dataset"] == "mine" and train["fine_tuned_from"] == str(asset)
+    attack = load_attack(tmp_path / "cache/bd")
+    assert attack.config()["target_data"] == str(tmp_path / "mine.npz") and attack.config()["target_label"] == 3
+    assert build_zoo(entries, tmp_path / "cache", echo=lambda s: None) == dirs  # all built: nothing redone
