@@ -110,18 +110,19 @@ def load_zoo(path: str | Path, *, data: str | Path | None = None) -> list[ZooEnt
     if not path.is_file():
         raise TerdError(f"{path}: no such zoo file")
     try:
-        data_key = yaml.safe_load(path.read_text())
+        doc = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise TerdError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data_key, dict) or not isinstance(data_key.get("models"), list):
+    if not isinstance(doc, dict) or not isinstance(doc.get("models"), list):
         raise TerdError(f"{path}: a zoo file needs a 'models:' list")
-    default_data = str(Path(data).expanduser().resolve()) if data is not None else data_key.get("data")
-    if data is not None and not Path(default_data).exists():
-        raise TerdError(f"--data {str(data)!r} does not exist")
-    if data is None and default_data is not None:
-        default_data = _local(path, default_data, "data")
+    if data is not None:  # relative to where the user is, not to the zoo file
+        if not Path(data).expanduser().exists():
+            raise TerdError(f"--data {str(data)!r} does not exist")
+        default_data = str(Path(data).expanduser().resolve())
+    else:
+        default_data = _local(path, doc["data"], "data") if "data" in doc else None
     entries: list[ZooEntry] = []
-    for raw in data_key["models"]:
+    for raw in doc["models"]:
         if not isinstance(raw, dict) or "id" not in raw or raw.get("kind") not in KINDS:
             raise TerdError(f"{path}: each model needs an 'id' and a 'kind' in {KINDS}; got {raw!r}"[:300])
         raw = dict(raw)
