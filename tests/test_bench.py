@@ -198,6 +198,19 @@ def test_attack_success_takes_the_best_sampler_the_attack_offers(monkeypatch):
     assert calls[3:] == ["trojdiff-ddpm"] and got["asr_by_sampler"] == {"trojdiff-ddim": 0.86, "trojdiff-ddpm": 0.95}
 
 
+def _write_true_trigger(model_dir: Path) -> "torch.Tensor":
+    """A gamma = 1 trigger on 2 x 2 pixels (its LLR is Gaussian, so its input-detection ceiling has a closed form)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from terd.attacks.base import TRUE_TRIGGER_FILE
+
+    r = torch.zeros(1, 16, 16)
+    r[0, :2, :2] = 1.5
+    save_file({"r": r, "gamma": torch.ones_like(r)}, str(model_dir / TRUE_TRIGGER_FILE))
+    return r
+
+
 def _fake_success(model_dir, n, seed, measured, device):  # noqa: ANN001
     assert measured == {"own": {"asr": 0.86, "clean_asr": 0.0, "attack": "fake"}}
     with (Path(model_dir).parent / "asr-calls.txt").open("a") as fh:
@@ -224,6 +237,7 @@ def test_bench_re_measures_only_the_attack_of_rows_saved_before_every_sampler(tm
     out = tmp_path / "out"
     bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, echo=lambda s: None)
     saved = json.loads((out / "rows" / "b0.json").read_text())
+    _write_true_trigger(cache / "b0")
     saved["row"] |= {"backdoored": True, "asr": 0.86, "clean_asr": 0.0, "attack": "fake"}  # as a backdoored row from before asr_by_sampler
     (out / "rows" / "b0.json").write_text(json.dumps(saved))
     bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, echo=lambda s: None)
@@ -233,6 +247,36 @@ def test_bench_re_measures_only_the_attack_of_rows_saved_before_every_sampler(tm
     assert row["asr"] == 0.95 and row["asr_by_sampler"] == {"s": 0.95}
     bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, echo=lambda s: None)
     assert (cache / "asr-calls.txt").read_text().split() == ["b0"]  # measured once
+
+
+def test_bench_fills_in_the_input_detection_ceiling_of_backdoored_rows_without_rerunning_them(tmp_path, monkeypatch):
+    import multiprocessing
+
+    from scipy.stats import norm
+
+    import terd.bench as bench
+
+    if multiprocessing.get_start_method() != "fork":
+        pytest.skip("the fake evaluator reaches the worker only through fork")
+    zoo = tmp_path / "zoo.yaml"
+    zoo.write_text("models:\n  - {id: b0, kind: benign, seed: 0}\n")
+    cache = tmp_path / "cache"
+    (cache / "b0").mkdir(parents=True)
+    (cache / "b0" / "model_index.json").write_text("{}")
+    (cache / "b0" / "train.json").write_text(json.dumps({"preset": "tiny-digits16", "seed": 0, "epochs": 40}))
+    r = _write_true_trigger(cache / "b0")
+    monkeypatch.setattr(bench, "evaluate_model", _fake_evaluate)
+    out = tmp_path / "out"
+    bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, echo=lambda s: None)
+    saved = json.loads((out / "rows" / "b0.json").read_text())
+    assert "input_tpr_bound" not in saved["row"]  # benign: no trigger, no ceiling
+    saved["row"] |= {"backdoored": True, "asr": 0.95, "clean_asr": 0.0, "attack": "fake", "asr_by_sampler": {"s": 0.95}}
+    (out / "rows" / "b0.json").write_text(json.dumps(saved))  # a backdoored row recorded before the ceiling existed
+    bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, input_fpr=bench.INPUT_FPR, echo=lambda s: None)
+    assert (out / "calls.txt").read_text().split() == ["b0"]  # the defenses were not run again
+    row = json.loads((out / "rows" / "b0.json").read_text())["row"]
+    norm_r = float(r.norm())  # LLR ~ N(-|r|^2/2, |r|^2) benign, N(+|r|^2/2, |r|^2) backdoor
+    assert row["input_tpr_bound"] == pytest.approx(norm.sf(norm.isf(bench.INPUT_FPR) - norm_r), abs=1e-6)
 
 
 FULL_SCALE_ZOO = ZOO.parent / "zoo-cifar10.yaml"

@@ -74,6 +74,16 @@ def input_detection_report(candidates: list, reported: int, r_true: torch.Tensor
     return out
 
 
+def input_tpr_bound(model_dir: str | Path, fpr: float) -> float:
+    """The best TPR any noise-space detector can reach on this model's true trigger at ``fpr`` (Neyman-Pearson):
+    the ceiling the input_TPR column is read against."""
+    from terd.attacks import load_true_trigger
+    from terd.defense.input_detection import best_possible_tpr
+    from terd.defense.trigger import Trigger
+
+    return round(best_possible_tpr(Trigger(*load_true_trigger(model_dir)), fpr), 6)
+
+
 ATTACK_N = 64  # samples per attack-success measurement (triggered and clean each)
 
 
@@ -225,6 +235,8 @@ def summarise(rows: list[dict], defenses: tuple[str, ...], min_asr: float) -> di
                     "input_TNR": round(min(i["tnr"] for i in inp), 4) if inp else None,
                     "input_TPR_rep": (round(min(i["tpr_reported_candidate"] for i in inp), 4)
                                       if inp and all("tpr_reported_candidate" in i for i in inp) else None),
+                    "input_TPR_bound": (round(min(m["input_tpr_bound"] for m in members), 4)
+                                        if inp and all("input_tpr_bound" in m for m in members) else None),
                     "trigger_l2": round(statistics.fmean(d["trigger_l2"] for d in ds), 3) if ds else None,
                     "evals": round(statistics.fmean(d["network_evaluations"] for d in ds)) if ds else None,
                     "seconds": round(statistics.fmean(d["seconds"] for d in ds), 1) if ds else None,
@@ -237,7 +249,7 @@ def summarise(rows: list[dict], defenses: tuple[str, ...], min_asr: float) -> di
 # --------------------------------------------------------------------------------------------------
 
 TABLE_COLUMNS = ["defense", "dataset", "family", "models", "benign_models", "TPR", "TNR", "AUC", "input_TPR",
-                 "input_TNR", "input_TPR_rep", "trigger_l2", "evals", "seconds"]
+                 "input_TNR", "input_TPR_rep", "input_TPR_bound", "trigger_l2", "evals", "seconds"]
 
 
 def _markdown(summary: dict, rows: list[dict], meta: dict) -> str:
@@ -254,7 +266,10 @@ def _markdown(summary: dict, rows: list[dict], meta: dict) -> str:
              "(their detector catches >= half of their own inputs) flags it, each at FPR "
              f"{meta.get('input_fpr', INPUT_FPR):g} / k from the closed-form benign law (union bound: at most "
              f"{meta.get('input_fpr', INPUT_FPR):g} in all, so the measured FPR stays <= 0.1%); input_TPR_rep: the "
-             "reported candidate alone at the same FPR. Worst model of each row shown.", "",
+             "reported candidate alone at the same FPR; input_TPR_bound: the most any detector of x_T alone can "
+             f"catch at FPR {meta.get('input_fpr', INPUT_FPR):g} (the true trigger's own likelihood-ratio test, "
+             "most powerful by Neyman-Pearson; closed form), so input_TPR is read against it. Worst model of each "
+             "row shown.", "",
              "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     for t in summary["table"]:
         lines.append("| " + " | ".join("" if t[c] is None else str(t[c]) for c in TABLE_COLUMNS) + " |")
@@ -367,13 +382,14 @@ def write_report(rows: list[dict], defenses: tuple[str, ...], out: Path, meta: d
     with (out / "results.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["id", "dataset", "family", "backdoored", "asr", "defense", "M_r", "V_r", "P_r", "spread", "flagged",
-                    "score", "trigger_l2", "input_tpr", "input_tnr", "input_tpr_reported_candidate", "evals", "seconds", "peak_rss_mb"])
+                    "score", "trigger_l2", "input_tpr", "input_tnr", "input_tpr_reported_candidate", "input_tpr_bound", "evals", "seconds", "peak_rss_mb"])
         for r in rows:
             for name, d in r["defenses"].items():
                 dec, inp = d.get("decision", {}), d.get("input_detection", {})
                 w.writerow([r["id"], r["dataset"], r["family"], r["backdoored"], r.get("asr"), name, d.get("M_r"),
                             d.get("V_r"), d.get("P_r"), d.get("spread"), dec.get("flagged"), dec.get("score"), d.get("trigger_l2"),
-                            inp.get("tpr"), inp.get("tnr"), inp.get("tpr_reported_candidate"), d["network_evaluations"], d["seconds"], r["peak_rss_mb"]])
+                            inp.get("tpr"), inp.get("tnr"), inp.get("tpr_reported_candidate"), r.get("input_tpr_bound"),
+                            d["network_evaluations"], d["seconds"], r["peak_rss_mb"]])
     (out / "report.md").write_text(_markdown(summary, rows, meta))
     meta["plots"] = _plots(rows, defenses, out, frozenset(summary["excluded_attacks_that_do_not_fire"]))
     for d in defenses:
@@ -464,6 +480,10 @@ def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...
             rows[e.id] = f.result()
             _save_row(out, keys[e.id], rows[e.id])
             echo(f"  evaluated {e.id}")
+    for e in entries:  # closed form, no network: also filled in on rows recorded before it existed
+        if rows[e.id]["backdoored"] and "input_tpr_bound" not in rows[e.id]:
+            rows[e.id]["input_tpr_bound"] = input_tpr_bound(model_dir(e, cache), input_fpr)
+            _save_row(out, keys[e.id], rows[e.id])
     meta = {"zoo": str(zoo_file), "defenses": list(defenses), "workers": workers, "cache": str(cache),
             "seconds": round(time.perf_counter() - t0, 1), "n_inputs": n_inputs, "input_fpr": input_fpr,
             "seed": seed, "device": device, "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",

@@ -15,6 +15,7 @@ from terd.defense.input_detection import (
     CandidateSetDetector,
     GuardReport,
     InputDetector,
+    best_possible_tpr,
     guard_inputs,
     guarded_sample,
     llr,
@@ -33,7 +34,7 @@ from terd.defense.trigger import Trigger
 
 __all__ = [
     "PRESETS", "BackdoorInputError", "CandidateSetDetector", "GuardReport", "InputDetector", "ModelVerdict", "ReversionConfig",
-    "ReversionResult", "Thresholds", "Trigger", "calibrate", "default_thresholds", "detect_model", "fit_thresholds",
+    "ReversionResult", "Thresholds", "Trigger", "best_possible_tpr", "calibrate", "default_thresholds", "detect_model", "fit_thresholds",
     "get_config", "guard_inputs", "guarded_sample", "kl_features", "llr", "load_input_detector", "reverse_trigger",
     "reversed_loss",
 ]
