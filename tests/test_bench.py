@@ -198,7 +198,7 @@ def test_attack_success_takes_the_best_sampler_the_attack_offers(monkeypatch):
     assert calls[3:] == ["trojdiff-ddpm"] and got["asr_by_sampler"] == {"trojdiff-ddim": 0.86, "trojdiff-ddpm": 0.95}
 
 
-def _write_true_trigger(model_dir: Path) -> "torch.Tensor":
+def _write_true_trigger(model_dir: Path):  # noqa: ANN202
     """A gamma = 1 trigger on 2 x 2 pixels (its LLR is Gaussian, so its input-detection ceiling has a closed form)."""
     import torch
     from safetensors.torch import save_file
