@@ -103,7 +103,11 @@ def test_bench_resumes_from_saved_rows(tmp_path, monkeypatch):
     assert sorted((out / "calls.txt").read_text().split()) == ["b0", "b1", "b2"]
     bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, echo=lambda s: None)
     assert len((out / "calls.txt").read_text().split()) == 3  # every row reused
-    assert "3 model(s) reused from an earlier run" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "3 model(s) reused from an earlier run" in report
+    runs = json.loads((out / "results.json").read_text())["meta"]["runs"]  # the first run's cost is kept
+    assert [sorted(r["evaluated"]) for r in runs] == [["b0", "b1", "b2"], []]
+    assert "Runs that evaluated models here: " in report and "3 model(s)." in report
     (cache / "b1" / "train.json").write_text(json.dumps({"preset": "tiny-digits16", "seed": 1, "epochs": 40,
                                                          "rebuilt": True}))
     summary = bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, echo=lambda s: None)
@@ -414,3 +418,16 @@ def test_zoo_builds_from_a_pretrained_model_on_local_data(tmp_path):
     attack = load_attack(tmp_path / "cache/bd")
     assert attack.config()["target_data"] == str(tmp_path / "mine.npz") and attack.config()["target_label"] == 3
     assert build_zoo(entries, tmp_path / "cache", echo=lambda s: None) == dirs  # all built: nothing redone
+
+
+def test_a_report_from_before_run_history_keeps_its_last_run(tmp_path):
+    from terd.bench import _earlier_runs, _runs_line
+
+    assert _earlier_runs(tmp_path) == []  # no earlier report
+    old = {"seconds": 7831.0, "workers": 1, "machine": "2 CPU cores", "reused_rows": ["a"],
+           "entries": [{"id": "a"}, {"id": "b"}, {"id": "c"}]}
+    (tmp_path / "results.json").write_text(json.dumps({"meta": old}))
+    runs = _earlier_runs(tmp_path)
+    assert [(r["seconds"], r["evaluated"]) for r in runs] == [(7831.0, ["b", "c"])]
+    line = _runs_line({"runs": runs, "entries": old["entries"]})[0]
+    assert "7831.0 s with 1 worker(s), 2 model(s)" in line and "(no recorded time): a." in line

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -252,6 +253,20 @@ TABLE_COLUMNS = ["defense", "dataset", "family", "models", "benign_models", "TPR
                  "input_TNR", "input_TPR_rep", "input_TPR_bound", "trigger_l2", "evals", "seconds"]
 
 
+def _runs_line(meta: dict) -> list[str]:
+    """Every run into this output directory that evaluated models: when, how long, how many."""
+    runs = [r for r in meta.get("runs", []) if r.get("evaluated")]
+    if not runs:
+        return []
+    line = "Runs that evaluated models here: " + "; ".join(
+        f"{r['finished'][:16].replace('T', ' ')} UTC, {r['seconds']} s with {r['workers']} worker(s), "
+        f"{len(r['evaluated'])} model(s)" for r in runs) + "."
+    timed = {i for r in runs for i in r["evaluated"]}
+    if untimed := [e["id"] for e in meta.get("entries", []) if e["id"] not in timed]:
+        line += f" Evaluated in runs before these (no recorded time): {', '.join(untimed)}."
+    return [line, ""]
+
+
 def _markdown(summary: dict, rows: list[dict], meta: dict) -> str:
     lines = ["# terd bench report", "",
              f"Zoo: `{meta['zoo']}`; defenses: {', '.join(meta['defenses'])}; {len(rows)} models; "
@@ -259,6 +274,7 @@ def _markdown(summary: dict, rows: list[dict], meta: dict) -> str:
              + (f", models on {meta['device']}" if meta.get("device", "cpu") != "cpu" else "")
              + (f"; {len(meta['reused_rows'])} model(s) reused from an earlier run with the same settings "
                 f"(not in that time): {', '.join(meta['reused_rows'])}." if meta.get("reused_rows") else "."), "",
+             *_runs_line(meta),
              "Thresholds: fitted per dataset on benign models only (mean + 3 std of each feature; Elijah: "
              "mean - 3 std of generation spread). A benign model is judged by thresholds fitted on the other "
              "benign models (leave-one-out); a backdoored model by all benign models. Input detection "
@@ -428,6 +444,22 @@ def _save_row(out: Path, key: dict, row: dict) -> None:
     (out / "rows" / f"{row['id']}.json").write_text(json.dumps({"key": key, "row": row}, indent=2, default=str))
 
 
+def _earlier_runs(out: Path) -> list[dict]:
+    """The runs recorded in OUT's previous report (a report from before runs were kept gives its last run, dated by
+    its file), so a rerun that only reuses rows does not erase what evaluating them cost."""
+    try:
+        meta = json.loads((out / "results.json").read_text())["meta"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    if "runs" in meta:
+        return list(meta["runs"])
+    done = set(meta.get("reused_rows", []))
+    mtime = datetime.fromtimestamp((out / "results.json").stat().st_mtime, timezone.utc)
+    return [{"finished": mtime.isoformat(timespec="seconds"), "seconds": meta.get("seconds"),
+             "workers": meta.get("workers"), "machine": meta.get("machine"),
+             "evaluated": [e["id"] for e in meta.get("entries", []) if e["id"] not in done]}]
+
+
 def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...] = ("terd-fast", "elijah"),
               cache: str | Path | None = None, workers: int = 1, n_inputs: int = 10_000, min_asr: float = 0.9,
               input_fpr: float = INPUT_FPR, seed: int = 0, device: str = "cpu", data: str | Path | None = None,
@@ -488,4 +520,7 @@ def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...
             "seconds": round(time.perf_counter() - t0, 1), "n_inputs": n_inputs, "input_fpr": input_fpr,
             "seed": seed, "device": device, "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
             "entries": [asdict(e) for e in entries], "reused_rows": reused}
+    meta["runs"] = _earlier_runs(out) + [{
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": meta["seconds"],
+        "workers": workers, "machine": meta["machine"], "evaluated": [e.id for e in entries if e.id not in reused]}]
     return write_report([rows[e.id] for e in entries], tuple(defenses), out, meta, min_asr, cache)

@@ -202,11 +202,14 @@ class _Law:
             return self.mean
         if not np.any(self.a):  # Gaussian: closed form
             return self.mean + self.std * float(special.ndtri(1.0 - p))
-        lo, hi = self.mean - 10 * self.std, self.mean + 10 * self.std
+        # bracket around the Gaussian guess, widening as needed: far from the answer the integrand oscillates
+        # fast and each tail evaluation costs more (2x2 patch at gamma 0.1: 17 s with a +-10 std bracket, 10 s now)
+        guess = self.mean + self.std * float(special.ndtri(1.0 - p))
+        lo, hi, step = guess - self.std, guess + self.std, self.std
         while self.sf(hi) > p:
-            hi += 10 * self.std
+            lo, hi, step = hi, hi + 2 * step, 2 * step
         while self.sf(lo) < p:
-            lo -= 10 * self.std
+            hi, lo, step = lo, lo - 2 * step, 2 * step
         return float(optimize.brentq(lambda q: self.sf(q) - p, lo, hi, xtol=1e-10 * max(1.0, self.std),
                                      rtol=1e-12))
 
