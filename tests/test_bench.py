@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from terd.errors import TerdError
 from terd.zoo import build_order, load_zoo
 
 ZOO = Path(__file__).resolve().parents[1] / "benchmarks/zoo-tiny.yaml"
+ASSET = Path(__file__).resolve().parents[1] / "src/terd/assets/models/digits-benign"
 
 
 def test_shipped_zoo_expands_and_orders():
@@ -338,7 +340,7 @@ def test_bad_local_paths_in_zoo_files(tmp_path, text, message):
 def test_a_pretrained_base_is_read_where_it_lives(tmp_path, monkeypatch):
     import terd.zoo as zoo_mod
 
-    (tmp_path / "google").mkdir()
+    shutil.copytree(ASSET, tmp_path / "google")
     f = tmp_path / "z.yaml"
     f.write_text("models:\n  - {id: g, kind: pretrained, path: google}\n"
                  "  - {id: bd, kind: attack, attack: baddiffusion, base: g}\n")
@@ -356,8 +358,8 @@ def test_bench_scans_a_pretrained_model_and_notices_when_its_files_change(tmp_pa
 
     if multiprocessing.get_start_method() != "fork":
         pytest.skip("the fake evaluator reaches the worker only through fork")
-    (tmp_path / "m1" / "unet").mkdir(parents=True)
-    (tmp_path / "m1" / "unet" / "weights.bin").write_text("a")
+    shutil.copytree(ASSET, tmp_path / "m1")
+    (tmp_path / "m1" / "train.json").unlink()  # a model from elsewhere: no terd training record
     zoo = tmp_path / "zoo.yaml"
     zoo.write_text("models:\n  - {id: p1, kind: pretrained, path: m1}\n")
     monkeypatch.setattr(bench, "evaluate_model", _fake_evaluate)
@@ -368,7 +370,8 @@ def test_bench_scans_a_pretrained_model_and_notices_when_its_files_change(tmp_pa
     saved = json.loads((out / "rows" / "p1.json").read_text())
     assert saved["key"]["entry"]["path"] == str((tmp_path / "m1").resolve())
     assert not (tmp_path / "cache" / "p1").exists()  # nothing copied or built
-    (tmp_path / "m1" / "unet" / "weights.bin").write_text("bb")  # the user replaced the weights
+    (tmp_path / "m1" / "unet" / "config.json").write_text(  # the user changed the model (same config, new bytes)
+        (tmp_path / "m1" / "unet" / "config.json").read_text() + "\n")
     bench.run_bench(zoo, out, defenses=("terd-fast",), cache=tmp_path / "cache", echo=lambda s: None)
     assert (out / "calls.txt").read_text().split() == ["p1", "p1"]
 
@@ -405,7 +408,7 @@ def test_zoo_builds_from_a_pretrained_model_on_local_data(tmp_path):
     ds = digits16()
     np.savez(tmp_path / "mine.npz", images=((ds.images[:256].numpy() + 1) * 127.5).astype(np.uint8),
              labels=ds.labels[:256].numpy())
-    asset = Path(__file__).resolve().parents[1] / "src/terd/assets/models/digits-benign"
+    asset = ASSET
     (tmp_path / "zoo.yaml").write_text(
         f"data: mine.npz\nmodels:\n  - {{id: asset, kind: pretrained, path: {asset}}}\n"
         "  - {id: ft, kind: benign-finetune, base: asset, epochs: 1}\n"
@@ -431,3 +434,17 @@ def test_a_report_from_before_run_history_keeps_its_last_run(tmp_path):
     assert [(r["seconds"], r["evaluated"]) for r in runs] == [(7831.0, ["b", "c"])]
     line = _runs_line({"runs": runs, "entries": old["entries"]})[0]
     assert "7831.0 s with 1 worker(s), 2 model(s)" in line and "(no recorded time): a." in line
+
+
+def test_a_broken_pretrained_model_stops_the_zoo_before_any_build(tmp_path, monkeypatch):
+    import terd.zoo as zoo_mod
+
+    shutil.copytree(ASSET, tmp_path / "google")
+    (tmp_path / "google" / "model_index.json").write_text("{not json")
+    f = tmp_path / "z.yaml"
+    f.write_text("models:\n  - {id: b, kind: benign}\n  - {id: g, kind: pretrained, path: google}\n")
+    built = []
+    monkeypatch.setattr(zoo_mod, "build_entry", lambda e, cache, device, base_dir: built.append(e.id))
+    with pytest.raises(TerdError, match="zoo model 'g': "):
+        zoo_mod.build_zoo(load_zoo(f), tmp_path / "cache", echo=lambda s: None)
+    assert built == []  # nothing trained before the broken model was found

@@ -258,6 +258,19 @@ def build_order(entries: list[ZooEntry]) -> list[list[ZooEntry]]:
     return layers
 
 
+def check_pretrained(entries: list[ZooEntry]) -> None:
+    """Load every ``pretrained`` model once before any work, so a broken one fails the run at the start, not
+    after hours of builds that come before its first use."""
+    from terd.models import load_denoiser
+
+    for e in entries:
+        if e.kind == "pretrained":
+            try:
+                load_denoiser(e.path)
+            except TerdError as exc:
+                raise TerdError(f"zoo model {e.id!r}: {exc}") from None
+
+
 def build_zoo(entries: list[ZooEntry], cache: str | Path, *, workers: int = 1, device: str = "cpu",
               echo: Callable[[str], None] = print) -> list[Path]:
     """Build every missing model, layer by layer, ``workers`` at a time (a local process pool)."""
@@ -267,6 +280,7 @@ def build_zoo(entries: list[ZooEntry], cache: str | Path, *, workers: int = 1, d
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     by_id = {e.id: e for e in entries}
+    check_pretrained(entries)
 
     def base_of(e: ZooEntry) -> Path | None:
         return model_dir(by_id[e.base], cache) if e.base else None
