@@ -217,17 +217,9 @@ def _write_true_trigger(model_dir: Path):  # noqa: ANN202
     return r
 
 
-def _fake_success(model_dir, n, seed, measured, device):  # noqa: ANN001
-    assert measured == {"own": {"asr": 0.86, "clean_asr": 0.0, "attack": "fake"}}
-    with (Path(model_dir).parent / "asr-calls.txt").open("a") as fh:
-        fh.write(Path(model_dir).name + "\n")
-    return {"asr": 0.95, "clean_asr": 0.0, "asr_sampler": "s", "asr_by_sampler": {"s": 0.95}, "attack": "fake"}
-
-
-def test_bench_re_measures_only_the_attack_of_rows_saved_before_every_sampler(tmp_path, monkeypatch):
+def _one_built_model_zoo(tmp_path: Path) -> tuple[Path, Path]:
+    """A one-model zoo whose model is already in the cache (the fakes reach the bench's workers only by fork)."""
     import multiprocessing
-
-    import terd.bench as bench
 
     if multiprocessing.get_start_method() != "fork":
         pytest.skip("the fakes reach the worker only through fork")
@@ -237,6 +229,21 @@ def test_bench_re_measures_only_the_attack_of_rows_saved_before_every_sampler(tm
     (cache / "b0").mkdir(parents=True)
     (cache / "b0" / "model_index.json").write_text("{}")
     (cache / "b0" / "train.json").write_text(json.dumps({"preset": "tiny-digits16", "seed": 0, "epochs": 40}))
+    return zoo, cache
+
+
+def _fake_success(model_dir, n, seed, measured, device):  # noqa: ANN001
+    assert measured == {"own": {"asr": 0.86, "clean_asr": 0.0, "attack": "fake"}}
+    with (Path(model_dir).parent / "asr-calls.txt").open("a") as fh:
+        fh.write(Path(model_dir).name + "\n")
+    return {"asr": 0.95, "clean_asr": 0.0, "asr_sampler": "s", "asr_by_sampler": {"s": 0.95}, "attack": "fake"}
+
+
+def test_bench_re_measures_only_the_attack_of_rows_saved_before_every_sampler(tmp_path, monkeypatch):
+
+    import terd.bench as bench
+
+    zoo, cache = _one_built_model_zoo(tmp_path)
     monkeypatch.setattr(bench, "evaluate_model", _fake_evaluate)
     monkeypatch.setattr(bench, "attack_success", _fake_success)
     monkeypatch.setattr(bench, "_earlier_success", lambda d, row: {"own": {k: row[k] for k in ("asr", "clean_asr", "attack")}})
@@ -256,20 +263,12 @@ def test_bench_re_measures_only_the_attack_of_rows_saved_before_every_sampler(tm
 
 
 def test_bench_fills_in_the_input_detection_ceiling_of_backdoored_rows_without_rerunning_them(tmp_path, monkeypatch):
-    import multiprocessing
 
     from scipy.stats import norm
 
     import terd.bench as bench
 
-    if multiprocessing.get_start_method() != "fork":
-        pytest.skip("the fake evaluator reaches the worker only through fork")
-    zoo = tmp_path / "zoo.yaml"
-    zoo.write_text("models:\n  - {id: b0, kind: benign, seed: 0}\n")
-    cache = tmp_path / "cache"
-    (cache / "b0").mkdir(parents=True)
-    (cache / "b0" / "model_index.json").write_text("{}")
-    (cache / "b0" / "train.json").write_text(json.dumps({"preset": "tiny-digits16", "seed": 0, "epochs": 40}))
+    zoo, cache = _one_built_model_zoo(tmp_path)
     r = _write_true_trigger(cache / "b0")
     monkeypatch.setattr(bench, "evaluate_model", _fake_evaluate)
     out = tmp_path / "out"
