@@ -25,7 +25,7 @@ from common import write_results  # noqa: E402
 from terd.attacks import load_attack  # noqa: E402
 from terd.data import load_dataset  # noqa: E402
 from terd.models import load_denoiser  # noqa: E402
-from terd.sampling import ddpm_step  # noqa: E402
+from terd.sampling import ddpm_sample  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = [("runs/zoo-photos32/p32-benign-s0-e20", "photos32"), ("runs/zoo-photos32/p32-bd-box-hat-e24", "photos32"),
@@ -37,12 +37,12 @@ N, CHECKPOINTS = 8, (999, 700, 500, 300, 0)
 def follow(den, x: torch.Tensor, gen: torch.Generator) -> tuple[dict, torch.Tensor]:  # noqa: ANN001
     """Unclipped DDPM from x; x_t's std and out-of-range fraction at the checkpoints, and the final images."""
     trace = {}
-    for t in reversed(range(den.num_timesteps)):
-        eps = den(x, torch.full((x.shape[0],), t))
-        x = ddpm_step(x, eps, t, den.schedule, noise=torch.randn(x.shape, generator=gen), clip_sample=False)
+
+    def record(t: int, x_t: torch.Tensor) -> None:
         if t in CHECKPOINTS:
-            trace[t] = (round(float(x.std()), 3), round(float((x.abs() > 1).float().mean()), 3))
-    return trace, x
+            trace[t] = (round(float(x_t.std()), 3), round(float((x_t.abs() > 1).float().mean()), 3))
+
+    return trace, ddpm_sample(den, x, generator=gen, clip_sample=False, callback=record)
 
 
 def main() -> None:

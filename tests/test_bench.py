@@ -432,6 +432,8 @@ def test_a_report_from_before_run_history_keeps_its_last_run(tmp_path):
     runs = _earlier_runs(tmp_path)
     assert [(r["seconds"], r["evaluated"]) for r in runs] == [(7831.0, ["b", "c"])]
     line = _runs_line({"runs": runs, "entries": old["entries"]})[0]
+    (tmp_path / "results.json").write_text(json.dumps({"meta": {"runs": [{"seconds": 1}]}}))
+    assert _earlier_runs(tmp_path) == []  # a damaged record is dropped, not a crash
     assert "7831.0 s with 1 worker(s), 2 model(s)" in line and "(no recorded time): a." in line
 
 

@@ -444,6 +444,9 @@ def _save_row(out: Path, key: dict, row: dict) -> None:
     (out / "rows" / f"{row['id']}.json").write_text(json.dumps({"key": key, "row": row}, indent=2, default=str))
 
 
+RUN_FIELDS = {"finished", "seconds", "workers", "evaluated"}
+
+
 def _earlier_runs(out: Path) -> list[dict]:
     """The runs recorded in OUT's previous report (a report from before runs were kept gives its last run, dated by
     its file), so a rerun that only reuses rows does not erase what evaluating them cost."""
@@ -452,7 +455,9 @@ def _earlier_runs(out: Path) -> list[dict]:
     except (OSError, ValueError, KeyError, TypeError):
         return []
     if "runs" in meta:
-        return list(meta["runs"])
+        runs = meta["runs"]
+        ok = isinstance(runs, list) and all(isinstance(r, dict) and RUN_FIELDS <= r.keys() for r in runs)
+        return list(runs) if ok else []  # an edited or damaged record is dropped, not a crash
     done = set(meta.get("reused_rows", []))
     mtime = datetime.fromtimestamp((out / "results.json").stat().st_mtime, timezone.utc)
     return [{"finished": mtime.isoformat(timespec="seconds"), "seconds": meta.get("seconds"),

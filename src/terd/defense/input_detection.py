@@ -133,9 +133,9 @@ def _quadratic_form(mean: np.ndarray, scale: np.ndarray, r: np.ndarray, g: np.nd
 
 def _quad_segment(f: Callable[[float], float], lo: float, hi: float) -> float:
     """Integral of f over [lo, hi], without quad's IntegrationWarning: a few pixels at very small gamma make the
-    integrand oscillate fast and quad warns on some segments, yet the sum stays accurate (2x2 TrojDiff patch at
-    gamma 0.1: the tail agrees to 6e-10 with the same segments split 32 ways, and with Monte Carlo to 4e-4 over
-    2e5 draws), so the warning would only alarm users of ``check-inputs``."""
+    integrand oscillate fast and quad warns on some segments, yet the sum stays accurate (a 2x2 patch at gamma
+    0.1 matches Monte Carlo in ``benchmarks/results/tight_trigger.md`` and in the tests), so the warning would
+    only alarm users of ``check-inputs``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", integrate.IntegrationWarning)
         return integrate.quad(f, lo, hi, limit=200, epsabs=1e-12, epsrel=1e-10)[0]
@@ -203,7 +203,7 @@ class _Law:
         if not np.any(self.a):  # Gaussian: closed form
             return self.mean + self.std * float(special.ndtri(1.0 - p))
         # bracket around the Gaussian guess, widening as needed: far from the answer the integrand oscillates
-        # fast and each tail evaluation costs more (2x2 patch at gamma 0.1: 17 s with a +-10 std bracket, 10 s now)
+        # faster and each evaluation costs more (a tight trigger's cost: benchmarks/results/tight_trigger.md)
         guess = self.mean + self.std * float(special.ndtri(1.0 - p))
         lo, hi, step = guess - self.std, guess + self.std, self.std
         while self.sf(hi) > p:
