@@ -33,6 +33,10 @@ def test_shipped_zoo_expands_and_orders():
     ("models:\n  - {id: a, kind: benign}\n  - {id: a, kind: benign}", "duplicate"),
     ("models:\n  - {id: a, kind: weird}", "kind"),
     ("models: [", "invalid YAML"),
+    ("models:\n  - {id: a, kind: benign, unet: {norm_groups: 8}}", r"unknown UNet2DModel settings \['norm_groups'\]"),
+    ("models:\n  - {id: a, kind: benign, unet: 8}", "'unet' must be a mapping"),
+    ("models:\n  - {id: a, kind: benign}\n  - {id: b, kind: benign-finetune, base: a, unet: {norm_num_groups: 8}}",
+     "'unet' is for kind benign"),
 ])
 def test_bad_zoo_files(tmp_path, text, message):
     f = tmp_path / "z.yaml"
@@ -172,6 +176,34 @@ def test_a_cached_model_built_with_other_settings_is_refused_not_reused(tmp_path
     save_attack(build_attack("baddiffusion", (1, 16, 16), trigger="stop-sign", target="hat"), cache / "bd")
     with pytest.raises(TerdError, match="other settings than zoo entry 'bd': trigger 'stop-sign' \\(entry: 'box'\\)"):
         is_built(bd, cache)
+
+
+def test_a_cached_model_of_another_architecture_is_refused_and_unet_overrides_build_variants(tmp_path):
+    """A preset's network may change between releases: a model cached under another one is refused, not
+    reused; a benign entry's ``unet`` builds (and pins) a variant of the preset's network."""
+    from diffusers import UNet2DModel
+
+    from terd.presets import get_preset
+    from terd.zoo import is_built
+
+    f = tmp_path / "z.yaml"
+    f.write_text("models:\n  - {id: plain, kind: benign, epochs: 3}\n"
+                 "  - {id: groups8, kind: benign, epochs: 3, unet: {norm_num_groups: 8}}\n")
+    plain, groups8 = load_zoo(f)
+    assert plain.preset_spec() is get_preset(plain.preset)
+    assert groups8.preset_spec().unet_config()["norm_num_groups"] == 8
+    assert groups8.preset_spec().unet["block_out_channels"] == get_preset(plain.preset).unet["block_out_channels"]
+    cache = tmp_path / "cache"
+    for e in (plain, groups8):  # both cached with the preset's own network (diffusers' default: 32 groups)
+        UNet2DModel(**get_preset(e.preset).unet_config()).save_pretrained(cache / e.id / "unet")
+        (cache / e.id / "model_index.json").write_text("{}")
+        (cache / e.id / "train.json").write_text(json.dumps({"preset": e.preset, "seed": 0, "epochs": 3}))
+    assert is_built(plain, cache)
+    with pytest.raises(TerdError, match=r"other settings than zoo entry 'groups8': norm_num_groups 32 \(entry: 8\)"):
+        is_built(groups8, cache)
+    UNet2DModel(**groups8.preset_spec().unet_config()).save_pretrained(cache / "plain" / "unet")
+    with pytest.raises(TerdError, match=r"other settings than zoo entry 'plain': norm_num_groups 8 \(entry: 32\)"):
+        is_built(plain, cache)  # a setting the preset leaves at diffusers' default counts too
 
 
 def test_attack_success_takes_the_best_sampler_the_attack_offers(monkeypatch):

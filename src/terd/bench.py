@@ -425,9 +425,10 @@ def _model_fingerprint(model_dir: Path) -> str:
 
 
 def _entry_key(entry: ZooEntry) -> dict:
-    """The entry as a row's settings key. Fields added after rows were recorded (path, data) are left out
-    while unset, so those rows stay valid."""
-    return {k: v for k, v in asdict(entry).items() if not (k in ("path", "data") and v is None)}
+    """The entry as a row's settings key. Fields added after rows were recorded (path, data, unet) are left
+    out while unset, so those rows stay valid."""
+    return {k: v for k, v in asdict(entry).items() if not ((k in ("path", "data") and v is None)
+                                                          or (k == "unet" and not v))}
 
 
 def _cached_row(path: Path, key: dict) -> dict | None:

@@ -3,7 +3,8 @@
 A zoo file (YAML) lists entries; an entry with a ``matrix`` expands into the product of its values
 (``id`` may use them as ``{name}``). Kinds:
 
-* ``benign``: ``terd train`` from scratch (``preset``, ``seed``, ``epochs``);
+* ``benign``: ``terd train`` from scratch (``preset``, ``seed``, ``epochs``; ``unet`` overrides the preset's
+  architecture, e.g. ``{norm_num_groups: 32}`` to rebuild a model made before a preset changed);
 * ``benign-finetune``: the base model fine-tuned on clean data with the attacks' schedule — the control
   that fine-tuning alone is not flagged;
 * ``attack``: ``terd attack`` on a base model (``attack`` + ``args`` of :func:`terd.attacks.build_attack`);
@@ -43,6 +44,16 @@ class ZooEntry:
     tags: tuple[str, ...] = ()
     path: str | None = None  # pretrained: the model's directory
     data: str | None = None  # training data (a local path) instead of the preset's built-in dataset
+    unet: dict = field(default_factory=dict)  # benign: UNet2DModel settings that replace the preset's
+
+    def preset_spec(self):  # noqa: ANN201
+        """The entry's preset with its ``unet`` overrides applied (what a from-scratch build trains)."""
+        import dataclasses
+
+        from terd.presets import get_preset
+
+        preset = get_preset(self.preset)
+        return dataclasses.replace(preset, unet={**preset.unet, **self.unet}) if self.unet else preset
 
     @property
     def backdoored(self) -> bool:
@@ -102,6 +113,24 @@ def _local(path: Path, value: object, what: str) -> str:
     return str(p.resolve())
 
 
+def _check_unet_overrides(path: Path, raw: dict) -> None:
+    """``unet`` is for models trained from scratch (the others take their base's network) and must name
+    UNet2DModel settings."""
+    import inspect
+
+    from diffusers import UNet2DModel
+
+    if raw["kind"] != "benign":
+        raise TerdError(f"{path}: model {raw['id']!r}: 'unet' is for kind benign (a {raw['kind']} model takes "
+                        "its base's network)")
+    unet = raw["unet"]
+    if not isinstance(unet, dict):
+        raise TerdError(f"{path}: model {raw['id']!r}: 'unet' must be a mapping of UNet2DModel settings")
+    known = set(inspect.signature(UNet2DModel.__init__).parameters) - {"self"}
+    if bad := sorted(set(unet) - known):
+        raise TerdError(f"{path}: model {raw['id']!r}: unknown UNet2DModel settings {bad}")
+
+
 def load_zoo(path: str | Path, *, data: str | Path | None = None) -> list[ZooEntry]:
     """Read and validate a zoo file; bases must be defined and ids unique.
 
@@ -133,6 +162,8 @@ def load_zoo(path: str | Path, *, data: str | Path | None = None) -> list[ZooEnt
             raw["path"] = _local(path, raw["path"], f"model {raw['id']!r}: path")
         elif "path" in raw:
             raise TerdError(f"{path}: model {raw['id']!r}: 'path' is for kind pretrained (this one is built)")
+        if "unet" in raw:
+            _check_unet_overrides(path, raw)
         for e in _expand(raw):
             try:
                 entries.append(ZooEntry(**{**e, "tags": tuple(e.get("tags", ()))}))
@@ -173,6 +204,24 @@ def _expected_epochs(entry: ZooEntry) -> int:
     return DEFAULTS.get(entry.attack or "baddiffusion", DEFAULTS["baddiffusion"]).epochs
 
 
+def _architecture_diff(entry: ZooEntry, model_dir: Path) -> dict:
+    """Network settings where a from-scratch model differs from its entry's preset (+ ``unet``): a preset's
+    architecture may change between releases, and a cached model of the old one must not pass for the new."""
+    import inspect
+    import json
+
+    from diffusers import UNet2DModel
+
+    try:
+        have = json.loads((model_dir / "unet" / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}  # no network config to compare (loading the model reports a broken one)
+    defaults = {k: p.default for k, p in inspect.signature(UNet2DModel.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    want = json.loads(json.dumps(defaults | entry.preset_spec().unet_config()))  # tuples as lists, like the file
+    return {k: (have[k], v) for k, v in want.items() if k in have and have[k] != v}
+
+
 def check_cached(entry: ZooEntry, model_dir: Path) -> None:
     """Refuse a cached model whose recorded preset, seed, epochs or attack (config and true trigger) differ from
     its zoo entry: editing an entry must not silently reuse a model built with the old settings."""
@@ -186,6 +235,8 @@ def check_cached(entry: ZooEntry, model_dir: Path) -> None:
         raise TerdError(f"{model_dir}/train.json is unreadable ({exc}); delete {model_dir} to rebuild it") from None
     want = {"preset": entry.preset, "seed": entry.seed, "epochs": _expected_epochs(entry)}
     diff = {k: (rec.get(k), v) for k, v in want.items() if rec.get(k) != v}
+    if entry.kind == "benign":
+        diff |= _architecture_diff(entry, model_dir)
     if entry.backdoored:
         from terd.attacks import build_attack
         from terd.attacks.base import load_attack
@@ -216,7 +267,6 @@ def build_entry(entry: ZooEntry, cache: str | Path, *, device: str = "cpu", prog
     from terd.attacks import attack_model, build_attack
     from terd.data import load_dataset
     from terd.models import load_denoiser
-    from terd.presets import get_preset
     from terd.train import train
 
     cache = Path(cache)
@@ -225,7 +275,7 @@ def build_entry(entry: ZooEntry, cache: str | Path, *, device: str = "cpu", prog
         return out
     if threads:
         torch.set_num_threads(threads)
-    preset = get_preset(entry.preset)
+    preset = entry.preset_spec()
     if entry.kind == "benign":
         ds = load_dataset(entry.source, channels=preset.channels, size=preset.size)
         train(preset, ds, out, epochs=_expected_epochs(entry), seed=entry.seed, device=device, progress=progress)
