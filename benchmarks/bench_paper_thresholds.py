@@ -1,7 +1,7 @@
 """Thresholds for the `paper` preset: the reference schedule on four benign tiny-digits16 models.
 
 Features depend on the reversion schedule, so `fast`'s thresholds are not valid for `paper` scans. This
-script reverses the three benign calibration models that `fast`'s shipped thresholds come from
+script reverses the three benign calibration models that `fast`'s first shipped thresholds came from
 (bench_detection.py: seeds 1, 2, 3) and a fourth benign model (seed 5, added after the three-model fit
 flagged the held-out seed-4 model: three values give a rough std) with the full `paper` schedule, fits
 mean + 3 std of M_r, V_r and P_r on them (benign-only, the paper's rule), installs the result as terd's

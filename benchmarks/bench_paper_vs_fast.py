@@ -6,7 +6,7 @@ presets back to back in one process (same seed, same thread count) on each model
 M_r / V_r of each, network evaluations, seconds, their ratios, l2 of the reversed r to the true trigger
 and input-detection TPR/TNR of each reversed trigger (attacked models), and `fast`'s verdict under the
 shipped `fast` thresholds. The table judges `paper`'s features with the shipped `paper` thresholds
-(bench_paper_thresholds.py: the same three benign calibration models as `fast`'s) when they exist.
+(bench_paper_thresholds.py: benign seeds 1, 2, 3 and 5) when they exist.
 
 One file per model under benchmarks/results/paper_vs_fast/ (so models can run in parallel processes);
 the summary table benchmarks/results/paper_vs_fast.md is rebuilt from all of them after each model.

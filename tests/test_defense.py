@@ -345,6 +345,17 @@ def test_default_thresholds_need_three_benign_models(tmp_path):
     assert default_thresholds("fast", tmp_path / "d.json") is None
 
 
+def test_shipped_thresholds_were_not_fitted_on_the_demo_models():
+    """The demo judges demo-benign and demo-trojdiff with the shipped thresholds: neither (nor a model with
+    the same weights: the bench's d16-benign-s4-e35 and runs/benign/digits-s4-e35 are demo-benign) may be in a fit."""
+    from terd.defense.calibration import default_thresholds
+
+    twins = ("demo-benign", "demo-trojdiff", "s4-e35", "d2i-blend-e12")
+    for preset in ("fast", "paper"):
+        models = default_thresholds(preset).provenance["models"]
+        assert models and not [m for m in models for twin in twins if twin in m], (preset, models)
+
+
 # ---------------------------------------------------------------- input detection
 
 def test_gamma_one_reduces_to_paper_rule():

@@ -4,7 +4,8 @@ The shipped file ``default_thresholds.json`` holds one entry per reversion prese
 the schedule, so a threshold fitted with ``fast`` is not valid for ``paper``). An entry is ``null``
 until it has been fitted honestly on at least 3 benign models; ``scan`` then reports the features and
 says that no calibrated threshold is available instead of guessing. Each entry's provenance says which
-models, preset and seed produced it (``fast`` and ``paper``: the same three benign tiny-digits16 models).
+models, preset and seed produced it (``fast``: six benign tiny-digits16 models of the headline bench;
+``paper``: four benign tiny-digits16 models).
 """
 
 from __future__ import annotations
