@@ -35,6 +35,7 @@ def test_shipped_zoo_expands_and_orders():
     ("models: [", "invalid YAML"),
     ("models:\n  - {id: a, kind: benign, unet: {norm_groups: 8}}", r"unknown UNet2DModel settings \['norm_groups'\]"),
     ("models:\n  - {id: a, kind: benign, unet: 8}", "'unet' must be a mapping"),
+    ("models:\n  - {id: a, kind: benign, unet: {norm_num_groups: 7}}", "the 'unet' settings make no network"),
     ("models:\n  - {id: a, kind: benign}\n  - {id: b, kind: benign-finetune, base: a, unet: {norm_num_groups: 8}}",
      "'unet' is for kind benign"),
 ])

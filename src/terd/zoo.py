@@ -4,7 +4,7 @@ A zoo file (YAML) lists entries; an entry with a ``matrix`` expands into the pro
 (``id`` may use them as ``{name}``). Kinds:
 
 * ``benign``: ``terd train`` from scratch (``preset``, ``seed``, ``epochs``; ``unet`` overrides the preset's
-  architecture, e.g. ``{norm_num_groups: 32}`` to rebuild a model made before a preset changed);
+  UNet2DModel settings, e.g. ``{norm_num_groups: 8}``, to build a variant of its network);
 * ``benign-finetune``: the base model fine-tuned on clean data with the attacks' schedule — the control
   that fine-tuning alone is not flagged;
 * ``attack``: ``terd attack`` on a base model (``attack`` + ``args`` of :func:`terd.attacks.build_attack`);
@@ -114,11 +114,14 @@ def _local(path: Path, value: object, what: str) -> str:
 
 
 def _check_unet_overrides(path: Path, raw: dict) -> None:
-    """``unet`` is for models trained from scratch (the others take their base's network) and must name
-    UNet2DModel settings."""
+    """``unet`` is for models trained from scratch (the others take their base's network) and must make a
+    UNet2DModel with the preset's other settings (checked on the meta device: nothing is allocated)."""
     import inspect
 
+    import torch
     from diffusers import UNet2DModel
+
+    from terd.presets import get_preset
 
     if raw["kind"] != "benign":
         raise TerdError(f"{path}: model {raw['id']!r}: 'unet' is for kind benign (a {raw['kind']} model takes "
@@ -129,6 +132,12 @@ def _check_unet_overrides(path: Path, raw: dict) -> None:
     known = set(inspect.signature(UNet2DModel.__init__).parameters) - {"self"}
     if bad := sorted(set(unet) - known):
         raise TerdError(f"{path}: model {raw['id']!r}: unknown UNet2DModel settings {bad}")
+    try:
+        with torch.device("meta"):
+            UNet2DModel(**{**get_preset(raw.get("preset", ZooEntry.preset)).unet_config(), **unet})
+    except (ValueError, TypeError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TerdError(f"{path}: model {raw['id']!r}: the 'unet' settings make no network ({first})") from None
 
 
 def load_zoo(path: str | Path, *, data: str | Path | None = None) -> list[ZooEntry]:
