@@ -6,7 +6,12 @@ d mean(eps_theta) / d mean(x_t) ~ 1. A network that answers ~0 leaves the DC of 
 where it is multiplied by 1/sqrt(alpha_t): over the whole chain by 1/sqrt(abar_T) ~ 160, which turns the
 ~0.03 DC of 32 x 32 noise into the flat colours of std ~5 that the sampler ends on.
 
-Three measurements:
+Four measurements:
+* ``ideal``: the gain the data asks for, if each image's per-channel mean a ~ N(mu, var_a) (var_a measured over
+  the dataset) and the noise's mean ~ N(0, 1/(H*W)): Cov(e, x_t) / Var(x_t) of the means at step t. Digits
+  have nearly one brightness (var_a 0.005), so the gain should be ~1 from t = 999 down to ~500; photos vary
+  48x more, so it should fall from ~1 at t = 999 to ~0 by t = 500. A network meets the loss almost everywhere
+  without it, which is why the DDPM loss hardly teaches it on photos.
 * ``recorded``: the gain of the bench's models (photos32 and digits16 bases and BadDiffusion models).
 * ``capacity``: is the gain learnable by this architecture at all? A fresh tiny-photos32 UNet (diffusers'
   default 32 norm groups = one channel per group, and 8 groups) trained 150 Adam steps on the DC alone, with
@@ -56,6 +61,18 @@ def dc_gain(eps, shape: tuple[int, ...], t: int, shift: float = 0.05) -> float: 
 
 def gains(eps, shape: tuple[int, ...]) -> dict:  # noqa: ANN001
     return {f"gain@t{t}": dc_gain(eps, shape, t) for t in TIMES}
+
+
+def ideal_gains(dataset: str) -> dict:
+    """Cov(noise mean, x_t mean) / Var(x_t mean) under a Gaussian model of the images' per-channel means."""
+    from terd.models.schedule import NoiseSchedule
+
+    x = load_dataset(dataset).images
+    var_a, var_e = float(x.mean(dim=(2, 3)).var(dim=0).mean()), 1 / (x.shape[2] * x.shape[3])
+    abar = NoiseSchedule.linear().alphas_cumprod
+    gain = {f"gain@t{t}": round(float((1 - abar[t]).sqrt() * var_e / (abar[t] * var_a + (1 - abar[t]) * var_e)), 3)
+            for t in TIMES}
+    return {"model": f"{dataset} data", "setting": "ideal", "training": f"var of the images' means {var_a:.4f}", **gain}
 
 
 def capacity(groups: int, steps: int = 150) -> dict:
@@ -114,7 +131,7 @@ def finetune(path: str, steps: int = 200, weight: float = 0.0, offset: float = 0
 
 def main() -> None:
     torch.set_num_threads(1)
-    rows = []
+    rows = [ideal_gains(d) for d in ("photos32", "digits16")]
     for path in RECORDED:
         den = load_denoiser(ROOT / path)
         rows.append({"model": Path(path).name, "setting": "recorded", "training": "as built by the zoo",
