@@ -98,12 +98,18 @@ def ddpm_end_std(den) -> float:  # noqa: ANN001
     return round(float(ddpm_sample(den, torch.randn((8, *den.image_shape), generator=g), generator=g).std()), 3)
 
 
-def finetune(path: str, steps: int = 200, weight: float = 0.0, offset: float = 0.0) -> list[dict]:
+def unchanged(path: str, setting: str) -> dict:
+    """The fine-tunes' starting point: the model's gains and DDPM spread as built."""
+    den = load_denoiser(ROOT / path)
+    return {"model": Path(path).name, "setting": setting, "training": "before",
+            **gains(den, den.image_shape), "ddpm_std_at_end": ddpm_end_std(den)}
+
+
+def finetune(path: str, steps: int = 200, weight: float = 0.0, offset: float = 0.0) -> dict:
     """Fine-tune on the DDPM loss plus ``weight`` x the squared error of the per-channel mean; ``offset``: add
     offset noise (a per-image, per-channel constant ~ N(0, offset^2)) to the noise the network must predict."""
     den = load_denoiser(ROOT / path)
     net = den.network
-    before = {**gains(eps_of(net.eval()), den.image_shape), "ddpm_std_at_end": ddpm_end_std(den)}
     net.train().requires_grad_(True)
     abar = den.schedule.alphas_cumprod
     data = load_dataset("photos32").images
@@ -122,11 +128,10 @@ def finetune(path: str, steps: int = 200, weight: float = 0.0, offset: float = 0
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
     after = {**gains(eps_of(net.eval()), den.image_shape), "ddpm_std_at_end": ddpm_end_std(den)}
-    name = Path(path).name
     setting = "dc-weighted fine-tune" if weight else "offset-noise fine-tune"
     loss = f"DDPM loss + {weight:g} x DC error" if weight else f"DDPM loss, offset noise std {offset:g}"
-    return [{"model": name, "setting": setting, "training": "before", **before},
-            {"model": name, "setting": setting, "training": f"after {steps} steps (lr 2e-4, batch 32) of {loss}", **after}]
+    return {"model": Path(path).name, "setting": setting,
+            "training": f"after {steps} steps (lr 2e-4, batch 32) of {loss}", **after}
 
 
 def main() -> None:
@@ -140,10 +145,10 @@ def main() -> None:
     for groups in (32, 8):
         rows.append(capacity(groups))
         print(rows[-1], flush=True)
-    rows += finetune(RECORDED[0], weight=1023.0)
-    print(rows[-1], flush=True)
-    rows += finetune(RECORDED[0], offset=0.1)[1:]  # the same "before"
-    print(rows[-1], flush=True)
+    rows.append(unchanged(RECORDED[0], "dc-weighted fine-tune"))  # both fine-tunes start from it
+    for kind in ({"weight": 1023.0}, {"offset": 0.1}):
+        rows.append(finetune(RECORDED[0], **kind))
+        print(rows[-1], flush=True)
     cols = ["model", "setting", "training"] + [f"gain@t{t}" for t in TIMES] + ["ddpm_std_at_end"]
     write_results("dc_gain", rows, cols, notes=(
         "gain@tT: d mean(eps_theta) / d mean(x_t) at step T, for a 0.05 shift of 16 zero-mean noises (one thread). "

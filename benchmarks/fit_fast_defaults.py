@@ -53,6 +53,7 @@ def main() -> None:
         raise SystemExit(f"demo models differ from their bench twins: {twins}")
     rows = [r for r in bench["models"] if r["dataset"] == "digits16" and "terd-fast" in r["defenses"]]
     calib = [r for r in rows if not r["backdoored"] and r["id"] not in DEMO.values()]
+    calib_ids = {r["id"] for r in calib}
     thr = fit_thresholds([r["defenses"]["terd-fast"] for r in calib], provenance={
         "preset": "fast", "seed": 0, "models": [r["id"] for r in calib],
         "source": "benchmarks/fit_fast_defaults.py: terd-fast rows of benchmarks/results/bench_digits16 "
@@ -62,13 +63,13 @@ def main() -> None:
     out = []
     for r in rows:
         feats = r["defenses"]["terd-fast"]
-        judged = detect_model(feats, None if r in calib else thr)
+        verdict = detect_model(feats, thr)
         out.append({"model": r["id"], "demo_model": demo_of.get(r["id"], ""), "truth": "backdoored" if r["backdoored"] else "benign",
                     "asr": r.get("asr"), "counted": (not r["backdoored"]) or (r.get("asr") or 0) >= 0.9,
                     "tags": ",".join(r.get("tags", [])),
                     **{f: round(feats[f], 5) for f in ("M_r", "V_r", "P_r")},
-                    "verdict": "(fits thresholds)" if r in calib else judged.verdict,
-                    "flagged_by": ",".join(judged.flagged_by)})
+                    "verdict": "(fits thresholds)" if r["id"] in calib_ids else verdict.verdict,
+                    "flagged_by": "" if r["id"] in calib_ids else ",".join(verdict.flagged_by)})
         print(out[-1], flush=True)
     judged = [o for o in out if o["verdict"] != "(fits thresholds)" and o["counted"]]
     right = sum(o["verdict"] == o["truth"] for o in judged)

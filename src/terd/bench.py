@@ -424,11 +424,13 @@ def _model_fingerprint(model_dir: Path) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
+LATE_ENTRY_FIELDS = ("path", "data", "unet")  # zoo entry fields added after rows were recorded
+
+
 def _entry_key(entry: ZooEntry) -> dict:
-    """The entry as a row's settings key. Fields added after rows were recorded (path, data, unet) are left
-    out while unset, so those rows stay valid."""
-    return {k: v for k, v in asdict(entry).items() if not ((k in ("path", "data") and v is None)
-                                                          or (k == "unet" and not v))}
+    """The entry as a row's settings key. Late fields are left out while unset (None or empty), so rows
+    recorded before they existed stay valid."""
+    return {k: v for k, v in asdict(entry).items() if v or k not in LATE_ENTRY_FIELDS}
 
 
 def _cached_row(path: Path, key: dict) -> dict | None:

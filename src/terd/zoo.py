@@ -113,11 +113,18 @@ def _local(path: Path, value: object, what: str) -> str:
     return str(p.resolve())
 
 
+def _unet_defaults() -> dict:
+    """UNet2DModel's settings with their defaults (a setting with no default maps to ``inspect.Parameter.empty``)."""
+    import inspect
+
+    from diffusers import UNet2DModel
+
+    return {k: p.default for k, p in inspect.signature(UNet2DModel.__init__).parameters.items() if k != "self"}
+
+
 def _check_unet_overrides(path: Path, raw: dict) -> None:
     """``unet`` is for models trained from scratch (the others take their base's network) and must make a
     UNet2DModel with the preset's other settings (checked on the meta device: nothing is allocated)."""
-    import inspect
-
     import torch
     from diffusers import UNet2DModel
 
@@ -129,8 +136,7 @@ def _check_unet_overrides(path: Path, raw: dict) -> None:
     unet = raw["unet"]
     if not isinstance(unet, dict):
         raise TerdError(f"{path}: model {raw['id']!r}: 'unet' must be a mapping of UNet2DModel settings")
-    known = set(inspect.signature(UNet2DModel.__init__).parameters) - {"self"}
-    if bad := sorted(set(unet) - known):
+    if bad := sorted(set(unet) - set(_unet_defaults())):
         raise TerdError(f"{path}: model {raw['id']!r}: unknown UNet2DModel settings {bad}")
     try:
         with torch.device("meta"):
@@ -219,14 +225,11 @@ def _architecture_diff(entry: ZooEntry, model_dir: Path) -> dict:
     import inspect
     import json
 
-    from diffusers import UNet2DModel
-
     try:
         have = json.loads((model_dir / "unet" / "config.json").read_text())
     except (OSError, ValueError):
         return {}  # no network config to compare (loading the model reports a broken one)
-    defaults = {k: p.default for k, p in inspect.signature(UNet2DModel.__init__).parameters.items()
-                if p.default is not inspect.Parameter.empty}
+    defaults = {k: v for k, v in _unet_defaults().items() if v is not inspect.Parameter.empty}
     want = json.loads(json.dumps(defaults | entry.preset_spec().unet_config()))  # tuples as lists, like the file
     return {k: (have[k], v) for k, v in want.items() if k in have and have[k] != v}
 
