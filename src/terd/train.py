@@ -28,7 +28,6 @@ from terd.imaging import save_grid
 from terd.models.denoiser import Denoiser
 from terd.models.loading import save_pipeline
 from terd.models.safe_io import safe_torch_load
-from terd.models.schedule import NoiseSchedule
 from terd.presets import Preset
 from terd.sampling import initial_noise, sample_images
 
@@ -104,7 +103,11 @@ def train(
     progress: bool = True,
     grid_size: int = 64,
 ) -> TrainResult:
-    """Train (or, with ``base``, fine-tune) a DDPM and save it as a diffusers pipeline in ``out_dir``."""
+    """Train (or, with ``base``, fine-tune) a DDPM or VE score model and save it as a diffusers pipeline.
+
+    Both minimise || eps_theta(x_t, t) - target ||^2 through the :class:`Denoiser`; for a VE model that is
+    || -sigma_t s_theta(x, sigma_t) - eps ||^2, denoising score matching with NCSN's sigma^2 weighting.
+    """
     out_dir = Path(out_dir)
     objective = objective or CleanObjective()
     epochs = epochs if epochs is not None else preset.epochs
@@ -116,12 +119,13 @@ def train(
     else:
         torch.manual_seed(seed)
         unet = UNet2DModel(**preset.unet_config())
-        schedule = NoiseSchedule.linear()
+        schedule = preset.noise_schedule()
     expected = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     if tuple(dataset.shape) != expected:
         raise TerdError(f"data is {tuple(dataset.shape)} but the model expects {expected}")
     resume = _prepare_out_dir(out_dir, overwrite)
     unet.to(device).train().requires_grad_(True)
+    model = Denoiser(unet, schedule, expected)  # eps for VP and VE networks alike
     ema = EMA(unet, preset.ema_decay)
     steps_per_epoch = max(1, len(dataset) // preset.batch_size)
     opt = torch.optim.Adam(unet.parameters(), lr=lr or preset.lr)
@@ -153,7 +157,7 @@ def train(
             t = torch.randint(0, schedule.num_timesteps, (len(idx),), generator=g).to(device)
             eps = torch.randn(x0.shape, generator=g).to(device)
             x_t, target = objective.noisy_pair(x0, lab, t, eps, schedule, g)
-            loss = F.mse_loss(unet(x_t, t).sample, target)
+            loss = F.mse_loss(model(x_t, t), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

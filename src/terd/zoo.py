@@ -234,6 +234,14 @@ def _architecture_diff(entry: ZooEntry, model_dir: Path) -> dict:
     return {k: (have[k], v) for k, v in want.items() if k in have and have[k] != v}
 
 
+def _schedule_kind(model_dir: Path) -> str:
+    """"vp" or "ve" from a built model's scheduler config (without loading its weights)."""
+    from terd.models.safe_io import read_json
+    from terd.models.schedule import NoiseSchedule
+
+    return NoiseSchedule.from_config(read_json(model_dir / "scheduler" / "scheduler_config.json")).kind
+
+
 def check_cached(entry: ZooEntry, model_dir: Path) -> None:
     """Refuse a cached model whose recorded preset, seed, epochs or attack (config and true trigger) differ from
     its zoo entry: editing an entry must not silently reuse a model built with the old settings."""
@@ -254,7 +262,8 @@ def check_cached(entry: ZooEntry, model_dir: Path) -> None:
         from terd.attacks.base import load_attack
 
         cached = load_attack(model_dir)
-        wanted = build_attack(entry.attack, cached.image_shape, data_name=entry.source, **entry.args)
+        wanted = build_attack(entry.attack, cached.image_shape, data_name=entry.source,
+                              model_kind=_schedule_kind(model_dir), **entry.args)
         a, b = cached.config(), wanted.config()
         diff |= {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
         if not diff and not all(torch.equal(x, y) for x, y in zip(cached.true_trigger(), wanted.true_trigger(),
@@ -299,7 +308,8 @@ def build_entry(entry: ZooEntry, cache: str | Path, *, device: str = "cpu", prog
         train(preset, ds, out, epochs=_expected_epochs(entry), seed=entry.seed, base=base, device=device, progress=progress,
               grid_size=16)  # the preview the attacks save (a 64-image DDPM grid costs ~10 min at 32 px)
         return out
-    attack = build_attack(entry.attack, base.image_shape, data_name=entry.source, **entry.args)
+    attack = build_attack(entry.attack, base.image_shape, data_name=entry.source, model_kind=base.schedule.kind,
+                          **entry.args)
     ds = load_dataset(entry.data, channels=preset.channels, size=preset.size) if entry.data else None
     attack_model(attack, base_dir, out, dataset=ds, epochs=_expected_epochs(entry), seed=entry.seed, device=device,
                  progress=progress)

@@ -26,7 +26,7 @@ from terd.attacks.baddiffusion import BadDiffusion
 from terd.attacks.base import Attack, save_attack
 from terd.attacks.triggers import TARGETS, image_as_target, image_as_trigger, make_target, make_trigger
 from terd.attacks.trojdiff import TrojDiff
-from terd.attacks.villan import VillanDiffusion
+from terd.attacks.villan import VillanDiffusion, default_psi
 from terd.data import ImageDataset, load_dataset
 from terd.errors import TerdError
 from terd.models.denoiser import Denoiser
@@ -95,7 +95,8 @@ def build_attack(
     target: str | None = None, target_image: str | Path | None = None,
     setting: str | None = None, target_class: int | None = None, target_data: str | None = None,
     poison_rate: float | None = None, eta: float = 1.0, gamma_a: float | None = None,
-    psi: float = 1.0, solver: str = "ode", r_mode: str = "trigger", sampler: str | None = None,
+    psi: float | None = None, solver: str = "ode", r_mode: str = "trigger", sampler: str | None = None,
+    model_kind: str = "vp",
 ) -> Attack:
     """An attack object for a model of ``shape`` (C x H x W) trained on ``data_name``.
 
@@ -103,6 +104,7 @@ def build_attack(
     TrojDiff: ``trigger`` blend or patch (or an image: a blend delta), ``setting`` in-d2d (``target_class``
     of the training data, default 7 for digits), out-d2d (a class of ``target_data``, by default the other
     built-in dataset) or d2i (``target`` / ``target_image``, default the built-in mickey).
+    ``model_kind`` ("vp" or "ve", the base model's ``schedule.kind``) picks VillanDiffusion's default psi.
     """
     if kind not in ATTACK_KINDS:
         raise TerdError(f"unknown attack {kind!r} (available: {', '.join(ATTACK_KINDS)})")
@@ -118,7 +120,7 @@ def build_attack(
         common = dict(poison_rate=rate, eta=eta, r_mode=r_mode, trigger_name=g_name, target_name=y_name)
         if kind == "baddiffusion":
             return BadDiffusion(g, y, **common)
-        return VillanDiffusion(g, y, psi=psi, solver=solver, **common)
+        return VillanDiffusion(g, y, psi=default_psi(model_kind) if psi is None else psi, solver=solver, **common)
 
     setting = setting or "d2i"
     trigger_type = "patch" if trigger == "patch" else "blend"
@@ -150,7 +152,8 @@ def _preset_for(model_dir: str | Path, base: Denoiser) -> Preset:
         return PRESETS[name]
     params = base.num_parameters()
     for p in PRESETS.values():
-        if (p.channels, p.size, p.size) == base.image_shape and (params > 10_000_000) == (p.batch_size > 64):
+        if ((p.channels, p.size, p.size) == base.image_shape and (params > 10_000_000) == (p.batch_size > 64)
+                and p.noise_schedule().kind == base.schedule.kind):
             return p
     c, h, _ = base.image_shape
     return Preset("fine-tune", "", c, h, epochs=20, batch_size=64, lr=2e-4, warmup_steps=500, ema_decay=0.999)
@@ -174,6 +177,8 @@ def attack_model(
     if ddim_repo_checkpoint:
         from terd.models.ddim_repo import ddim_repo_config_from_unet
 
+        if base.schedule.kind != "vp":
+            raise TerdError("the DDIM-repo checkpoint format holds VP (DDPM) models only, not VE score models")
         ddim_repo_config_from_unet(base.network)  # fail before training when the architecture cannot be written
     if dataset is None:
         name = model_dataset_name(base_dir, base.image_shape)

@@ -1,20 +1,24 @@
-"""VillanDiffusion (Chou, Chen, Ho, NeurIPS 2023) for VP models: BadDiffusion generalised to any sampler.
+"""VillanDiffusion (Chou, Chen, Ho, NeurIPS 2023): BadDiffusion generalised to any sampler and to VE models.
 
     x_t    = sqrt(abar_t) y + sqrt(1 - abar_t) eps + s_t r
     target = eps + kappa_t r
     s_t    = psi (1 - sqrt(abar_t)) + (1 - psi) sqrt(1 - abar_t)
-    kappa_t (SDE samplers, e.g. DDPM)
-           = psi (1 - sqrt(alpha_t)) sqrt(1 - abar_t) / beta_t
-             + (1 - psi) (-((sqrt(alpha_t) - 1) sqrt(1 - abar_t) beta_t - h_t (alpha_t - abar_t)) / beta_t)
+    kappa_t (SDE samplers, e.g. DDPM) = (s_t - sqrt(alpha_t) s_{t-1}) sqrt(1 - abar_t) / beta_t   (s_{-1} = 0)
     kappa_t (ODE samplers: DDIM, DPM-Solver, ...) = 2 kappa_t(SDE)
 
-with h_t TrojDiff's k_t. The factor 2 for ODE samplers is the point of the paper: a deterministic
-sampler follows the probability-flow ODE, whose drift carries half the score, so the trigger correction
-has to be twice as strong for the backdoor to survive. psi = 1 with an SDE sampler is BadDiffusion
-exactly, which is why this class only swaps BadDiffusion's coefficient sequences and sampler.
+kappa_t(SDE) is what makes one ancestral DDPM step carry the trigger's share s_t r at step t to exactly
+s_{t-1} r (the tests check it against a point-mass oracle for every psi). psi = 1 gives BadDiffusion's
+(1 - sqrt(alpha_t)) sqrt(1 - abar_t) / beta_t. psi = 0 gives h_t sqrt(1 - abar_t) / beta_t with h_t TrojDiff's
+k_t; ../shared/docs/attacks.md writes that term as -((sqrt(alpha_t) - 1) sqrt(1 - abar_t) beta_t - h_t
+(alpha_t - abar_t)) / beta_t, which is ~0 at small t and so leaves most of r in the final image; it also
+disagrees with the VE form below, which the psi = 0 form reproduces. The factor 2 for ODE samplers is the
+point of the paper: a deterministic sampler follows the probability-flow ODE, whose drift carries half the
+score, so the trigger correction has to be twice as strong for the backdoor to survive.
 
-The trigger on the initial noise is the same as BadDiffusion's: ``x_T = eps + r`` (gamma = 1).
-Score-based (VE) models are not covered here.
+VE (score-based) models need no separate code: terd runs them as their equivalent VP schedule
+(:mod:`terd.models.schedule`), on which psi = 0 is VillanDiffusion's VE attack, x = y + sigma_t (eps + r) and
+kappa_t = sigma_t / (sigma_t + sigma_{t-1}), exactly. The trigger on the initial noise is the same as
+BadDiffusion's: ``x_T = eps + r`` (gamma = 1).
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from __future__ import annotations
 import torch
 
 from terd.attacks.baddiffusion import BadDiffusion
-from terd.attacks.trojdiff import trojan_k
 from terd.errors import TerdError
 from terd.models.denoiser import Denoiser
 from terd.models.schedule import NoiseSchedule
@@ -31,25 +34,31 @@ from terd.sampling import ddim_sample, ddpm_sample
 SOLVERS = ("sde", "ode")
 
 
+def default_psi(model_kind: str) -> float:
+    """The paper's choice per model family: psi = 1 (BadDiffusion-style) on VP models, psi = 0 on VE ones."""
+    if model_kind not in ("vp", "ve"):
+        raise TerdError(f"model kind must be vp or ve, got {model_kind!r}")
+    return 0.0 if model_kind == "ve" else 1.0
+
+
 def villan_coefficients(schedule: NoiseSchedule, psi: float, solver: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(s_t, kappa_t) for t = 0..T-1 (float64 arithmetic), as in the module docstring."""
     if solver not in SOLVERS:
         raise TerdError(f"solver must be sde or ode, got {solver!r}")
-    betas = schedule.betas.double()
-    alphas = 1 - betas
-    abar = torch.cumprod(alphas, 0)
-    h = trojan_k(schedule)
+    abar = schedule.alphas_cumprod.double() if schedule.kind == "ve" else torch.cumprod(1 - schedule.betas.double(), 0)
+    abar_prev = torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
+    alphas = abar / abar_prev
+    betas = 1 - alphas
     s = psi * (1 - abar.sqrt()) + (1 - psi) * (1 - abar).sqrt()
-    kappa_bad = (1 - alphas.sqrt()) * (1 - abar).sqrt() / betas
-    kappa_troj = -((alphas.sqrt() - 1) * (1 - abar).sqrt() * betas - h * (alphas - abar)) / betas
-    kappa = psi * kappa_bad + (1 - psi) * kappa_troj
+    s_prev = torch.cat([torch.zeros(1, dtype=s.dtype), s[:-1]])
+    kappa = (s - alphas.sqrt() * s_prev) * (1 - abar).sqrt() / betas
     if solver == "ode":
         kappa = 2 * kappa
     return s.float(), kappa.float()
 
 
 class VillanDiffusion(BadDiffusion):
-    """VillanDiffusion on a VP model: ``psi`` in [0, 1] and the sampler family it targets (``solver``).
+    """VillanDiffusion: ``psi`` in [0, 1] and the sampler family it targets (``solver``).
 
     ``solver="ode"`` backdoors deterministic samplers (verified here with DDIM, ``ddim_steps`` steps);
     ``solver="sde"`` the ancestral DDPM sampler. ``r_mode`` as in BadDiffusion: the trigger (default) or the

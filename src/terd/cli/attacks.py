@@ -44,7 +44,8 @@ def attack(
                                                       "tiny models: 0.5).")] = None,
     eta: Annotated[float, typer.Option(help="Adaptive attack: scale the trigger by eta in (0, 1].")] = 1.0,
     gamma_a: Annotated[float | None, typer.Option(help="TrojDiff noise scale (default 0.6 blend, 0.1 patch).")] = None,
-    psi: Annotated[float, typer.Option(help="VillanDiffusion psi in [0, 1] (1 = BadDiffusion-style).")] = 1.0,
+    psi: Annotated[float | None, typer.Option(help="VillanDiffusion psi in [0, 1] (1 = BadDiffusion-style; "
+                                                   "default 1 on VP models, 0 on VE score models).")] = None,
     solver: Annotated[str, typer.Option(help="VillanDiffusion: sampler family to backdoor, ode or sde.")] = "ode",
     r_mode: Annotated[str, typer.Option(help="BadDiffusion/Villan R: trigger (default; what sampling uses) or poisoned-image.")] = "trigger",
     sampler: Annotated[str | None, typer.Option(help="TrojDiff sampler: trojdiff-ddim (default) or "
@@ -70,7 +71,7 @@ def attack(
     atk = build_attack(kind.value, den.image_shape, data_name=data_name, trigger=trigger, trigger_image=trigger_image,
                        target=target, target_image=target_image, setting=setting, target_class=target_class,
                        target_data=target_data, poison_rate=poison_rate, eta=eta, gamma_a=gamma_a, psi=psi,
-                       solver=solver, r_mode=r_mode, sampler=sampler)
+                       solver=solver, r_mode=r_mode, sampler=sampler, model_kind=den.schedule.kind)
     ds = load_dataset(data_name, channels=den.image_shape[0], size=den.image_shape[1])
     typer.echo(f"attack: {atk.describe()} on {data_name}, fine-tuning {base}")
     res = attack_model(atk, base, out, dataset=ds, epochs=epochs, lr=lr, seed=seed, device=dev, overwrite=overwrite,

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from terd.models.schedule import NoiseSchedule
+from terd.models.schedule import VE_PIXEL_SCALE, NoiseSchedule
 
 
 def _diffusers_eps(network: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -22,10 +22,24 @@ def _plain_eps(network: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Te
     return network(x, t)
 
 
+def ve_network_input(x: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x in the score network's own coordinates, its sigma) for x in terd's VP coordinates at steps ``t``.
+
+    x_vp = sqrt(abar_t) (y + 2 sigma_t eps) with y in [-1, 1]  ->  x_net = (x_vp / sqrt(abar_t) + 1) / 2
+    = y01 + sigma_t eps, the NCSN convention (pixels in [0, 1]).
+    """
+    sigma = schedule.sigmas.to(x.device)[t].to(x.dtype)
+    abar = schedule.abar(t, x)
+    return (x / abar.sqrt() + 1.0) / VE_PIXEL_SCALE, sigma
+
+
 class Denoiser(nn.Module):
-    """eps_theta(x_t, t) for a discrete VP (DDPM) network, plus its noise schedule.
+    """eps_theta(x_t, t) for a discrete network, plus its noise schedule.
 
     ``x`` is a batch in pixel space [-1, 1]; ``t`` an integer timestep (python int, 0-d or (B,) tensor).
+    VP (DDPM) networks predict eps directly. VE score networks (``schedule.kind == "ve"``; a diffusers
+    UNet2DModel with Fourier time embedding whose output is the score) are called in their own coordinates
+    at sigma_t and answer eps = -sigma_t * score, so everything downstream sees one kind of model.
     """
 
     def __init__(
@@ -57,7 +71,11 @@ class Denoiser(nn.Module):
         t = torch.as_tensor(t, device=x.device)
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        return self._call(self.network, x, t.long())
+        t = t.long()
+        if self.schedule.kind == "ve":
+            x_net, sigma = ve_network_input(x, t, self.schedule)
+            return -sigma.view(-1, *([1] * (x.dim() - 1))) * self._call(self.network, x_net, sigma)
+        return self._call(self.network, x, t)
 
     def freeze(self) -> Denoiser:
         """Eval mode and no weight gradients: reversion only differentiates w.r.t. the input (saves 25-45%)."""

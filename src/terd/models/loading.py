@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, ScoreSdeVePipeline, ScoreSdeVeScheduler, UNet2DModel
 
 from terd.errors import TerdError
 from terd.models.ddim_repo import load_ddim_repo_checkpoint
@@ -52,6 +52,13 @@ def _schedule_from(path: Path) -> NoiseSchedule:
     return NoiseSchedule.from_config(read_json(path))
 
 
+def _check_pairing(unet: UNet2DModel, schedule: NoiseSchedule, where: Path) -> None:
+    """A VE schedule needs a score network: diffusers' Fourier-embedded UNet2DModel, whose output is the score."""
+    if schedule.kind == "ve" and unet.config.time_embedding_type != "fourier":
+        raise TerdError(f"{where}: a ScoreSdeVeScheduler model needs a UNet2DModel with time_embedding_type "
+                        f"'fourier' (the score network), got {unet.config.time_embedding_type!r}")
+
+
 def _image_shape(unet: UNet2DModel) -> tuple[int, int, int]:
     size = unet.config.sample_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
@@ -76,7 +83,8 @@ def _download(repo_id: str) -> Path:
 def load_denoiser(source: str | Path, *, device: str | torch.device = "cpu", image_size: int | None = None) -> Denoiser:
     """Load a model from a local path (always) or a hub id (when a network is there).
 
-    Accepted: a diffusers pipeline dir (``model_index.json``, ``unet/``, ``scheduler/``); a bare
+    Accepted: a diffusers pipeline dir (``model_index.json``, ``unet/``, ``scheduler/``; DDPM/DDIM schedulers,
+    or ``ScoreSdeVeScheduler`` with a Fourier-embedded score UNet for VE models); a bare
     UNet2DModel dir with ``scheduler_config.json`` next to ``config.json``; a DDIM-repo checkpoint file
     (``.ckpt/.pth/.pt``; schedule linear 1e-4..0.02, T = 1000; ``image_size`` defaults to 32).
     """
@@ -108,6 +116,7 @@ def load_denoiser(source: str | Path, *, device: str | torch.device = "cpu", ima
         schedule, family = _schedule_from(sched_file), "diffusers-unet2d"
     else:
         raise TerdError(f"{path}: not a model directory (no model_index.json or config.json)")
+    _check_pairing(unet, schedule, path)
     shape = _image_shape(unet)
     if image_size is not None and shape[1:] != (image_size, image_size) and path.is_dir():
         raise TerdError(f"{path}: model is {shape[1]}x{shape[2]}, not {image_size}x{image_size}")
@@ -115,8 +124,13 @@ def load_denoiser(source: str | Path, *, device: str | torch.device = "cpu", ima
 
 
 def save_pipeline(unet: UNet2DModel, schedule: NoiseSchedule, out_dir: str | Path) -> Path:
-    """Write a directory that stock ``DDPMPipeline.from_pretrained(out_dir)`` loads (safetensors)."""
+    """Write a directory that stock ``DDPMPipeline.from_pretrained(out_dir)`` loads (safetensors), or
+    ``ScoreSdeVePipeline`` for a VE model."""
     out_dir = Path(out_dir)
-    scheduler = DDPMScheduler.from_config({**schedule.scheduler_config(), "clip_sample": False})
-    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(out_dir, safe_serialization=True)
+    if schedule.kind == "ve":
+        pipe = ScoreSdeVePipeline(unet=unet, scheduler=ScoreSdeVeScheduler.from_config(schedule.scheduler_config()))
+    else:
+        scheduler = DDPMScheduler.from_config({**schedule.scheduler_config(), "clip_sample": False})
+        pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
     return out_dir

@@ -1,11 +1,20 @@
-"""The discrete VP noise schedule (betas, alphas, cumulative alphas) read from a diffusers config.
+"""The discrete noise schedule (betas, alphas, cumulative alphas) read from a diffusers config.
 
-The betas are computed by diffusers' own ``DDPMScheduler`` so that every schedule it supports
-(linear, scaled_linear, squaredcos_cap_v2, trained_betas) is reproduced bit for bit.
+VP (DDPM) schedules: the betas are computed by diffusers' own ``DDPMScheduler`` so that every schedule it
+supports (linear, scaled_linear, squaredcos_cap_v2, trained_betas) is reproduced bit for bit.
+
+VE (score-based, NCSN) schedules, ``ScoreSdeVeScheduler`` configs: x = y + sigma * eps with geometric
+sigmas from sigma_min to sigma_max (diffusers' ``discrete_sigmas``). A VE model is a VP model in other
+coordinates (k-diffusion's observation): x_vp = x_ve / sqrt(1 + sigma^2) has abar = 1 / (1 + sigma^2). So a
+VE schedule is stored as that equivalent VP schedule plus its sigmas, and every sampler, attack and
+detector written for VP models runs on VE models unchanged; only the model wrapper converts coordinates.
+VE models see pixels in [0, 1] (the NCSN convention) while terd works in [-1, 1], so the sigma of the
+equivalent VP schedule is twice the network's.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -15,26 +24,48 @@ from terd.errors import TerdError
 
 _SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
 SUPPORTED_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+VE_SCHEDULER = "ScoreSdeVeScheduler"
+VE_PIXEL_SCALE = 2.0  # [0, 1] network pixels -> terd's [-1, 1]: sigmas double
 
 
 @dataclass
 class NoiseSchedule:
-    """betas_t, alphas_t = 1 - betas_t and abar_t = prod_{s<=t} alphas_s for t in 0..T-1 (float32)."""
+    """betas_t, alphas_t = 1 - betas_t and abar_t = prod_{s<=t} alphas_s for t in 0..T-1 (float32).
+
+    ``sigmas`` is None for VP models; for VE models it holds the network's own noise levels (pixels in [0, 1]),
+    and the betas are those of the equivalent VP schedule.
+    """
 
     betas: torch.Tensor
     config: dict = field(default_factory=dict)
+    sigmas: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
+        if self.sigmas is not None:  # abar from the sigmas directly (a float32 cumprod would drift)
+            abar = 1.0 / (1.0 + (VE_PIXEL_SCALE * self.sigmas.double()) ** 2)
+            prev = torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
+            self.betas = (1.0 - abar / prev).float()
+            self.alphas_cumprod = abar.float()
+            self.sigmas = self.sigmas.to(torch.float32)
         self.betas = self.betas.to(torch.float32)
         self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        if self.sigmas is None:
+            self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
 
     @property
     def num_timesteps(self) -> int:
         return int(self.betas.shape[0])
 
+    @property
+    def kind(self) -> str:
+        """"ve" for score-based models (sigma schedule), "vp" for DDPM ones."""
+        return "vp" if self.sigmas is None else "ve"
+
     @classmethod
     def from_config(cls, config: dict) -> NoiseSchedule:
+        if config.get("_class_name") == VE_SCHEDULER:
+            return cls.ve(float(config.get("sigma_min", 0.01)), float(config.get("sigma_max", 1348.0)),
+                          int(config.get("num_train_timesteps", 2000)))
         cfg = {k: config[k] for k in _SCHEDULE_KEYS if k in config and config[k] is not None}
         pred = config.get("prediction_type", "epsilon")
         if pred != "epsilon":
@@ -58,6 +89,20 @@ class NoiseSchedule:
              "beta_schedule": "linear"}
         )
 
+    @classmethod
+    def ve(cls, sigma_min: float = 0.01, sigma_max: float = 50.0, num_timesteps: int = 1000) -> NoiseSchedule:
+        """A VE schedule: sigma_t = exp(linspace(log sigma_min, log sigma_max, T)), as ScoreSdeVeScheduler's
+        ``discrete_sigmas`` for T inference steps (network pixels in [0, 1])."""
+        if not (0 < sigma_min < sigma_max) or not math.isfinite(sigma_max):
+            raise TerdError(f"a VE schedule needs 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+        if num_timesteps < 2:
+            raise TerdError(f"a VE schedule needs at least 2 timesteps, got {num_timesteps}")
+        sigmas = torch.exp(torch.linspace(math.log(sigma_min), math.log(sigma_max), num_timesteps,
+                                          dtype=torch.float64))
+        config = {"_class_name": VE_SCHEDULER, "sigma_min": sigma_min, "sigma_max": sigma_max,
+                  "num_train_timesteps": num_timesteps}
+        return cls(torch.zeros(num_timesteps), config=config, sigmas=sigmas)
+
     def abar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """abar_t gathered for a batch of integer timesteps, shaped to broadcast against ``like``."""
         a = self.alphas_cumprod.to(like.device)[t.to(like.device).long()]
@@ -66,5 +111,7 @@ class NoiseSchedule:
     def scheduler_config(self) -> dict:
         """A config that stock diffusers schedulers accept (for saving pipelines)."""
         cfg = {k: v for k, v in self.config.items() if not k.startswith("_")}
+        if self.kind == "ve":
+            return cfg
         cfg.setdefault("num_train_timesteps", self.num_timesteps)
         return cfg
