@@ -28,6 +28,7 @@ from terd.imaging import save_grid
 from terd.models.denoiser import Denoiser
 from terd.models.loading import save_pipeline
 from terd.models.safe_io import safe_torch_load
+from terd.models.schedule import NoiseSchedule
 from terd.presets import Preset
 from terd.sampling import initial_noise, sample_images
 
