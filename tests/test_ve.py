@@ -1,5 +1,6 @@
-"""VE (score-based) models: the schedule, the coordinate change in the wrapper, saving/loading, and the
-attacks' closed forms, all against exact cases (a point-mass score, diffusers' own sigmas)."""
+"""VE models (NCSN score networks and EDM-preconditioned ones): the schedules, the coordinate change in the
+wrapper, saving/loading, and the attacks' closed forms, all against exact cases (point-mass oracles,
+diffusers' own sigmas)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import ScoreSdeVePipeline, ScoreSdeVeScheduler, UNet2DModel
+from diffusers import EDMEulerScheduler, ScoreSdeVePipeline, ScoreSdeVeScheduler, UNet2DModel
 from torch import nn
 
 from terd.attacks.villan import villan_coefficients
@@ -18,6 +19,24 @@ from terd.sampling import ddim_sample, ddpm_sample
 from terd.train import train
 
 VE = NoiseSchedule.ve(0.01, 10.0, 1000)
+EDM = NoiseSchedule.edm(0.02, 20.0, 0.5, "exponential", 1000)
+
+
+class PointMassEDM(nn.Module):
+    """The EDM network F whose denoiser D = c_skip x + c_out F is exactly the point mass y (any sigma)."""
+
+    def __init__(self, y: torch.Tensor, sigma_data: float = 0.5, v_prediction: bool = False) -> None:
+        super().__init__()
+        self.register_buffer("y", y)
+        self.sd, self.sign = sigma_data, -1.0 if v_prediction else 1.0
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor) -> SimpleNamespace:
+        sigma = torch.exp(4 * c_noise).view(-1, 1, 1, 1)
+        norm = (sigma**2 + self.sd**2).sqrt()
+        x = x_in * norm
+        c_skip, c_out = self.sd**2 / norm**2, self.sign * sigma * self.sd / norm
+        return SimpleNamespace(sample=(self.y - c_skip * x) / c_out)
 
 
 class PointMassScore(nn.Module):
@@ -52,6 +71,33 @@ def test_bad_ve_schedules_are_errors(bad):
         NoiseSchedule.ve(*bad)
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_wrapper_turns_an_edm_network_into_the_unit_noise(prediction):
+    sched = NoiseSchedule.edm(0.02, 20.0, 0.5, "karras", 1000, prediction_type=prediction)
+    g = torch.Generator().manual_seed(5)
+    y = torch.rand(1, 1, 4, 4, generator=g) * 2 - 1
+    den = Denoiser(PointMassEDM(y, v_prediction=prediction == "v_prediction"), sched, (1, 4, 4))
+    t = torch.tensor([0, 10, 500, 999])
+    eps = torch.randn(4, 1, 4, 4, generator=g)
+    x = sched.abar(t, eps).sqrt() * y + (1 - sched.abar(t, eps)).sqrt() * eps
+    assert torch.allclose(den(x, t), eps, atol=2e-4)
+
+
+def test_edm_schedule_matches_diffusers_sigmas_and_rejects_bad_settings():
+    for kind in ("karras", "exponential"):
+        ours = NoiseSchedule.edm(sigma_schedule=kind, num_timesteps=1001)
+        ref = EDMEulerScheduler(sigma_schedule=kind, num_train_timesteps=1000)
+        assert torch.allclose(ours.sigmas.flip(0), ref.sigmas[:-1], rtol=1e-5)
+    assert EDM.parameterization == "edm" and EDM.pixel_scale == 1.0 and VE.pixel_scale == 2.0
+    assert torch.allclose(EDM.alphas_cumprod, 1 / (1 + EDM.sigmas**2), rtol=1e-6)
+    again = NoiseSchedule.from_config({"_class_name": "EDMEulerScheduler", **EDM.scheduler_config()})
+    assert torch.equal(again.sigmas, EDM.sigmas) and again.config == EDM.config
+    for bad, msg in [({"sigma_schedule": "linear"}, "sigma_schedule"), ({"prediction_type": "sample"}, "prediction"),
+                     ({"sigma_data": 0.0}, "sigma_data"), ({"sigma_min": 3.0, "sigma_max": 1.0}, "sigma_min")]:
+        with pytest.raises(TerdError, match=msg):
+            NoiseSchedule.from_config({"_class_name": "EDMEulerScheduler", **bad})
+
+
 def test_wrapper_turns_the_score_into_the_unit_noise_in_terd_coordinates():
     """x = sqrt(abar)(y + 2 sigma eps) in [-1, 1] pixels: the wrapper must answer exactly that eps, and feed the
     network y01 + sigma eps at sigma."""
@@ -67,9 +113,11 @@ def test_wrapper_turns_the_score_into_the_unit_noise_in_terd_coordinates():
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-def test_samplers_reach_the_point_mass_on_a_ve_model(sampler):
+@pytest.mark.parametrize("family", ["score", "edm"])
+def test_samplers_reach_the_point_mass_on_a_ve_model(sampler, family):
     y = torch.linspace(-0.9, 0.9, 16).view(1, 1, 4, 4)
-    den = Denoiser(PointMassScore((y + 1) / 2), VE, (1, 4, 4))
+    den = Denoiser(PointMassScore((y + 1) / 2), VE, (1, 4, 4)) if family == "score" else \
+        Denoiser(PointMassEDM(y), EDM, (1, 4, 4))
     x_T = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         out = ddpm_sample(den, x_T, generator=torch.Generator().manual_seed(2)) if sampler == "ddpm" \
@@ -96,7 +144,7 @@ def test_ddim_on_a_ve_model_is_euler_in_sigma():
     assert out.shape == x_vp.shape
 
 
-@pytest.mark.parametrize("sched", [NoiseSchedule.linear(), VE], ids=["vp", "ve"])
+@pytest.mark.parametrize("sched", [NoiseSchedule.linear(), VE, EDM], ids=["vp", "ve", "edm"])
 @pytest.mark.parametrize("psi", [0.0, 0.5, 1.0])
 def test_villan_sde_correction_carries_the_trigger_to_the_target(sched, psi):
     """With the exact poisoned noise predictor (point mass y, trigger share s_t r), ancestral DDPM from the
@@ -155,11 +203,28 @@ def test_ve_pipeline_round_trip_and_stock_diffusers_loads_it(tmp_path):
     assert isinstance(pipe.scheduler, ScoreSdeVeScheduler) and pipe.scheduler.config.sigma_max == 5.0
 
 
-def test_ve_scheduler_with_a_non_score_network_is_a_one_line_error(tiny_unet, tmp_path):
+def test_edm_pipeline_round_trip_and_stock_diffusers_loads_its_parts(tiny_unet, tmp_path):
+    sched = NoiseSchedule.edm(0.02, 20.0, 0.5, "exponential", 100)
+    save_pipeline(tiny_unet, sched, tmp_path / "edm")
+    den = load_denoiser(tmp_path / "edm")
+    assert den.schedule.parameterization == "edm" and den.schedule.config == sched.config
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(den(x, 50), Denoiser(tiny_unet, sched, (1, 8, 8))(x, 50), atol=1e-5)
+    stock = EDMEulerScheduler.from_pretrained(tmp_path / "edm", subfolder="scheduler")
+    assert stock.config.sigma_schedule == "exponential" and stock.config.sigma_max == 20.0
+    UNet2DModel.from_pretrained(tmp_path / "edm", subfolder="unet")
+
+
+def test_ve_scheduler_with_the_wrong_network_is_a_one_line_error(tiny_unet, tmp_path):
     save_pipeline(_tiny_score_unet(), NoiseSchedule.ve(0.01, 5.0, 100), tmp_path / "ve")
     tiny_unet.save_pretrained(tmp_path / "ve" / "unet", safe_serialization=True)  # a positional-embedding eps net
     with pytest.raises(TerdError, match="fourier"):
         load_denoiser(tmp_path / "ve")
+    save_pipeline(tiny_unet, NoiseSchedule.edm(0.02, 20.0, 0.5, "exponential", 100), tmp_path / "edm")
+    _tiny_score_unet().save_pretrained(tmp_path / "edm" / "unet", safe_serialization=True)
+    with pytest.raises(TerdError, match="fourier"):
+        load_denoiser(tmp_path / "edm")
 
 
 def test_training_a_ve_preset_writes_a_ve_pipeline(tmp_path):
@@ -174,4 +239,4 @@ def test_training_a_ve_preset_writes_a_ve_pipeline(tmp_path):
     res = train(preset, small, tmp_path / "m", epochs=1, grid_size=0, progress=False)
     assert res.final_loss == res.final_loss and res.final_loss < 10
     den = load_denoiser(tmp_path / "m")
-    assert den.schedule.kind == "ve" and den.network.config.time_embedding_type == "fourier"
+    assert den.schedule.kind == "ve" and den.schedule.parameterization == "edm"

@@ -22,14 +22,14 @@ class Preset:
     warmup_steps: int = 100
     ema_decay: float = 0.995
     summary: str = ""
-    ve: tuple[float, float] | None = None  # (sigma_min, sigma_max) of a VE score model; None: VP (DDPM linear)
+    edm: dict | None = None  # NoiseSchedule.edm settings of a VE model; None: VP (DDPM linear)
 
     def unet_config(self) -> dict:
         return {"sample_size": self.size, "in_channels": self.channels, "out_channels": self.channels, **self.unet}
 
     def noise_schedule(self) -> NoiseSchedule:
         """The schedule a model trained from scratch on this preset uses (T = 1000 steps either way)."""
-        return NoiseSchedule.linear() if self.ve is None else NoiseSchedule.ve(*self.ve, num_timesteps=1000)
+        return NoiseSchedule.linear() if self.edm is None else NoiseSchedule.edm(**self.edm, num_timesteps=1000)
 
 
 _TINY_UNET = {
@@ -43,9 +43,10 @@ PRESETS: dict[str, Preset] = {
     for p in (
         Preset("tiny-digits16", "digits16", 1, 16, _TINY_UNET, epochs=40,
                summary="1.1M-parameter UNet on 16x16 digits; a few minutes on 2 CPU cores"),
-        Preset("tiny-digits16-ve", "digits16", 1, 16, {**_TINY_UNET, "time_embedding_type": "fourier"}, epochs=40,
-               ve=(0.01, 10.0),  # NCSN's rule: sigma_max ~ the largest distance between images (8.5 here)
-               summary="tiny-digits16's UNet as a VE score model (sigma 0.01..10, pixels in [0, 1]); CPU-sized"),
+        # sigma_max: NCSN's rule, about the largest distance between training images (17 in [-1, 1] pixels)
+        Preset("tiny-digits16-ve", "digits16", 1, 16, _TINY_UNET, epochs=40,
+               edm={"sigma_min": 0.02, "sigma_max": 20.0, "sigma_data": 0.5, "sigma_schedule": "exponential"},
+               summary="tiny-digits16's UNet as a VE model (geometric sigma 0.02..20) with EDM preconditioning"),
         Preset("tiny-photos32", "photos32", 3, 32, _TINY_UNET, epochs=30,
                summary="1.1M-parameter UNet on 32x32 photo crops; CPU-sized"),
         Preset("ddpm-cifar10", "photos32", 3, 32,

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from terd.models.schedule import VE_PIXEL_SCALE, NoiseSchedule
+from terd.models.schedule import NoiseSchedule
 
 
 def _diffusers_eps(network: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -22,24 +22,33 @@ def _plain_eps(network: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Te
     return network(x, t)
 
 
-def ve_network_input(x: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x in the score network's own coordinates, its sigma) for x in terd's VP coordinates at steps ``t``.
+def _ve_eps(call: Callable, network: nn.Module, x: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+    """eps for x in terd's VP coordinates at steps ``t``, from a network that lives in VE coordinates.
 
-    x_vp = sqrt(abar_t) (y + 2 sigma_t eps) with y in [-1, 1]  ->  x_net = (x_vp / sqrt(abar_t) + 1) / 2
-    = y01 + sigma_t eps, the NCSN convention (pixels in [0, 1]).
+    x_vp = sqrt(abar_t) (y + c sigma_t eps), y in [-1, 1], c the pixel scale, so x_ve = x_vp / sqrt(abar_t).
+    Score networks (NCSN, pixels in [0, 1]) see (x_ve + 1) / 2 = y01 + sigma eps and answer the score:
+    eps = -sigma * score. EDM networks F see c_in x_ve at c_noise = log(sigma) / 4 and give
+    D = c_skip x_ve + c_out F (diffusers' EDMEulerScheduler), so eps = (x_ve - D) / sigma.
     """
     sigma = schedule.sigmas.to(x.device)[t].to(x.dtype)
-    abar = schedule.abar(t, x)
-    return (x / abar.sqrt() + 1.0) / VE_PIXEL_SCALE, sigma
+    x_ve = x / schedule.abar(t, x).sqrt()
+    s = sigma.view(-1, *([1] * (x.dim() - 1)))
+    if schedule.parameterization == "score":
+        return -s * call(network, (x_ve + 1.0) / schedule.pixel_scale, sigma)
+    sd = float(schedule.config["sigma_data"])
+    norm = (s**2 + sd**2).sqrt()
+    f = call(network, x_ve / norm, sigma.log() / 4)
+    sign = -1.0 if schedule.config["prediction_type"] == "v_prediction" else 1.0
+    return x_ve * s / norm**2 - sign * sd / norm * f
 
 
 class Denoiser(nn.Module):
     """eps_theta(x_t, t) for a discrete network, plus its noise schedule.
 
     ``x`` is a batch in pixel space [-1, 1]; ``t`` an integer timestep (python int, 0-d or (B,) tensor).
-    VP (DDPM) networks predict eps directly. VE score networks (``schedule.kind == "ve"``; a diffusers
-    UNet2DModel with Fourier time embedding whose output is the score) are called in their own coordinates
-    at sigma_t and answer eps = -sigma_t * score, so everything downstream sees one kind of model.
+    VP (DDPM) networks predict eps directly. VE networks (``schedule.kind == "ve"``: NCSN score networks, or
+    EDM-preconditioned ones) are called in their own coordinates at sigma_t and their answer is turned into
+    the same eps (:func:`_ve_eps`), so everything downstream sees one kind of model.
     """
 
     def __init__(
@@ -73,8 +82,7 @@ class Denoiser(nn.Module):
             t = t.expand(x.shape[0])
         t = t.long()
         if self.schedule.kind == "ve":
-            x_net, sigma = ve_network_input(x, t, self.schedule)
-            return -sigma.view(-1, *([1] * (x.dim() - 1))) * self._call(self.network, x_net, sigma)
+            return _ve_eps(self._call, self.network, x, t, self.schedule)
         return self._call(self.network, x, t)
 
     def freeze(self) -> Denoiser:

@@ -6,10 +6,19 @@ validated, and a config that does not match its weights is a one-line error, not
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import diffusers
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, ScoreSdeVePipeline, ScoreSdeVeScheduler, UNet2DModel
+from diffusers import (
+    DDPMPipeline,
+    DDPMScheduler,
+    EDMEulerScheduler,
+    ScoreSdeVePipeline,
+    ScoreSdeVeScheduler,
+    UNet2DModel,
+)
 
 from terd.errors import TerdError
 from terd.models.ddim_repo import load_ddim_repo_checkpoint
@@ -53,10 +62,15 @@ def _schedule_from(path: Path) -> NoiseSchedule:
 
 
 def _check_pairing(unet: UNet2DModel, schedule: NoiseSchedule, where: Path) -> None:
-    """A VE schedule needs a score network: diffusers' Fourier-embedded UNet2DModel, whose output is the score."""
-    if schedule.kind == "ve" and unet.config.time_embedding_type != "fourier":
+    """A ScoreSdeVe schedule needs a score network (diffusers' Fourier-embedded UNet2DModel, whose output is
+    divided by sigma); an EDM one a network fed log(sigma) / 4, which a Fourier embedding (log of it) cannot take."""
+    fourier = unet.config.time_embedding_type == "fourier"
+    if schedule.parameterization == "score" and not fourier:
         raise TerdError(f"{where}: a ScoreSdeVeScheduler model needs a UNet2DModel with time_embedding_type "
                         f"'fourier' (the score network), got {unet.config.time_embedding_type!r}")
+    if schedule.parameterization == "edm" and fourier:
+        raise TerdError(f"{where}: an EDMEulerScheduler model cannot use time_embedding_type 'fourier' (it is fed "
+                        "log(sigma) / 4, which can be negative)")
 
 
 def _image_shape(unet: UNet2DModel) -> tuple[int, int, int]:
@@ -84,7 +98,7 @@ def load_denoiser(source: str | Path, *, device: str | torch.device = "cpu", ima
     """Load a model from a local path (always) or a hub id (when a network is there).
 
     Accepted: a diffusers pipeline dir (``model_index.json``, ``unet/``, ``scheduler/``; DDPM/DDIM schedulers,
-    or ``ScoreSdeVeScheduler`` with a Fourier-embedded score UNet for VE models); a bare
+    or ``ScoreSdeVeScheduler`` with a Fourier-embedded score UNet, or ``EDMEulerScheduler``, for VE models); a bare
     UNet2DModel dir with ``scheduler_config.json`` next to ``config.json``; a DDIM-repo checkpoint file
     (``.ckpt/.pth/.pt``; schedule linear 1e-4..0.02, T = 1000; ``image_size`` defaults to 32).
     """
@@ -125,9 +139,17 @@ def load_denoiser(source: str | Path, *, device: str | torch.device = "cpu", ima
 
 def save_pipeline(unet: UNet2DModel, schedule: NoiseSchedule, out_dir: str | Path) -> Path:
     """Write a directory that stock ``DDPMPipeline.from_pretrained(out_dir)`` loads (safetensors), or
-    ``ScoreSdeVePipeline`` for a VE model."""
+    ``ScoreSdeVePipeline`` for a score model; an EDM model's parts load with ``UNet2DModel`` /
+    ``EDMEulerScheduler.from_pretrained(out_dir, subfolder=...)``."""
     out_dir = Path(out_dir)
-    if schedule.kind == "ve":
+    if schedule.parameterization == "edm":  # diffusers has no stock pipeline for an EDM UNet2DModel
+        unet.save_pretrained(out_dir / "unet", safe_serialization=True)
+        EDMEulerScheduler.from_config(schedule.scheduler_config()).save_pretrained(out_dir / "scheduler")
+        (out_dir / "model_index.json").write_text(json.dumps({
+            "_class_name": "DiffusionPipeline", "_diffusers_version": diffusers.__version__,
+            "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "EDMEulerScheduler"]}, indent=2))
+        return out_dir
+    if schedule.parameterization == "score":
         pipe = ScoreSdeVePipeline(unet=unet, scheduler=ScoreSdeVeScheduler.from_config(schedule.scheduler_config()))
     else:
         scheduler = DDPMScheduler.from_config({**schedule.scheduler_config(), "clip_sample": False})
