@@ -71,9 +71,15 @@ def info(model: Annotated[str, typer.Argument(help="Model dir, DDIM-repo checkpo
     from terd.models import load_denoiser
 
     den = load_denoiser(model)
-    typer.echo(json.dumps({"source": model, "family": den.family, "image_shape": list(den.image_shape),
-                           "parameters": den.num_parameters(), "timesteps": den.num_timesteps,
-                           "beta_schedule": den.schedule.config.get("beta_schedule")}, indent=2))
+    sched = den.schedule
+    info = {"source": model, "family": den.family, "image_shape": list(den.image_shape),
+            "parameters": den.num_parameters(), "timesteps": den.num_timesteps, "schedule": sched.kind,
+            "parameterization": sched.parameterization}
+    if sched.kind == "ve":
+        info |= {k: sched.config[k] for k in ("sigma_min", "sigma_max", "sigma_schedule") if k in sched.config}
+    else:
+        info["beta_schedule"] = sched.config.get("beta_schedule")
+    typer.echo(json.dumps(info, indent=2))
 
 
 @command
