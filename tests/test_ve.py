@@ -240,3 +240,27 @@ def test_training_a_ve_preset_writes_a_ve_pipeline(tmp_path):
     assert res.final_loss == res.final_loss and res.final_loss < 10
     den = load_denoiser(tmp_path / "m")
     assert den.schedule.kind == "ve" and den.schedule.parameterization == "edm"
+
+
+def test_info_and_sample_commands_on_a_ve_model(tiny_unet, tmp_path):
+    """What a user sees: `terd info` names the schedule and parameterisation; `terd sample` runs; a bad EDM
+    config is a one-line error."""
+    import json
+    import subprocess
+    import sys
+
+    def terd(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "terd", *map(str, args)], capture_output=True, text=True,
+                              timeout=300)
+
+    save_pipeline(tiny_unet, NoiseSchedule.edm(0.02, 20.0, 0.5, "exponential", 50), tmp_path / "edm")
+    res = terd("info", tmp_path / "edm")
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["schedule"] == "ve" and info["parameterization"] == "edm" and info["sigma_max"] == 20.0
+    res = terd("sample", tmp_path / "edm", "--out", tmp_path / "g.png", "--n", "2", "--steps", "5")
+    assert res.returncode == 0 and (tmp_path / "g.png").is_file(), res.stderr
+    cfg_file = tmp_path / "edm" / "scheduler" / "scheduler_config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "sigma_schedule": "cosine"}))
+    res = terd("info", tmp_path / "edm")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "sigma_schedule" in res.stderr
