@@ -138,7 +138,7 @@ def test_malicious_bin_weights_in_a_pipeline_dir_are_refused(tiny_unet, tmp_path
         ("config_mismatch", "config does not match the weights"),
         ("unsupported_arch", "unsupported architecture"),
         ("bad_schedule", "unsupported beta_schedule"),
-        ("vpred", "prediction_type"),
+        ("vpred", "prediction_type 'flow'"),
         ("txt_file", "unsupported model file"),
     ],
 )
@@ -166,7 +166,7 @@ def test_broken_models_give_one_line_errors(tiny_unet, tmp_path, breakage, messa
     elif breakage in ("bad_schedule", "vpred"):
         f = m / "scheduler/scheduler_config.json"
         cfg = json.loads(f.read_text())
-        cfg.update({"beta_schedule": "sigmoid"} if breakage == "bad_schedule" else {"prediction_type": "v_prediction"})
+        cfg.update({"beta_schedule": "sigmoid"} if breakage == "bad_schedule" else {"prediction_type": "flow"})
         f.write_text(json.dumps(cfg))
     elif breakage == "txt_file":
         target = tmp_path / "model.txt"
@@ -174,3 +174,35 @@ def test_broken_models_give_one_line_errors(tiny_unet, tmp_path, breakage, messa
     with pytest.raises(TerdError, match=message) as info:
         load_denoiser(target)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
+def test_v_and_sample_prediction_models_answer_the_unit_noise(prediction, tmp_path):
+    """A point-mass network in diffusers' v / x_0 parameterisation: the wrapper must return the exact eps, and
+    the prediction type survives a save/load round trip."""
+    from torch import nn
+
+    from terd.models import Denoiser
+
+    sched = NoiseSchedule.from_config({"prediction_type": prediction})
+    g = torch.Generator().manual_seed(0)
+    y = torch.rand(1, 1, 4, 4, generator=g) * 2 - 1
+    abars = sched.alphas_cumprod
+
+    class PointMass(nn.Module):
+        def forward(self, x, t):  # noqa: ANN001, ANN201
+            a = abars[t].view(-1, 1, 1, 1)
+            eps = (x - a.sqrt() * y) / (1 - a).sqrt()
+            return a.sqrt() * eps - (1 - a).sqrt() * y if prediction == "v_prediction" else y.expand_as(x)
+
+    den = Denoiser(PointMass(), sched, (1, 4, 4), family="plain")
+    t = torch.tensor([0, 10, 500, 999])
+    eps = torch.randn(4, 1, 4, 4, generator=g)
+    a = sched.abar(t, eps)
+    assert torch.allclose(den(a.sqrt() * y + (1 - a).sqrt() * eps, t), eps, atol=5e-4)
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 32), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    save_pipeline(unet, sched, tmp_path / "m")
+    assert load_denoiser(tmp_path / "m").schedule.parameterization == prediction
+    assert DDPMPipeline.from_pretrained(tmp_path / "m").scheduler.config.prediction_type == prediction

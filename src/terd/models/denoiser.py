@@ -46,7 +46,7 @@ class Denoiser(nn.Module):
     """eps_theta(x_t, t) for a discrete network, plus its noise schedule.
 
     ``x`` is a batch in pixel space [-1, 1]; ``t`` an integer timestep (python int, 0-d or (B,) tensor).
-    VP (DDPM) networks predict eps directly. VE networks (``schedule.kind == "ve"``: NCSN score networks, or
+    VP (DDPM) networks predict eps (or v, or x_0: diffusers' ``prediction_type``, converted). VE networks (``schedule.kind == "ve"``: NCSN score networks, or
     EDM-preconditioned ones) are called in their own coordinates at sigma_t and their answer is turned into
     the same eps (:func:`_ve_eps`), so everything downstream sees one kind of model.
     """
@@ -83,7 +83,14 @@ class Denoiser(nn.Module):
         t = t.long()
         if self.schedule.kind == "ve":
             return _ve_eps(self._call, self.network, x, t, self.schedule)
-        return self._call(self.network, x, t)
+        out = self._call(self.network, x, t)
+        pred = self.schedule.parameterization
+        if pred == "epsilon":
+            return out
+        abar = self.schedule.abar(t, x)
+        if pred == "v_prediction":  # v = sqrt(abar) eps - sqrt(1 - abar) x_0
+            return abar.sqrt() * out + (1 - abar).sqrt() * x
+        return (x - abar.sqrt() * out) / (1 - abar).sqrt()  # "sample": the network predicts x_0
 
     def freeze(self) -> Denoiser:
         """Eval mode and no weight gradients: reversion only differentiates w.r.t. the input (saves 25-45%)."""

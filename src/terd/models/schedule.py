@@ -34,6 +34,7 @@ EDM_SCHEDULER = "EDMEulerScheduler"
 PIXEL_SCALE = {SCORE_SCHEDULER: 2.0, EDM_SCHEDULER: 1.0}  # network pixels -> terd's [-1, 1]
 EDM_SIGMA_SCHEDULES = ("exponential", "karras")
 EDM_PREDICTIONS = ("epsilon", "v_prediction")
+VP_PREDICTIONS = ("epsilon", "v_prediction", "sample")
 
 
 def _geometric(sigma_min: float, sigma_max: float, num_timesteps: int) -> torch.Tensor:
@@ -79,8 +80,12 @@ class NoiseSchedule:
 
     @property
     def parameterization(self) -> str:
-        """How the network is called: "eps" (VP), "score" (ScoreSdeVe) or "edm" (EDM preconditioning)."""
-        return {SCORE_SCHEDULER: "score", EDM_SCHEDULER: "edm"}.get(self.config.get("_class_name"), "eps")
+        """How the network is called: "epsilon", "v_prediction" or "sample" (VP models, diffusers' prediction
+        types), "score" (ScoreSdeVe) or "edm" (EDM preconditioning)."""
+        name = self.config.get("_class_name")
+        if name in (SCORE_SCHEDULER, EDM_SCHEDULER):
+            return "score" if name == SCORE_SCHEDULER else "edm"
+        return self.config.get("prediction_type", "epsilon")
 
     @property
     def pixel_scale(self) -> float:
@@ -101,15 +106,16 @@ class NoiseSchedule:
             raise TerdError(f"invalid {name} config: {exc}") from None
         cfg = {k: config[k] for k in _SCHEDULE_KEYS if k in config and config[k] is not None}
         pred = config.get("prediction_type", "epsilon")
-        if pred != "epsilon":
-            raise TerdError(f"unsupported prediction_type {pred!r} in the scheduler config (terd needs 'epsilon')")
+        if pred not in VP_PREDICTIONS:
+            raise TerdError(f"unsupported prediction_type {pred!r} in the scheduler config (supported: "
+                            f"{', '.join(VP_PREDICTIONS)})")
         sched_name = cfg.get("beta_schedule", "linear")
         if "trained_betas" not in cfg and sched_name not in SUPPORTED_BETA_SCHEDULES:
             raise TerdError(
                 f"unsupported beta_schedule {sched_name!r} (supported: {', '.join(SUPPORTED_BETA_SCHEDULES)})"
             )
         try:
-            sched = DDPMScheduler(**cfg)
+            sched = DDPMScheduler(**cfg, prediction_type=pred)
         except (TypeError, ValueError, NotImplementedError) as exc:
             raise TerdError(f"invalid scheduler config: {exc}") from None
         return cls(sched.betas.clone(), config=dict(sched.config))
