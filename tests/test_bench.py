@@ -482,3 +482,26 @@ def test_a_broken_pretrained_model_stops_the_zoo_before_any_build(tmp_path, monk
     with pytest.raises(TerdError, match="zoo model 'g': "):
         zoo_mod.build_zoo(load_zoo(f), tmp_path / "cache", echo=lambda s: None)
     assert built == []  # nothing trained before the broken model was found
+
+
+def test_a_cached_model_with_another_noise_schedule_is_refused(tmp_path):
+    """tiny-digits16-ve has tiny-digits16's network: only the schedule tells a VE model from a VP one."""
+    from diffusers import UNet2DModel
+
+    from terd.models import NoiseSchedule, save_pipeline
+    from terd.presets import get_preset
+    from terd.zoo import is_built
+
+    f = tmp_path / "z.yaml"
+    f.write_text("models:\n  - {id: ve, kind: benign, preset: tiny-digits16-ve, epochs: 3}\n")
+    (ve,) = load_zoo(f)
+    cache = tmp_path / "cache"
+    unet = UNet2DModel(**get_preset("tiny-digits16-ve").unet_config())
+    (cache / "ve").mkdir(parents=True)
+    (cache / "ve" / "train.json").write_text(json.dumps({"preset": "tiny-digits16-ve", "seed": 0, "epochs": 3}))
+    save_pipeline(unet, NoiseSchedule.linear(), cache / "ve")  # a VP model under the VE preset's name
+    with pytest.raises(TerdError, match=r"other settings than zoo entry 've': _class_name 'DDPMScheduler' "
+                                        r"\(entry: 'EDMEulerScheduler'\)"):
+        is_built(ve, cache)
+    save_pipeline(unet, get_preset("tiny-digits16-ve").noise_schedule(), cache / "ve")
+    assert is_built(ve, cache)

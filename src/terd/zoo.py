@@ -219,6 +219,10 @@ def _expected_epochs(entry: ZooEntry) -> int:
     return DEFAULTS.get(entry.attack or "baddiffusion", DEFAULTS["baddiffusion"]).epochs
 
 
+SCHEDULE_IDENTITY = ("_class_name", "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
+                     "sigma_min", "sigma_max", "sigma_data", "sigma_schedule")
+
+
 def _architecture_diff(entry: ZooEntry, model_dir: Path) -> dict:
     """Network settings where a from-scratch model differs from its entry's preset (+ ``unet``): a preset's
     architecture may change between releases, and a cached model of the old one must not pass for the new."""
@@ -231,7 +235,13 @@ def _architecture_diff(entry: ZooEntry, model_dir: Path) -> dict:
         return {}  # no network config to compare (loading the model reports a broken one)
     defaults = {k: v for k, v in _unet_defaults().items() if v is not inspect.Parameter.empty}
     want = json.loads(json.dumps(defaults | entry.preset_spec().unet_config()))  # tuples as lists, like the file
-    return {k: (have[k], v) for k, v in want.items() if k in have and have[k] != v}
+    diff = {k: (have[k], v) for k, v in want.items() if k in have and have[k] != v}
+    try:  # the noise schedule too: the same network trained as a VP and as a VE model are different models
+        have = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, ValueError):
+        return diff
+    want = entry.preset_spec().noise_schedule().config
+    return diff | {k: (have.get(k), want[k]) for k in SCHEDULE_IDENTITY if k in want and have.get(k) != want[k]}
 
 
 def _schedule_kind(model_dir: Path) -> str:
