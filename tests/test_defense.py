@@ -38,7 +38,7 @@ from terd.defense.model_detection import (
 from terd.defense.reversion import ReversionConfig, reverse_trigger
 from terd.defense.trigger import Trigger, load_candidates
 from terd.errors import TerdError
-from terd.models import save_pipeline
+from terd.models import NoiseSchedule, save_pipeline
 
 SHAPE = (1, 8, 8)
 
@@ -754,3 +754,24 @@ def test_detection_rate_against_another_law_matches_monte_carlo():
     x = g_true * torch.randn(200_000, *shape, generator=torch.Generator().manual_seed(3)) + r_true
     measured = float(det.is_backdoor(x).double().mean())
     assert det.detection_rate(r_true, g_true) == pytest.approx(measured, abs=4 * math.sqrt(0.25 / 200_000))
+
+
+def test_cli_scan_withholds_the_shipped_vp_thresholds_from_a_ve_model(tmp_path, tiny_unet, monkeypatch):
+    """The shipped thresholds flag every recorded benign VE model: a VE scan without --thresholds gives no
+    verdict and says why; the user's own thresholds still decide."""
+    monkeypatch.setitem(rev.PRESETS, "fast", ReversionConfig(name="fast", stage1_iters=2, stage2_iters=1,
+                                                             batch_size=2, ddim_steps=2, checkpoint_every=1))
+    from terd.defense.calibration import default_thresholds
+
+    assert default_thresholds("fast") is not None  # the shipped ones exist; they are withheld, not missing
+    model = save_pipeline(tiny_unet, NoiseSchedule.edm(0.02, 20.0, 0.5, "exponential", 100), tmp_path / "ve")
+    out = tmp_path / "scan"
+    res = runner.invoke(app, ["scan", str(model), "--out", str(out), "--samples", "0"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["verdict"] == "uncalibrated" and rep["thresholds"] is None and "VE model" in rep["note"]
+    assert "no verdict (terd's shipped thresholds are fitted on VP" in res.output
+    Thresholds(-1.0, -1.0, {"n_models": 3}, P_r=-1.0).save(tmp_path / "thr.json")
+    res = runner.invoke(app, ["scan", str(model), "--out", str(out), "--thresholds", str(tmp_path / "thr.json"),
+                              "--resume", "--samples", "0"])
+    assert res.exit_code == 0 and json.loads((out / "report.json").read_text())["verdict"] == "backdoored"

@@ -75,7 +75,8 @@ def scan(
     s = report["scores"]
     line = " ".join(f"{f}={s[f]:.4g}" for f in FEATURES if f in s)
     if thr is None:
-        typer.echo(f"{model}: no verdict (no calibrated threshold for preset {preset}); {line}")
+        why = report["note"] if "VE model" in report.get("note", "") else f"no calibrated threshold for preset {preset}"
+        typer.echo(f"{model}: no verdict ({why}); {line}")
     else:
         over = report["flagged_by"]
         limits = " ".join(f"{f}={v:.4g}" for f, v in thr.items())

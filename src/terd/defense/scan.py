@@ -47,12 +47,20 @@ def check_out_dir(out: Path) -> None:
             raise TerdError(f"{report} exists and is not a terd scan report; refusing to overwrite it")
 
 
+DEFAULT_SOURCE = "terd default for preset "
+VE_NOTE = ("terd's shipped thresholds are fitted on VP (DDPM) models and do not apply to this VE model (on the "
+           "recorded VE models they flag every benign one): calibrate on benign VE models of your own (`terd "
+           "calibrate ... --out T.json`, then --thresholds T.json)")
+
+
 def load_thresholds(path: str | Path | None, preset: str) -> tuple[Thresholds | None, str | None]:
-    """Thresholds from a file, else terd's shipped default for the preset (None when there is none)."""
+    """Thresholds from a file, else terd's shipped default for the preset (None when there is none).
+
+    The shipped defaults hold for VP models only; :func:`scan_model` withholds them from a VE model."""
     if path is not None:
         return Thresholds.load(path), str(path)
     thr = default_thresholds(preset)
-    return thr, ("terd default for preset " + preset) if thr is not None else None
+    return thr, (DEFAULT_SOURCE + preset) if thr is not None else None
 
 
 def _pictures(den, trigger, out: Path, seed: int, n: int = 8, steps: int = 25) -> None:  # noqa: ANN001
@@ -104,6 +112,9 @@ def scan_model(
     else:
         thr, thr_source = load_thresholds(thresholds, preset)
     den = model if isinstance(model, Denoiser) else load_denoiser(model, device=device)
+    withheld = thr is not None and (thr_source or "").startswith(DEFAULT_SOURCE) and den.schedule.kind != "vp"
+    if withheld:  # measured: on VE models they flag every benign one (ve_threshold_transfer.md)
+        thr, thr_source = None, None
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / CHECKPOINT_NAME
     res = reverse_trigger(den, cfg, seed=seed, checkpoint=ckpt, resume=resume, progress=progress)
@@ -131,7 +142,8 @@ def scan_model(
         "seconds_total": round(time.perf_counter() - t_start, 3),
     }
     if thr is None:
-        report["note"] = ("no calibrated threshold is available for this preset: the verdict is based on scores "
+        report["note"] = (VE_NOTE if withheld else
+                          "no calibrated threshold is available for this preset: the verdict is based on scores "
                           "only once thresholds exist (run `terd calibrate` on benign models, pass --thresholds)")
         report["verdict"] = "uncalibrated"
     (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
