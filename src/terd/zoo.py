@@ -272,8 +272,9 @@ def check_cached(entry: ZooEntry, model_dir: Path) -> None:
         from terd.attacks.base import load_attack
 
         cached = load_attack(model_dir)
+        kind_matters = entry.attack == "villan" and "psi" not in entry.args  # psi's default is per model kind
         wanted = build_attack(entry.attack, cached.image_shape, data_name=entry.source,
-                              model_kind=_schedule_kind(model_dir), **entry.args)
+                              model_kind=_schedule_kind(model_dir) if kind_matters else "vp", **entry.args)
         a, b = cached.config(), wanted.config()
         diff |= {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
         if not diff and not all(torch.equal(x, y) for x, y in zip(cached.true_trigger(), wanted.true_trigger(),
