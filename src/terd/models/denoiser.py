@@ -46,9 +46,10 @@ class Denoiser(nn.Module):
     """eps_theta(x_t, t) for a discrete network, plus its noise schedule.
 
     ``x`` is a batch in pixel space [-1, 1]; ``t`` an integer timestep (python int, 0-d or (B,) tensor).
-    VP (DDPM) networks predict eps (or v, or x_0: diffusers' ``prediction_type``, converted). VE networks (``schedule.kind == "ve"``: NCSN score networks, or
-    EDM-preconditioned ones) are called in their own coordinates at sigma_t and their answer is turned into
-    the same eps (:func:`_ve_eps`), so everything downstream sees one kind of model.
+    VP (DDPM) networks predict eps (or v, or x_0: diffusers' ``prediction_type``, converted). VE networks
+    (``schedule.kind == "ve"``: NCSN score networks, or EDM-preconditioned ones) are called in their own
+    coordinates at sigma_t and their answer is turned into the same eps (:func:`_ve_eps`), so everything
+    downstream sees one kind of model.
     """
 
     def __init__(
