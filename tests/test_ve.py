@@ -246,12 +246,8 @@ def test_info_and_sample_commands_on_a_ve_model(tiny_unet, tmp_path):
     """What a user sees: `terd info` names the schedule and parameterisation; `terd sample` runs; a bad EDM
     config is a one-line error."""
     import json
-    import subprocess
-    import sys
 
-    def terd(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "terd", *map(str, args)], capture_output=True, text=True,
-                              timeout=300)
+    from test_cli_foundation import terd
 
     save_pipeline(tiny_unet, NoiseSchedule.edm(0.02, 20.0, 0.5, "exponential", 50), tmp_path / "edm")
     res = terd("info", tmp_path / "edm")

@@ -53,7 +53,8 @@ PRESETS: dict[str, Preset] = {
                    "sigma_schedule": "exponential"},
                summary="tiny-digits16's UNet as a VE model (geometric sigma 0.02..20) with EDM preconditioning"),
         # the same VE SDE as an NCSN score network (ScoreSdeVe format, pixels in [0, 1]: sigma 0.01..10); the raw
-        # score parameterisation trains worse than EDM's (~19% of 40-epoch DDPM samples leave [-1.5, 1.5])
+        # score parameterisation trains worse than EDM's (in one 40-epoch run ~18-20% of DDIM sample pixels left
+        # [-1.5, 1.5]; an ad hoc check, not recorded)
         Preset("tiny-digits16-ncsn", "digits16", 1, 16, {**_TINY_UNET, "time_embedding_type": "fourier"}, epochs=40,
                ve={"format": "score", "sigma_min": 0.01, "sigma_max": 10.0},
                summary="tiny-digits16's UNet as an NCSN score network (VE sigma 0.01..10, pixels in [0, 1])"),

@@ -246,10 +246,9 @@ def _architecture_diff(entry: ZooEntry, model_dir: Path) -> dict:
 
 def _schedule_kind(model_dir: Path) -> str:
     """"vp" or "ve" from a built model's scheduler config (without loading its weights)."""
-    from terd.models.safe_io import read_json
-    from terd.models.schedule import NoiseSchedule
+    from terd.models.loading import schedule_from_file
 
-    return NoiseSchedule.from_config(read_json(model_dir / "scheduler" / "scheduler_config.json")).kind
+    return schedule_from_file(model_dir / "scheduler" / "scheduler_config.json").kind
 
 
 def check_cached(entry: ZooEntry, model_dir: Path) -> None:

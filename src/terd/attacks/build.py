@@ -153,7 +153,7 @@ def _preset_for(model_dir: str | Path, base: Denoiser) -> Preset:
     params = base.num_parameters()
     for p in PRESETS.values():
         if ((p.channels, p.size, p.size) == base.image_shape and (params > 10_000_000) == (p.batch_size > 64)
-                and p.noise_schedule().kind == base.schedule.kind):
+                and (p.ve is None) == (base.schedule.kind == "vp")):
             return p
     c, h, _ = base.image_shape
     return Preset("fine-tune", "", c, h, epochs=20, batch_size=64, lr=2e-4, warmup_steps=500, ema_decay=0.999)

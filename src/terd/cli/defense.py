@@ -75,7 +75,7 @@ def scan(
     s = report["scores"]
     line = " ".join(f"{f}={s[f]:.4g}" for f in FEATURES if f in s)
     if thr is None:
-        why = report["note"] if "VE model" in report.get("note", "") else f"no calibrated threshold for preset {preset}"
+        why = report["note"] if report["thresholds_withheld"] else f"no calibrated threshold for preset {preset}"
         typer.echo(f"{model}: no verdict ({why}); {line}")
     else:
         over = report["flagged_by"]

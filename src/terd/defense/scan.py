@@ -126,7 +126,7 @@ def scan_model(
     g = res.trigger.gamma
     report = {
         "format": SCAN_MARKER, "model": str(den.source or model), "verdict": verdict.verdict, "scores": verdict.scores,
-        "thresholds": verdict.thresholds, "thresholds_source": thr_source,
+        "thresholds": verdict.thresholds, "thresholds_source": thr_source, "thresholds_withheld": withheld,
         "thresholds_warning": thr.provenance.get("warning") if thr is not None else None,
         "margin": verdict.margin, "margin_std": verdict.margin_std, "flagged_by": verdict.flagged_by,
         "margin_note": "score - threshold; positive = over the threshold (backdoor side)",

@@ -57,7 +57,8 @@ def _load_unet_dir(unet_dir: Path) -> UNet2DModel:
     return unet
 
 
-def _schedule_from(path: Path) -> NoiseSchedule:
+def schedule_from_file(path: Path) -> NoiseSchedule:
+    """The noise schedule a diffusers ``scheduler_config.json`` describes (VP or VE)."""
     return NoiseSchedule.from_config(read_json(path))
 
 
@@ -120,14 +121,14 @@ def load_denoiser(source: str | Path, *, device: str | torch.device = "cpu", ima
         sched_file = path / "scheduler" / "scheduler_config.json"
         if not sched_file.is_file():
             raise TerdError(f"{path}: pipeline has no scheduler/scheduler_config.json")
-        schedule, family = _schedule_from(sched_file), "diffusers-unet2d"
+        schedule, family = schedule_from_file(sched_file), "diffusers-unet2d"
     elif (path / "config.json").is_file():
         unet = _load_unet_dir(path)
         sched_file = next((p for p in (path / "scheduler_config.json", path.parent / "scheduler" /
                                        "scheduler_config.json") if p.is_file()), None)
         if sched_file is None:
             raise TerdError(f"{path}: a bare UNet dir needs a scheduler_config.json beside config.json")
-        schedule, family = _schedule_from(sched_file), "diffusers-unet2d"
+        schedule, family = schedule_from_file(sched_file), "diffusers-unet2d"
     else:
         raise TerdError(f"{path}: not a model directory (no model_index.json or config.json)")
     _check_pairing(unet, schedule, path)
