@@ -691,6 +691,7 @@ def test_cli_scan_end_to_end_with_thresholds_and_resume(tmp_path, tiny_unet, sch
     assert res.exit_code == 0, res.output
     rep = json.loads((out / "report.json").read_text())
     assert rep["verdict"] == "uncalibrated" and "no calibrated threshold" in rep["note"]
+    assert rep["coverage_warning"] is None  # an eps-prediction VP model: the family terd is measured on
     assert rep["network_evaluations"] == 2 * (2 * 4 + 1 * (2 * 2 + 2 * 2 * 2))  # 2 gamma starts
     for f in ("trigger.safetensors", "trigger.png", "samples.png", "candidates.safetensors"):
         assert (out / f).is_file()
@@ -771,6 +772,8 @@ def test_cli_scan_withholds_the_shipped_vp_thresholds_from_a_ve_model(tmp_path, 
     rep = json.loads((out / "report.json").read_text())
     assert rep["verdict"] == "uncalibrated" and rep["thresholds"] is None and "VE model" in rep["note"]
     assert "no verdict (terd's shipped thresholds are fitted on VP" in res.output
+    assert "EDM-preconditioned" in rep["coverage_warning"]  # measured: terd misses backdoors on this family
+    assert "warning: terd did not detect VillanDiffusion on EDM" in res.output
     Thresholds(-1.0, -1.0, {"n_models": 3}, P_r=-1.0).save(tmp_path / "thr.json")
     res = runner.invoke(app, ["scan", str(model), "--out", str(out), "--thresholds", str(tmp_path / "thr.json"),
                               "--resume", "--samples", "0"])

@@ -88,6 +88,8 @@ def scan(
                        f"cols {pk['col']}-{pk['col'] + pk['size'] - 1}")
         if report.get("thresholds_warning"):
             typer.echo(f"  thresholds warning: {report['thresholds_warning']}")
+    if report.get("coverage_warning"):
+        typer.echo(f"  warning: {report['coverage_warning']}")
     typer.echo(f"  {report['network_evaluations']} network evaluations in {report['seconds']:.0f}s; gamma mean "
                f"{report['trigger_stats']['gamma_mean']:.3f}; report: {out / REPORT}; trigger: {out / TRIGGER}; "
                f"samples: {out / SAMPLES_PNG}")

@@ -53,6 +53,20 @@ VE_NOTE = ("terd's shipped thresholds are fitted on VP (DDPM) models and do not 
            "calibrate ... --out T.json`, then --thresholds T.json)")
 
 
+# Model families on which terd is measured to miss backdoors: a "benign" verdict there is weak evidence.
+COVERAGE_WARNINGS = {
+    "edm": ("terd did not detect VillanDiffusion on EDM-preconditioned models (0 of 2 in the recorded VE bench, "
+            "benchmarks/results/bench_digits16_ve): near t = T their eps is an analytic skip that follows any "
+            "trigger, so the reversed loss barely sees the network. Treat a benign verdict on this model as weak "
+            "evidence."),
+}
+
+
+def coverage_warning(den: Denoiser) -> str | None:
+    """What terd's recorded benches say it misses on this model's family, if anything."""
+    return COVERAGE_WARNINGS.get(den.schedule.parameterization)
+
+
 def load_thresholds(path: str | Path | None, preset: str) -> tuple[Thresholds | None, str | None]:
     """Thresholds from a file, else terd's shipped default for the preset (None when there is none).
 
@@ -128,6 +142,7 @@ def scan_model(
         "format": SCAN_MARKER, "model": str(den.source or model), "verdict": verdict.verdict, "scores": verdict.scores,
         "thresholds": verdict.thresholds, "thresholds_source": thr_source, "thresholds_withheld": withheld,
         "thresholds_warning": thr.provenance.get("warning") if thr is not None else None,
+        "coverage_warning": coverage_warning(den),
         "margin": verdict.margin, "margin_std": verdict.margin_std, "flagged_by": verdict.flagged_by,
         "margin_note": "score - threshold; positive = over the threshold (backdoor side)",
         "preset": preset, "seed": seed, "network_evaluations": res.network_evaluations,
