@@ -23,10 +23,14 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from terd.errors import TerdError
+
+if TYPE_CHECKING:
+    from terd.presets import Preset
 
 KINDS = ("benign", "benign-finetune", "attack", "pretrained")
 
@@ -46,7 +50,7 @@ class ZooEntry:
     data: str | None = None  # training data (a local path) instead of the preset's built-in dataset
     unet: dict = field(default_factory=dict)  # benign: UNet2DModel settings that replace the preset's
 
-    def preset_spec(self):  # noqa: ANN201
+    def preset_spec(self) -> Preset:
         """The entry's preset with its ``unet`` overrides applied (what a from-scratch build trains)."""
         import dataclasses
 
