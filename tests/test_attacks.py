@@ -253,6 +253,24 @@ def test_evaluate_attack_with_oracle(tmp_path, schedule, monkeypatch):
     assert np.isfinite(rep["clean"]["mse"])
 
 
+def test_bench_attack_success_measures_every_sampler_and_writes_nothing(tmp_path, schedule, monkeypatch):
+    """The bench's ASR is a measurement: it scores both TrojDiff samplers and leaves the model directory as it was
+    (it may be a shipped model or a user's)."""
+    from terd.attacks.base import save_attack
+    from terd.bench import attack_success
+
+    y = make_target("mickey", 1, 16)
+    atk = build_attack("trojdiff", (1, 16, 16), setting="d2i")
+    mu, gamma = atk.true_trigger()
+    den = oracle_denoiser(TrojanPointMassOracle(y, gamma, mu, schedule), schedule, (1, 16, 16))
+    monkeypatch.setattr("terd.attacks.evaluation.load_denoiser", lambda *a, **k: den)
+    save_attack(atk, tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    rep = attack_success(tmp_path, n=4)
+    assert set(rep["asr_by_sampler"]) == {"trojdiff-ddim", "trojdiff-ddpm"} and rep["asr"] == 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 runner = CliRunner()
 
 

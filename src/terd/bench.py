@@ -91,7 +91,8 @@ ATTACK_N = 64  # samples per attack-success measurement (triggered and clean eac
 def attack_success(model_dir: str | Path, n: int = ATTACK_N, seed: int = 0, measured: dict | None = None,
                    device: str = "cpu") -> dict:
     """ASR of a backdoored model with every sampler its attack offers; the best one is the model's ASR (an
-    attacker samples the way the backdoor fires). Clean ASR is that sampler's. ``measured``: {sampler: {"asr",
+    attacker samples the way the backdoor fires). Clean ASR is that sampler's. A measurement only: nothing is
+    written into ``model_dir`` (it may be a shipped or a user's model). ``measured``: {sampler: {"asr",
     "clean_asr", "attack"}} already measured with the same ``n`` and ``seed`` (not sampled again)."""
     from terd.attacks import evaluate_attack, load_attack
     from terd.attacks.trojdiff import SAMPLERS, TrojDiff
@@ -100,7 +101,7 @@ def attack_success(model_dir: str | Path, n: int = ATTACK_N, seed: int = 0, meas
     reps = dict(measured or {})
     for name in SAMPLERS if isinstance(attack, TrojDiff) else (attack.sampler,):
         if name not in reps:
-            rep = evaluate_attack(model_dir, n=n, seed=seed, sampler=name, device=device)
+            rep = evaluate_attack(model_dir, n=n, seed=seed, sampler=name, device=device, write=False)
             reps[name] = {"asr": rep["triggered"]["asr"], "clean_asr": rep["clean"]["asr"], "attack": rep["description"]}
     best = max(reps, key=lambda name: reps[name]["asr"])
     return {**reps[best], "asr_sampler": best, "asr_by_sampler": {name: rep["asr"] for name, rep in reps.items()}}
