@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 
 from terd.attacks import load_true_trigger  # noqa: E402
+from terd.bench import attack_success  # noqa: E402
 from terd.defense.loss import noisy_inputs  # noqa: E402
 from terd.models import load_denoiser  # noqa: E402
 
@@ -65,6 +66,9 @@ def main() -> None:
         if not (backdoored / "model_index.json").is_file() or not (benign / "model_index.json").is_file():
             print(f"skipping {label}: build {backdoored} and {benign} first (see this script's docstring)")
             continue
+        success = attack_success(backdoored)  # a backdoor that does not fire says nothing about the loss
+        asr = f"{success['asr']} / {success['clean_asr']} ({success['asr_sampler']})"
+        print(label, "ASR / clean:", asr, flush=True)
         dens = {"backdoored": load_denoiser(backdoored).freeze(), "benign": load_denoiser(benign).freeze()}
         true_r, true_g = load_true_trigger(backdoored)
         shape = tuple(true_r.shape)
@@ -80,7 +84,8 @@ def main() -> None:
         sigmas = ((1 - dens["benign"].schedule.alphas_cumprod) / dens["benign"].schedule.alphas_cumprod).sqrt()
         for low in BANDS:
             t = torch.randint(low, low + 10, (BATCH,), generator=g)
-            row = {"pair": label, "band": f"{low}-{low + 9}", "sigma": round(float(sigmas[low + 5]), 2)}
+            row = {"pair": label, "ASR / clean": asr, "band": f"{low}-{low + 9}",
+                   "sigma": round(float(sigmas[low + 5]), 2)}
             for model, den in dens.items():
                 for name, (r, gamma) in points.items():
                     total, on_mask = band_loss(den, r, gamma, x0, t, eps, mask)
@@ -89,13 +94,14 @@ def main() -> None:
                         row[f"{model}: {name}, trigger pixels"] = round(on_mask, 3)
             rows.append(row)
             print(row, flush=True)
-    columns = ["pair", "band", "sigma"] + [k for k in dict.fromkeys(k for r in rows for k in r)
-                                           if k not in ("pair", "band", "sigma")]
+    first = ["pair", "ASR / clean", "band", "sigma"]
+    columns = first + [k for k in dict.fromkeys(k for r in rows for k in r) if k not in first]
     note = (f"Two-noise reversed loss (sum over pixels, mean over {BATCH} surrogate x_0 ~ N(0, I), {NOISES} noises each, "
             f"seed {SEED}) per band of 10 timesteps, trigger share sqrt(1 - abar_t); sigma = sqrt((1 - abar)/abar) at "
             "the band's middle (a VE model's own noise level). Columns: model (backdoored or its clean base) and the "
             "point (r, gamma) evaluated; 'trigger pixels' is the part of the loss on the pixels the trigger touches "
-            "(TrojDiff patch: 4 of 256). Lower = what reversion prefers.")
+            "(TrojDiff patch: 4 of 256). Lower = what reversion prefers. ASR / clean: the backdoored model's attack "
+            "success with the best of its attack's samplers (n = 64 each, terd bench's measurement).")
     write_results("loss_bands", rows, columns, notes=note)
 
 
