@@ -51,8 +51,8 @@ FEW_PIXELS = 0.1  # a trigger on at most this fraction of the dimensions gets it
 def band_loss(den, r, gamma, x0, t, eps, mask) -> tuple[float, float | None]:  # noqa: ANN001
     """The two-noise loss (mean over x_0, sum over pixels) at trigger share sqrt(1 - abar_t), and its part on mask."""
     abar = den.schedule.alphas_cumprod
-    c = (1 - abar[t]).sqrt().view(1, -1, 1, 1, 1)
-    x_t = noisy_inputs(x0, t, eps, torch.zeros_like(r), gamma, 0.0, abar) + c * r
+    share = (1 - abar[t]).sqrt().view(1, -1, 1, 1, 1)  # per-sample trigger share, broadcast like a scalar c
+    x_t = noisy_inputs(x0, t, eps, r, gamma, share, abar)
     with torch.no_grad():
         pred = den(x_t.reshape(NOISES * BATCH, *x0.shape[1:]), t.repeat(NOISES)).view_as(eps)
     d = eps - pred
