@@ -215,7 +215,8 @@ def test_attack_success_takes_the_best_sampler_the_attack_offers(monkeypatch):
     asr = {"trojdiff-ddim": 0.86, "trojdiff-ddpm": 0.95, None: 0.97}
     calls = []
 
-    def fake_eval(model_dir, n, seed, sampler=None, device="cpu"):  # noqa: ANN001, ANN202
+    def fake_eval(model_dir, n, seed, sampler=None, device="cpu", write=True):  # noqa: ANN001, ANN202
+        assert not write  # the bench's measurement writes nothing into the model directory
         calls.append(sampler)
         return {"triggered": {"asr": asr[sampler]}, "clean": {"asr": 0.1 if sampler == "trojdiff-ddpm" else 0.0},
                 "description": "fake"}
