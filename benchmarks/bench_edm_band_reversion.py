@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import noise_level, write_results  # noqa: E402
 
 import terd.defense.reversion as reversion  # noqa: E402
 from terd.bench import attack_success  # noqa: E402
@@ -31,7 +31,8 @@ from terd.models import load_denoiser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "runs/zoo-digits16-ve"
-MODELS = {"backdoored (VillanDiffusion ODE)": CACHE / "ve-villan-ode", "benign (its clean base)": CACHE / "ve-benign-s0-e40"}
+BACKDOORED = CACHE / "ve-villan-ode"
+MODELS = {"backdoored (VillanDiffusion ODE)": BACKDOORED, "benign (its clean base)": CACHE / "ve-benign-s0-e40"}
 BANDS = (990, 700)  # 990: terd's own ending band (the last 10 steps); 700: sigma ~2.6 (bench_loss_bands.py)
 
 
@@ -55,7 +56,7 @@ def main() -> None:
     for path in MODELS.values():
         if not (path / "model_index.json").is_file():
             raise SystemExit(f"{path} is missing: build it first (bench_loss_bands.py's docstring)")
-    success = attack_success(CACHE / "ve-villan-ode")  # the backdoor must fire before its detection means anything
+    success = attack_success(BACKDOORED)  # the backdoor must fire before its detection means anything
     print(success, flush=True)
     rows = []
     for low in BANDS:
@@ -64,9 +65,8 @@ def main() -> None:
             t0 = time.perf_counter()
             with ending_band(low):
                 res = reversion.reverse_trigger(den, "fast", seed=0)
-            sigma = float(((1 - den.schedule.alphas_cumprod[low + 5]) / den.schedule.alphas_cumprod[low + 5]).sqrt())
-            asr = f"{success['asr']} / {success['clean_asr']}" if path.name == "ve-villan-ode" else "–"
-            row = {"band": f"{low}-{low + WINDOW - 1}", "sigma": round(sigma, 2), "model": role, "ASR / clean": asr,
+            asr = f"{success['asr']} / {success['clean_asr']}" if path == BACKDOORED else "–"
+            row = {"band": f"{low}-{low + WINDOW - 1}", "sigma": round(noise_level(den.schedule, low + 5), 2), "model": role, "ASR / clean": asr,
                    **{f: round(v, 4) for f, v in res.features.items()},
                    "r_l2 per candidate": [round(c["r_l2"], 2) for c in res.candidates],
                    "gamma mean per candidate": [round(c["gamma_mean"], 3) for c in res.candidates],

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import noise_level, write_results  # noqa: E402
 
 from terd.attacks import load_true_trigger  # noqa: E402
 from terd.bench import attack_success  # noqa: E402
@@ -81,11 +81,10 @@ def main() -> None:
         g = torch.Generator().manual_seed(SEED)
         x0 = torch.randn((BATCH, *shape), generator=g)
         eps = torch.randn((NOISES, BATCH, *shape), generator=g)
-        sigmas = ((1 - dens["benign"].schedule.alphas_cumprod) / dens["benign"].schedule.alphas_cumprod).sqrt()
         for low in BANDS:
             t = torch.randint(low, low + 10, (BATCH,), generator=g)
             row = {"pair": label, "ASR / clean": asr, "band": f"{low}-{low + 9}",
-                   "sigma": round(float(sigmas[low + 5]), 2)}
+                   "sigma": round(noise_level(dens["benign"].schedule, low + 5), 2)}
             for model, den in dens.items():
                 for name, (r, gamma) in points.items():
                     total, on_mask = band_loss(den, r, gamma, x0, t, eps, mask)

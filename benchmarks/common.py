@@ -38,6 +38,12 @@ def median_seconds_interleaved(fns: list[Callable[[], object]], repeats: int = 5
     return [statistics.median(bucket) for bucket in times]
 
 
+def noise_level(schedule, t: int) -> float:  # noqa: ANN001
+    """sigma_t = sqrt((1 - abar_t) / abar_t): step t's noise level in VE units (what a VE model is called at)."""
+    abar = schedule.alphas_cumprod[t]
+    return float(((1 - abar) / abar).sqrt())
+
+
 def machine() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "processor": platform.processor() or platform.machine(),

@@ -36,8 +36,8 @@ def _fraction(rate: float | None, n: int) -> str:
     return "–" if rate is None else f"{round(rate * n)}/{n}"
 
 
-def _number(v: float | None, digits: int = 4) -> str:
-    return "–" if v is None else f"{v:.{digits}f}"
+def _auc(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}"
 
 
 def _input_cell(row: dict) -> str:
@@ -73,7 +73,7 @@ def render(results_dir: Path = RESULTS) -> str:
             lines.append(
                 f"| {label} | {row['defense']} | {row['family']} | {row['models']} | "
                 f"{_fraction(row['TPR'], row['models'])} | {_fraction(row['TNR'], n_benign)} | "
-                f"{_number(row['AUC'], 2)} | {_input_cell(row)} | {row['evals']:,} |")
+                f"{_auc(row['AUC'])} | {_input_cell(row)} | {row['evals']:,} |")
         excluded = summary["excluded_attacks_that_do_not_fire"]
         notes.append(f"- `{name}/` ({label}): `{meta['zoo']}`, {len(data['models'])} models, defenses "
                      f"{', '.join(meta['defenses'])}; {_seconds(meta)} on {meta['machine']}"

@@ -240,13 +240,19 @@ def test_threshold_tightens_when_real_data_passes():
     assert thr == 0.02 and "tightened" in why
 
 
-def test_evaluate_attack_with_oracle(tmp_path, schedule, monkeypatch):
-    """The whole evaluation on a point-mass trojan oracle: every triggered sample hits the target."""
-    y = make_target("mickey", 1, 16)
+def _trojan_oracle_attack(schedule, monkeypatch):  # noqa: ANN001, ANN202
+    """A TrojDiff D2I attack whose model is its point-mass oracle (evaluation loads the oracle for any path)."""
     atk = build_attack("trojdiff", (1, 16, 16), setting="d2i")
     mu, gamma = atk.true_trigger()
-    den = oracle_denoiser(TrojanPointMassOracle(y, gamma, mu, schedule), schedule, (1, 16, 16))
+    den = oracle_denoiser(TrojanPointMassOracle(make_target("mickey", 1, 16), gamma, mu, schedule), schedule,
+                          (1, 16, 16))
     monkeypatch.setattr("terd.attacks.evaluation.load_denoiser", lambda *a, **k: den)
+    return atk
+
+
+def test_evaluate_attack_with_oracle(tmp_path, schedule, monkeypatch):
+    """The whole evaluation on a point-mass trojan oracle: every triggered sample hits the target."""
+    atk = _trojan_oracle_attack(schedule, monkeypatch)
     rep = evaluate_attack(tmp_path, n=4, attack=atk, reference_data="digits16", out_dir=tmp_path)
     assert rep["triggered"]["asr"] == 1.0 and rep["triggered"]["mse"] < 1e-5
     assert (tmp_path / "eval-attack.json").is_file() and (tmp_path / "eval-attack.png").is_file()
@@ -259,11 +265,7 @@ def test_bench_attack_success_measures_every_sampler_and_writes_nothing(tmp_path
     from terd.attacks.base import save_attack
     from terd.bench import attack_success
 
-    y = make_target("mickey", 1, 16)
-    atk = build_attack("trojdiff", (1, 16, 16), setting="d2i")
-    mu, gamma = atk.true_trigger()
-    den = oracle_denoiser(TrojanPointMassOracle(y, gamma, mu, schedule), schedule, (1, 16, 16))
-    monkeypatch.setattr("terd.attacks.evaluation.load_denoiser", lambda *a, **k: den)
+    atk = _trojan_oracle_attack(schedule, monkeypatch)
     save_attack(atk, tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
     rep = attack_success(tmp_path, n=4)
