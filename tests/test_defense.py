@@ -692,14 +692,17 @@ def test_cli_scan_end_to_end_with_thresholds_and_resume(tmp_path, tiny_unet, sch
     rep = json.loads((out / "report.json").read_text())
     assert rep["verdict"] == "uncalibrated" and "no calibrated threshold" in rep["note"]
     assert rep["coverage_warning"] is None  # an eps-prediction VP model: the family terd is measured on
-    assert rep["network_evaluations"] == 2 * (2 * 4 + 1 * (2 * 2 + 2 * 2 * 2))  # 2 gamma starts
+    detail = rep["network_evaluations_detail"]
+    assert detail["reversion"] == 2 * (2 * 4 + 1 * (2 * 2 + 2 * 2 * 2))  # 2 gamma starts
+    assert detail["patch_probe"] >= 512 and rep["network_evaluations"] == detail["reversion"] + detail["patch_probe"]
     for f in ("trigger.safetensors", "trigger.png", "samples.png", "candidates.safetensors"):
         assert (out / f).is_file()
     trig = Trigger.load(out / rep["trigger_file"], (1, 8, 8))
     assert kl_features(trig)["M_r"] == pytest.approx(rep["scores"]["M_r"])
-    cands = load_candidates(out / rep["candidates_file"])  # the scores can be recomputed without a rescan
-    assert len(cands) == len(rep["candidates"])
-    assert candidate_features([kl_features(c) for c in cands]) == pytest.approx(rep["scores"])
+    cands = load_candidates(out / rep["candidates_file"])  # the reversion's candidates, then the probe's (if any)
+    assert len(cands) == len(rep["candidates"]) + rep["patch_probe"]["candidate"]
+    reversion = cands[:len(rep["candidates"])]  # the scores can be recomputed without a rescan
+    assert candidate_features([kl_features(c) for c in reversion]) == pytest.approx(rep["scores"])
     assert rep["input_detection"]["rule"] == "any candidate flags"
     assert len(rep["input_detection"]["candidates"]) == len(cands) and rep["input_detection"]["fpr_bound"] <= 1e-3 + 1e-9  # Imhof tail: ~1e-9 absolute
     peak = rep["kl_peak"]

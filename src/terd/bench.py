@@ -140,13 +140,14 @@ def evaluate_model(entry: ZooEntry, cache: str, defenses: tuple[str, ...], out: 
         if name.startswith("terd-"):
             res = reverse_trigger(den, name.removeprefix("terd-"), seed=seed)
             trig = res.trigger
-            d = {**res.features, "network_evaluations": res.network_evaluations}
+            d = {**res.features, "network_evaluations": res.network_evaluations + res.probe_evaluations,
+                 "probe_evaluations": res.probe_evaluations, "patch_probe": res.patch_probe}
             trig.save(Path(out) / "triggers" / f"{entry.id}--{name}.safetensors")
-            save_candidates(res.candidate_triggers, Path(out) / "triggers" / f"{entry.id}--{name}.candidates.safetensors")
+            save_candidates(res.input_candidates, Path(out) / "triggers" / f"{entry.id}--{name}.candidates.safetensors")
             if r_true is not None:
                 d["trigger_l2"] = float((trig.r - r_true).norm())
                 reported = next(i for i, c in enumerate(res.candidates) if c["reported"])
-                d["input_detection"] = input_detection_report(res.candidate_triggers, reported, r_true, g_true,
+                d["input_detection"] = input_detection_report(res.input_candidates, reported, r_true, g_true,
                                                               n_inputs, seed + 99, input_fpr)
         elif name == "elijah":
             res = elijah_scan(den, seed=seed)

@@ -44,6 +44,7 @@ from safetensors.torch import save_file
 
 from terd.defense.loss import BEGINNING, ENDING, reversed_loss, term_timesteps
 from terd.defense.model_detection import candidate_features, kl_features
+from terd.defense.patch_probe import probe_patch
 from terd.defense.trigger import Trigger
 from terd.errors import TerdError
 from terd.models.denoiser import Denoiser
@@ -88,6 +89,7 @@ class ReversionConfig:
     early_stop_window: int = 25
     min_iters: int = 0  # never stop a stage before this many iterations
     checkpoint_every: int = 50
+    patch_probe: bool = True  # also look for a small patch trigger (patch_probe.py): an input-detection candidate
 
     def resolved_l1(self, image_shape) -> float:  # noqa: ANN001
         return self.l1 if self.l1 is not None else (5e-5 if max(image_shape[1:]) <= 32 else 5e-4)
@@ -171,6 +173,14 @@ class ReversionResult:
     candidates: list = field(default_factory=list)  # per candidate: gamma start, start rule, features, reported
     candidate_triggers: list = field(default_factory=list)
     features: dict = field(default_factory=dict)
+    patch_probe: dict | None = None  # what the patch probe saw (None when the config skips it)
+    patch_candidate: Trigger | None = None
+    probe_evaluations: int = 0  # the probe's forward-only images (not in network_evaluations)
+
+    @property
+    def input_candidates(self) -> list[Trigger]:
+        """The candidates input detection uses: the reversion's, then the patch probe's (if it found a patch)."""
+        return self.candidate_triggers + ([self.patch_candidate] if self.patch_candidate is not None else [])
 
 
 class _Counter:
@@ -179,6 +189,7 @@ class _Counter:
     def __init__(self, den: Denoiser, evaluations: int = 0, calls: int = 0) -> None:
         self.den, self.evaluations, self.calls = den, evaluations, calls
         self.schedule, self.num_timesteps, self.image_shape = den.schedule, den.num_timesteps, den.image_shape
+        self.device = den.device
 
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:  # noqa: ANN001
         self.evaluations += x.shape[0]
@@ -482,11 +493,17 @@ def reverse_trigger(
     candidates = [{"gamma_init": tr.meta["gamma_init"], "start": tr.meta["start"], "reported": i == best,
                    "gamma_mean": float(tr.gamma.mean()), "r_l2": float(tr.r.norm()), **feats[i]}
                   for i, tr in enumerate(triggers)]
+    probe, probed = None, _Counter(den)
+    if cfg.patch_probe:
+        probe = probe_patch(probed, seed=seed)
     return ReversionResult(trigger=triggers[best], network_evaluations=st.evaluations, network_calls=st.calls,
                            seconds=round(st.seconds, 3), iterations=dict(st.iterations),
                            stopped_early=dict(st.stopped_early), history=st.history, config=asdict(cfg),
                            resumed_from=resumed, candidates=candidates, candidate_triggers=triggers,
-                           features=candidate_features(feats))
+                           features=candidate_features(feats),
+                           patch_probe=probe.summary() if probe is not None else None,
+                           patch_candidate=probe.candidate if probe is not None else None,
+                           probe_evaluations=probed.evaluations)
 
 
 def _start_of(cfg: ReversionConfig, i: int) -> str:

@@ -19,7 +19,7 @@ from terd.errors import TerdError
 from terd.models import Denoiser, load_denoiser
 
 REPORT, TRIGGER, TRIGGER_PNG, SAMPLES_PNG = "report.json", "trigger.safetensors", "trigger.png", "samples.png"
-CANDIDATES = "candidates.safetensors"  # every candidate's (r, gamma): features can be recomputed without a rescan
+CANDIDATES = "candidates.safetensors"  # input detection: the reversion's candidates (features recomputable), then the patch probe's
 SCAN_MARKER = "terd-scan/1"
 
 
@@ -133,9 +133,9 @@ def scan_model(
     ckpt = out / CHECKPOINT_NAME
     res = reverse_trigger(den, cfg, seed=seed, checkpoint=ckpt, resume=resume, progress=progress)
     res.trigger.save(out / TRIGGER)
-    save_candidates(res.candidate_triggers, out / CANDIDATES)
+    save_candidates(res.input_candidates, out / CANDIDATES)
     verdict = detect_model(res.features, thr)  # any candidate over a threshold flags the model
-    det = CandidateSetDetector(res.candidate_triggers)  # flag an input when any candidate flags it
+    det = CandidateSetDetector(res.input_candidates)  # flag an input when any candidate flags it
     _pictures(den, res.trigger, out, seed, n=samples)
     g = res.trigger.gamma
     report = {
@@ -145,7 +145,8 @@ def scan_model(
         "coverage_warning": coverage_warning(den),
         "margin": verdict.margin, "margin_std": verdict.margin_std, "flagged_by": verdict.flagged_by,
         "margin_note": "score - threshold; positive = over the threshold (backdoor side)",
-        "preset": preset, "seed": seed, "network_evaluations": res.network_evaluations,
+        "preset": preset, "seed": seed, "network_evaluations": res.network_evaluations + res.probe_evaluations,
+        "network_evaluations_detail": {"reversion": res.network_evaluations, "patch_probe": res.probe_evaluations},
         "network_calls": res.network_calls, "seconds": res.seconds, "iterations": res.iterations,
         "stopped_early": res.stopped_early, "resumed_from": res.resumed_from,
         "trigger_file": TRIGGER, "candidates_file": CANDIDATES, "trigger_png": TRIGGER_PNG, "samples_png": SAMPLES_PNG if samples > 0 else None,
@@ -153,7 +154,7 @@ def scan_model(
         "trigger_stats": {"r_l2": float(res.trigger.r.norm()), "r_abs_mean": float(res.trigger.r.abs().mean()),
                           "gamma_mean": float(g.mean()), "gamma_min": float(g.min()), "gamma_max": float(g.max())},
         "kl_peak": _kl_peak(res.candidate_triggers),
-        "candidates": res.candidates, "input_detection": {**det.summary(), "detector_file": CANDIDATES}, "config": res.config,
+        "candidates": res.candidates, "patch_probe": res.patch_probe, "input_detection": {**det.summary(), "detector_file": CANDIDATES}, "config": res.config,
         "seconds_total": round(time.perf_counter() - t_start, 3),
     }
     if thr is None:

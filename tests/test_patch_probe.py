@@ -1,0 +1,84 @@
+"""The patch probe: finds a small patch from the model's response and reads its value, on closed-form oracles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import oracle_denoiser
+from terd.defense import patch_probe as pp
+from terd.defense.input_detection import CandidateSetDetector
+from terd.defense.reversion import ReversionConfig, reverse_trigger
+
+SHAPE = (1, 16, 16)
+
+
+def _window(rows: slice = slice(13, 15), cols: slice = slice(13, 15)) -> torch.Tensor:
+    w = torch.zeros(SHAPE, dtype=torch.bool)
+    w[:, rows, cols] = True
+    return w
+
+
+class PatchOracle(nn.Module):
+    """Passes unit noise through (eps_theta = x, exact for benign noise at t = T) except on a window, where it
+    removes the offset ``mu`` from inputs near it -- what a TrojDiff patch model learns (the offset, not the slope).
+    Its explained offset on the window is mu * E[exp(-(v + 0.1 eps - mu)^2 / (2 width^2))]: largest at v = mu."""
+
+    def __init__(self, window: torch.Tensor, mu: float, width: float = 0.3) -> None:
+        super().__init__()
+        self.register_buffer("window", window)
+        self.mu, self.width = mu, width
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t):  # noqa: ANN001
+        near = torch.exp(-((x - self.mu) ** 2) / (2 * self.width ** 2))
+        return torch.where(self.window, x - self.mu * near, x)
+
+
+@pytest.mark.parametrize("mu", [0.9, -1.3])
+def test_probe_finds_the_patch_window_and_its_value(schedule, mu):
+    w = _window()
+    probe = pp.probe_patch(oracle_denoiser(PatchOracle(w, mu), schedule, SHAPE), seed=0)
+    assert torch.equal(probe.window, w)
+    assert probe.value == pytest.approx(mu, abs=0.03)
+    assert probe.explained_offset == pytest.approx(mu * 0.9, rel=0.1)  # mu * E[near] at v = mu (gamma 0.1 << width)
+    cand = probe.candidate
+    assert torch.equal(cand.r != 0, w) and torch.allclose(cand.r[w], torch.tensor(probe.value))
+    assert torch.equal(cand.gamma, torch.where(w, pp.PATCH_GAMMA, 1.0))
+    s = probe.summary()
+    assert s["window_elements"] == 4 and s["candidate"] and s["window_indices"] == [[0, 13, 13], [0, 13, 14],
+                                                                                    [0, 14, 13], [0, 14, 14]]
+
+
+def test_no_candidate_on_a_model_that_only_denoises_or_reacts_image_wide(schedule):
+    plain = pp.probe_patch(oracle_denoiser(PatchOracle(torch.zeros(SHAPE, dtype=torch.bool), 0.9), schedule, SHAPE))
+    assert plain.candidate is None and not plain.window.any() and plain.summary()["value"] is None
+    wide = _window(slice(0, 8), slice(0, 8))  # a quarter of the image: not a patch
+    probe = pp.probe_patch(oracle_denoiser(PatchOracle(wide, 0.9), schedule, SHAPE))
+    assert probe.window.sum() == 64 and probe.candidate is None
+
+
+def test_peak_is_the_parabola_vertex_inside_the_grid():
+    grid = tuple(0.5 + 0.05 * k for k in range(9))
+    assert pp._peak(grid, [-(v - 0.62) ** 2 for v in grid]) == pytest.approx(0.62)
+    assert pp._peak(grid, [-(v - 3.0) ** 2 for v in grid]) == pytest.approx(grid[-1])  # vertex outside: clamped
+    assert pp._peak(grid, [(v - 0.65) ** 2 for v in grid]) == grid[-1]  # convex: the best grid point
+
+
+def test_reversion_hands_the_patch_candidate_to_input_detection_only(schedule):
+    w, mu = _window(), 0.9
+    den = oracle_denoiser(PatchOracle(w, mu), schedule, SHAPE)
+    cfg = ReversionConfig(stage1_iters=2, stage2_iters=1, batch_size=2, ddim_steps=2)
+    res = reverse_trigger(den, cfg, seed=0)
+    assert res.patch_candidate is not None and res.input_candidates[-1] is res.patch_candidate
+    assert len(res.input_candidates) == len(res.candidate_triggers) + 1 == len(res.candidates) + 1
+    assert res.patch_probe["candidate"] and res.probe_evaluations > 0
+    g = torch.Generator().manual_seed(5)
+    backdoor = torch.where(w, mu + 0.1 * torch.randn((2000, *SHAPE), generator=g), torch.randn((2000, *SHAPE), generator=g))
+    det = CandidateSetDetector(res.input_candidates, fpr=1e-3)
+    assert det.is_backdoor(backdoor).double().mean() > 0.95
+    off = reverse_trigger(den, ReversionConfig(stage1_iters=2, stage2_iters=1, batch_size=2, ddim_steps=2,
+                                               patch_probe=False), seed=0)
+    assert off.patch_candidate is None and off.patch_probe is None and off.probe_evaluations == 0
+    assert off.network_evaluations == res.network_evaluations  # the probe's cost is counted apart
