@@ -82,3 +82,19 @@ def test_reversion_hands_the_patch_candidate_to_input_detection_only(schedule):
                                                patch_probe=False), seed=0)
     assert off.patch_candidate is None and off.patch_probe is None and off.probe_evaluations == 0
     assert off.network_evaluations == res.network_evaluations  # the probe's cost is counted apart
+
+
+def test_scan_report_and_candidates_file_carry_the_patch_candidate(schedule, tmp_path, monkeypatch):
+    from terd.defense import reversion as rev
+    from terd.defense.scan import scan_model
+    from terd.defense.trigger import load_candidates
+
+    monkeypatch.setitem(rev.PRESETS, "fast", ReversionConfig(name="fast", stage1_iters=2, stage2_iters=1,
+                                                             batch_size=2, ddim_steps=2))
+    w = _window()
+    rep = scan_model(oracle_denoiser(PatchOracle(w, 0.9), schedule, SHAPE), tmp_path / "scan", samples=0)
+    probe = rep["patch_probe"]
+    assert probe["candidate"] and probe["candidate_index"] == len(rep["candidates"])
+    cands = load_candidates(tmp_path / "scan" / rep["candidates_file"])
+    assert len(cands) == len(rep["candidates"]) + 1 and torch.equal(cands[-1].r != 0, w)
+    assert rep["network_evaluations"] == sum(rep["network_evaluations_detail"].values())

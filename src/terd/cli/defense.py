@@ -90,6 +90,10 @@ def scan(
             typer.echo(f"  thresholds warning: {report['thresholds_warning']}")
     if report.get("coverage_warning"):
         typer.echo(f"  warning: {report['coverage_warning']}")
+    probe = report.get("patch_probe") or {}
+    if probe.get("candidate"):
+        typer.echo(f"  patch probe: {probe['window_elements']} elements react like a patch trigger (value "
+                   f"{probe['value']:.3g}); candidate {probe['candidate_index']} screens inputs for it")
     typer.echo(f"  {report['network_evaluations']} network evaluations in {report['seconds']:.0f}s; gamma mean "
                f"{report['trigger_stats']['gamma_mean']:.3f}; report: {out / REPORT}; trigger: {out / TRIGGER}; "
                f"samples: {out / SAMPLES_PNG}")
