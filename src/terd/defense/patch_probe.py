@@ -4,7 +4,7 @@ Why a separate probe: TERD's two-noise loss cancels every constant offset, and a
 TrojDiff patch model learns on its patch -- it removes the patch's mean from its noise prediction but never learns
 the steep noise slope a perfect fit would need (loss_bands.md: at no timestep does it predict the unit noise under
 the patch). So no reversion candidate lands on a patch, and input detection missed the 2x2 patch's inputs (TPR
-0.0001). Two forward-only looks at t = T - 1 find it (bench_patch_probe.md):
+0.0001). Two forward-only looks at t = T - 1 find it (benchmarks/results/patch_probe.md):
 
 1. **window**: over benign unit noises x, the residual eps_theta(x) - x is small and alike at every pixel of a model
    that only denoises; where a model was poisoned it reacts to the values it was trained to treat specially, and the
