@@ -173,7 +173,7 @@ class ReversionResult:
     candidates: list = field(default_factory=list)  # per candidate: gamma start, start rule, features, reported
     candidate_triggers: list = field(default_factory=list)
     features: dict = field(default_factory=dict)
-    patch_probe: dict | None = None  # what the patch probe saw (None when the config skips it)
+    patch_probe: dict | None = None  # what the patch probe saw, and its candidate's index in input_candidates
     patch_candidate: Trigger | None = None
     probe_evaluations: int = 0  # the probe's forward-only images (not in network_evaluations)
 
@@ -501,7 +501,8 @@ def reverse_trigger(
                            stopped_early=dict(st.stopped_early), history=st.history, config=asdict(cfg),
                            resumed_from=resumed, candidates=candidates, candidate_triggers=triggers,
                            features=candidate_features(feats),
-                           patch_probe=probe.summary() if probe is not None else None,
+                           patch_probe=None if probe is None else {
+                               **probe.summary(), "candidate_index": len(triggers) if probe.candidate else None},
                            patch_candidate=probe.candidate if probe is not None else None,
                            probe_evaluations=probed.evaluations)
 

@@ -103,14 +103,6 @@ def _kl_peak(triggers: list[Trigger]) -> dict:
     return max(peaks, key=lambda p: p["value"])
 
 
-def _probe_entry(res) -> dict | None:  # noqa: ANN001
-    """The patch probe's summary, with where its candidate sits in the candidates file (None: not run)."""
-    if res.patch_probe is None:
-        return None
-    index = len(res.candidate_triggers) if res.patch_candidate is not None else None
-    return {**res.patch_probe, "candidate_index": index}
-
-
 def scan_model(
     model: str | Path | Denoiser,
     out: str | Path,
@@ -162,7 +154,7 @@ def scan_model(
         "trigger_stats": {"r_l2": float(res.trigger.r.norm()), "r_abs_mean": float(res.trigger.r.abs().mean()),
                           "gamma_mean": float(g.mean()), "gamma_min": float(g.min()), "gamma_max": float(g.max())},
         "kl_peak": _kl_peak(res.candidate_triggers),
-        "candidates": res.candidates, "patch_probe": _probe_entry(res), "input_detection": {**det.summary(), "detector_file": CANDIDATES}, "config": res.config,
+        "candidates": res.candidates, "patch_probe": res.patch_probe, "input_detection": {**det.summary(), "detector_file": CANDIDATES}, "config": res.config,
         "seconds_total": round(time.perf_counter() - t_start, 3),
     }
     if thr is None:
