@@ -24,7 +24,7 @@ from terd.defense.input_detection import (
     guarded_sample,
     llr,
 )
-from terd.defense.loss import reversed_loss
+from terd.defense.loss import reversed_loss, reversed_losses
 from terd.defense.model_detection import (
     Thresholds,
     candidate_features,
@@ -115,6 +115,20 @@ def test_two_noise_loss_is_the_papers_formula(schedule):
     d = [eps[i] - den(a.sqrt() * x0 + gamma * (1 - a).sqrt() * eps[i] + r, t) for i in range(2)]
     manual = 0.5 * (d[0] - d[1]).pow(2).sum(dim=(1, 2, 3)).mean()
     assert torch.allclose(reversed_loss(den, r, gamma, x0, t, 1.0, eps), manual, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shared_x0", [True, False])
+def test_stacked_candidates_equal_one_call_each(schedule, shared_x0):
+    """reversed_losses on M candidates in one network call equals reversed_loss on each (same draws)."""
+    g = torch.Generator().manual_seed(3)
+    den = oracle_denoiser(GaussianOracle(torch.zeros(SHAPE), 0.5, schedule), schedule, SHAPE)
+    r, gamma = torch.randn((3, *SHAPE), generator=g), torch.rand((3, *SHAPE), generator=g) + 0.5
+    x0 = torch.randn((5, *SHAPE) if shared_x0 else (3, 5, *SHAPE), generator=g)
+    t, eps = torch.randint(0, 1000, (5,), generator=g), torch.randn((4, 5, *SHAPE), generator=g)
+    stacked = reversed_losses(den, r, gamma, x0, t, 0.7, eps)
+    one_each = torch.stack([reversed_loss(den, r[m], gamma[m], x0 if shared_x0 else x0[m], t, 0.7, eps)
+                            for m in range(3)])
+    assert stacked.shape == (3,) and torch.allclose(stacked, one_each, rtol=1e-6)
 
 
 @pytest.mark.parametrize("gamma_b", [1.0, 0.6])

@@ -33,10 +33,12 @@ def noisy_inputs(
 ) -> torch.Tensor:
     """x_t = sqrt(abar_t) x_0 + gamma sqrt(1 - abar_t) eps + c r  (the unified backdoored forward process).
 
-    ``x0``: (B, C, H, W); ``t``: (B,); ``eps``: (K, B, C, H, W); returns (K, B, C, H, W).
+    ``x0``: (..., B, C, H, W); ``t``: (B,); ``eps``: (K, B, C, H, W); a K axis is inserted before x_0's B
+    axis, so (B, ...) gives (K, B, C, H, W) and M candidates' (M, B, ...) give (M, K, B, C, H, W); ``r``
+    and ``gamma`` broadcast against the result.
     """
-    a = abars.to(x0.device, x0.dtype)[t.to(x0.device)].view(1, -1, 1, 1, 1)
-    return a.sqrt() * x0.unsqueeze(0) + gamma * (1 - a).sqrt() * eps + c * r
+    a = abars.to(x0.device, x0.dtype)[t.to(x0.device)].view(-1, 1, 1, 1)
+    return a.sqrt() * x0.unsqueeze(-5) + gamma * (1 - a).sqrt() * eps + c * r
 
 
 def reversed_loss(
@@ -53,11 +55,31 @@ def reversed_loss(
     ``eps`` holds K >= 2 unit noises per x_0, shape (K, B, C, H, W); the regression target is the unit
     noise (not gamma * eps). Sum over pixels, mean over the batch. One network call on K*B images.
     """
+    return reversed_losses(den, r.unsqueeze(0), gamma.unsqueeze(0), x0, t, c, eps)[0]
+
+
+def reversed_losses(
+    den: Denoiser,
+    r: torch.Tensor,
+    gamma: torch.Tensor,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    c: float,
+    eps: torch.Tensor,
+) -> torch.Tensor:
+    """``reversed_loss`` of M candidates (r, gamma: (M, C, H, W)) on the same draws, in ONE network call.
+
+    Why one call: a tiny model costs 1.7-2.4x more per image at batch 8 than at batch 64 on a 2-core CPU, and
+    stacking cut a ``fast`` reversion's time by 15-16% (``benchmarks/bench_candidate_batching.py``). ``x0`` is shared, (B, C, H, W), or per
+    candidate, (M, B, C, H, W). Returns (M,).
+    """
     k, b = eps.shape[:2]
     if k < 2:
         raise ValueError("the reversed loss needs at least two noises per x_0")
-    x_t = noisy_inputs(x0, t, eps, r, gamma, c, den.schedule.alphas_cumprod)
-    pred = den(x_t.reshape(k * b, *x0.shape[1:]), t.repeat(k).to(x0.device)).view_as(eps)
-    d = eps - pred
-    centred = d - d.mean(dim=0, keepdim=True)
-    return centred.pow(2).sum(dim=(0, 2, 3, 4)).div(k - 1).mean()
+    m = r.shape[0]
+    x0 = x0.unsqueeze(0).expand(m, *x0.shape) if x0.dim() == eps.dim() - 1 else x0  # (M, B, C, H, W)
+    x_t = noisy_inputs(x0, t, eps, r[:, None, None], gamma[:, None, None], c, den.schedule.alphas_cumprod)
+    pred = den(x_t.reshape(m * k * b, *eps.shape[2:]), t.repeat(m * k).to(x0.device)).view_as(x_t)
+    d = eps - pred  # (M, K, B, C, H, W)
+    centred = d - d.mean(dim=1, keepdim=True)
+    return centred.pow(2).sum(dim=(1, 3, 4, 5)).div(k - 1).mean(dim=1)

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from terd.defense.loss import BEGINNING, ENDING, reversed_loss, term_timesteps
+from terd.defense.loss import BEGINNING, ENDING, reversed_losses, term_timesteps
 from terd.defense.model_detection import candidate_features, kl_features
 from terd.defense.patch_probe import probe_patch
 from terd.defense.trigger import Trigger
@@ -301,25 +301,24 @@ def _line_search_start(
     eps = torch.randn((k, b, *shape), generator=g).to(dev)
     d = math.prod(shape)
 
-    def objective(r: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        return reversed_loss(counted, r, gamma, x0, t, 1.0, eps) - lam * r.abs().sum()
+    def objectives(r: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:  # (M, C, H, W) points -> (M,)
+        return reversed_losses(counted, r, gamma, x0, t, 1.0, eps) - lam * r.flatten(1).abs().sum(1)
 
     starts = {}
     for i, gammas in cfg.searched_gammas().items():
         points = []  # (objective, gamma, r)
         for gv in gammas:
-            gamma = torch.full(shape, float(gv), device=dev)
-            r0 = torch.zeros(shape, device=dev, requires_grad=True)
+            gamma = torch.full((1, *shape), float(gv), device=dev)
+            r0 = torch.zeros((1, *shape), device=dev, requires_grad=True)
             with torch.enable_grad():
-                obj0 = objective(r0, gamma)
-                (grad,) = torch.autograd.grad(obj0, r0)
-            points.append((float(obj0.detach()), gv, r0.detach()))
-            u = grad / (grad.norm() + 1e-12)
-            with torch.no_grad():
-                for c in cfg.search_radii:
-                    for sign in (1.0, -1.0):
-                        r = sign * c * math.sqrt(d) * u
-                        points.append((float(objective(r, gamma)), gv, r))
+                obj0 = objectives(r0, gamma)
+                (grad,) = torch.autograd.grad(obj0.sum(), r0)
+            points.append((float(obj0.detach()), gv, r0.detach()[0]))
+            u = grad[0] / (grad.norm() + 1e-12)
+            rs = torch.stack([sign * c * math.sqrt(d) * u for c in cfg.search_radii for sign in (1.0, -1.0)])
+            with torch.no_grad():  # all radii of this gamma in one network call
+                objs = objectives(rs, gamma.expand_as(rs))
+            points.extend((float(o), gv, r) for o, r in zip(objs, rs, strict=True))
         obj, gv, r = min(points, key=lambda p: p[0])
         gamma0 = torch.full(shape, float(gv), device=dev)
         s = (gamma0.log() if cfg.gamma_mode == GAMMA_LEARNED else
@@ -343,18 +342,17 @@ def _iteration_loss(
         x0 = torch.randn((b, *shape), generator=g).to(dev)  # surrogate x_0 from the prior
         t = term_timesteps(ENDING, T, b, g)
         eps = torch.randn((k, b, *shape), generator=g).to(dev)
-        return torch.stack([reversed_loss(counted, r[m], gamma[m], x0, t, 1.0, eps) for m in range(r.shape[0])])
+        return reversed_losses(counted, r, gamma, x0, t, 1.0, eps)
     eps_T = torch.randn((b, *shape), generator=g).to(dev)
     draws = []
     for term in (ENDING, BEGINNING):
         draws.append((term_timesteps(term, T, b, g), torch.randn((k, b, *shape), generator=g).to(dev)))
-    out = []
-    for m in range(r.shape[0]):
-        x0 = ddim_sample(counted, gamma[m] * eps_T + r[m], steps=cfg.ddim_steps)  # gradient kept through the sampler
-        terms = [reversed_loss(counted, r[m], gamma[m], x0, t, c, eps) for (t, eps), c in zip(draws, (1.0, 0.0),
-                                                                                              strict=True)]
-        out.append(0.5 * (terms[0] + terms[1]))
-    return torch.stack(out)
+    m = r.shape[0]
+    x_T = gamma.unsqueeze(1) * eps_T + r.unsqueeze(1)  # (M, B, C, H, W): every candidate's images in one batch
+    x0 = ddim_sample(counted, x_T.reshape(m * b, *shape), steps=cfg.ddim_steps).view_as(x_T)  # gradient kept
+    ending, beginning = (reversed_losses(counted, r, gamma, x0, t, c, eps) for (t, eps), c in zip(draws, (1.0, 0.0),
+                                                                                                    strict=True))
+    return 0.5 * (ending + beginning)
 
 
 ADAM_BETAS = (0.9, 0.999)
