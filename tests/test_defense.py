@@ -22,7 +22,9 @@ from terd.defense.input_detection import (
     gchisq_sf,
     guard_inputs,
     guarded_sample,
+    imhof_sf,
     llr,
+    tail_method,
 )
 from terd.defense.loss import reversed_loss, reversed_losses
 from terd.defense.model_detection import (
@@ -523,9 +525,9 @@ def test_imhof_tail_matches_monte_carlo_and_gaussian():
 
 
 def test_a_tight_patch_trigger_has_an_exact_ceiling_no_detector_beats_and_computes_without_warnings():
-    """2 x 2 pixels at gamma 0.1 (TrojDiff's patch at 16 px): quad warns on a few segments of Imhof's integral
-    yet the tail is right; the true law's own test (the Neyman-Pearson ceiling) matches Monte Carlo and no other
-    law's detector at the same false-positive rate catches more of the true inputs."""
+    """2 x 2 pixels at gamma 0.1 (TrojDiff's patch at 16 px): the true law's own test (the Neyman-Pearson
+    ceiling) matches Monte Carlo and no other law's detector at the same false-positive rate catches more of the
+    true inputs (both laws are non-central chi-squares here; Imhof agrees with them, next test)."""
     import warnings
 
     r, gamma = torch.zeros(1, 4, 4), torch.ones(1, 4, 4)  # pixels at r = 0, gamma = 1 add nothing to the LLR
@@ -533,7 +535,7 @@ def test_a_tight_patch_trigger_has_an_exact_ceiling_no_detector_beats_and_comput
     true = Trigger(r, gamma)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        det = InputDetector(true, fpr=5e-4)  # its expected TPR is best_possible_tpr (a threshold costs ~20 s here)
+        det = InputDetector(true, fpr=5e-4)  # its expected TPR is best_possible_tpr
         ceiling = det.expected_tpr()
         shifted = InputDetector(Trigger(r * 14 / 9, torch.where(gamma < 1, 0.2, 1.0)), fpr=5e-4)
         rate = shifted.detection_rate(r, gamma)
@@ -542,6 +544,29 @@ def test_a_tight_patch_trigger_has_an_exact_ceiling_no_detector_beats_and_comput
     assert abs(det.is_backdoor(true.inputs(torch.randn(200_000, 1, 4, 4, generator=g))).double().mean()
                - ceiling) < 2e-3
     assert rate <= ceiling
+
+
+@pytest.mark.parametrize("gamma_b", [0.1, 0.6, 1.7])
+def test_one_gamma_patch_uses_the_noncentral_chi_square_and_agrees_with_imhof(gamma_b):
+    """A trigger with one gamma over its support has a scaled non-central chi-square law: the closed form equals
+    Imhof's integral to within its ~1e-9 accuracy at both tails, and a detector built on it holds its FPR on benign noise."""
+    r, gamma = torch.zeros(1, 4, 4), torch.ones(1, 4, 4)
+    r[0, -2:, -2:], gamma[0, -2:, -2:] = 0.9, gamma_b
+    det = InputDetector(r, gamma, fpr=1e-2)
+    assert det.method == "noncentral-chi-square-closed-form"
+    import warnings
+
+    for law in (det.benign_law, det.backdoor_law):
+        live = (law.a != 0) | (law.b != 0)
+        for q in (det.threshold, law.mean - law.std, law.mean + 2 * law.std):
+            exact = gchisq_sf(law.a, law.b, law.c, q)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # quad warns on some segments at gamma 0.1; terd keeps them quiet
+                assert abs(exact - imhof_sf(law.a[live], law.b[live], float(law.c.sum()), q)) < 1e-8
+    g = torch.Generator().manual_seed(1)
+    n = 200_000
+    assert abs(float(det.is_backdoor(torch.randn(n, 1, 4, 4, generator=g)).double().mean()) - 1e-2) < 4 * math.sqrt(
+        1e-2 * 0.99 / n)
 
 
 def test_imhof_tail_does_not_overflow_in_high_dimension():
@@ -554,6 +579,7 @@ def test_imhof_tail_does_not_overflow_in_high_dimension():
     sd = math.sqrt(float((2 * a**2 + b**2).sum()))
     q = float(a.sum()) + 3.0 * sd
     assert math.isclose(gchisq_sf(a, b, c, q), norm.sf(3.0), rel_tol=1e-2)
+    assert tail_method(a, b) == "imhof-generalized-chi-square"  # lambda 2.5e13: too large for scipy's series
 
 
 def test_guard_rejects_flagged_inputs_before_generation():

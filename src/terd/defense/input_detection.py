@@ -12,7 +12,9 @@ needs no data. Per dimension the LLR is a quadratic a_i z^2 + b_i z + c_i of a s
 the sum is a generalised chi-square. Its tail is computed with Imhof's (1961) inversion of the
 characteristic function (numerical quadrature, accurate to ~1e-9 absolute here) — written in a form
 that stays stable as a_i -> 0 (gamma_i -> 1), where the term becomes Gaussian. When every gamma_i = 1
-exactly the law is Gaussian, N(-||r||^2/2, ||r||^2), and the closed form is used. The tests check the
+exactly the law is Gaussian, N(-||r||^2/2, ||r||^2), and the closed form is used; when every gamma_i != 1
+is the same value (a patch, like the patch probe's candidate) it is a scaled non-central chi-square,
+also closed form (Imhof needs ~10 s for a 2x2 patch at gamma 0.1, where its integrand oscillates fast). The tests check the
 tail against Monte Carlo. The same machinery gives the expected detection rate under the backdoor law.
 """
 
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import integrate, optimize, special
+from scipy import integrate, optimize, special, stats
 
 from terd.defense import llr_kernel
 from terd.defense.trigger import GAMMA_FLOOR, Trigger, candidates_from_tensors
@@ -141,21 +143,64 @@ def _quad_segment(f: Callable[[float], float], lo: float, hi: float) -> float:
         return integrate.quad(f, lo, hi, limit=200, epsabs=1e-12, epsrel=1e-10)[0]
 
 
+def tail_method(a: np.ndarray, b: np.ndarray) -> str:
+    """How ``gchisq_sf`` computes the tail of sum a_i z_i^2 + b_i z_i + c_i: Gaussian when every a_i = 0; a scaled
+    non-central chi-square when every live a_i is the same (one gamma over the trigger's support, e.g. a patch:
+    exact and instant); Imhof's integral otherwise."""
+    a, b = (np.asarray(v, dtype=np.float64).ravel() for v in (a, b))
+    live = (a != 0) | (b != 0)  # dimensions where the trigger is N(0, 1) add only their constant
+    a, b = a[live], b[live]
+    if not np.any(a):
+        return "gaussian-closed-form"
+    if np.all(a == a[0]) and _noncentrality(float(a[0]), b) <= NCX2_MAX_NONCENTRALITY:
+        return "noncentral-chi-square-closed-form"
+    return "imhof-generalized-chi-square"
+
+
 def gchisq_sf(a: np.ndarray, b: np.ndarray, c: np.ndarray, q: float) -> float:
-    """P(sum_i a_i z_i^2 + b_i z_i + c_i > q) for independent standard normals z_i (Imhof's method).
+    """P(sum_i a_i z_i^2 + b_i z_i + c_i > q) for independent standard normals z_i (method: ``tail_method``)."""
+    a, b, c = (np.asarray(v, dtype=np.float64).ravel() for v in (a, b, c))
+    shift = float(c.sum())
+    method = tail_method(a, b)
+    live = (a != 0) | (b != 0)
+    a, b = a[live], b[live]
+    if method == "gaussian-closed-form":  # exactly Gaussian (a constant when b = 0 too)
+        sd = math.sqrt(float((b * b).sum()))
+        return float(shift > q) if sd == 0.0 else float(special.ndtr((shift - q) / sd))
+    if method == "noncentral-chi-square-closed-form" and (p := _scaled_ncx2_sf(float(a[0]), b, shift, q)) is not None:
+        return p
+    return imhof_sf(a, b, shift, q)
+
+
+NCX2_MAX_NONCENTRALITY = 1e4  # beyond, scipy's series may not converge (it warned at 2.5e13); Imhof is fast there
+
+
+def _noncentrality(a: float, b: np.ndarray) -> float:
+    return float((b * b).sum()) / (4.0 * a * a)
+
+
+def _scaled_ncx2_sf(a: float, b: np.ndarray, shift: float, q: float) -> float | None:
+    """P(a sum (z_i + b_i / 2a)^2 - sum b_i^2 / 4a + shift > q): a non-central chi-square(k, lambda) scaled by a.
+    None when scipy's series does not converge (the caller falls back to Imhof)."""
+    lam = _noncentrality(a, b)
+    x = (q - shift + lam * a) / a
+    law = stats.chi2(len(b)) if lam == 0.0 else stats.ncx2(len(b), lam)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        try:
+            p = float(law.sf(x) if a > 0 else law.cdf(x))
+        except RuntimeWarning:
+            return None
+    return p if math.isfinite(p) else None
+
+
+def imhof_sf(a: np.ndarray, b: np.ndarray, shift: float, q: float) -> float:
+    """P(sum_i a_i z_i^2 + b_i z_i + shift > q) by Imhof's method (some a_i != 0).
 
     Each term is a_i times a non-central chi-square(1) plus a constant; the phase and modulus below are
     Imhof's theta(u), rho(u) with the constants combined analytically so a_i = 0 needs no special case.
     """
-    a, b, c = (np.asarray(v, dtype=np.float64).ravel() for v in (a, b, c))
-    shift = float(c.sum())
-    live = (a != 0) | (b != 0)  # dimensions where the trigger is N(0, 1) add only their constant
-    a, b = a[live], b[live]
     b2 = b * b
-    if not np.any(a) and not np.any(b):
-        return float(shift > q)
-    if not np.any(a):  # exactly Gaussian
-        return float(special.ndtr((shift - q) / math.sqrt(b2.sum())))
 
     def log_rho(u: float) -> float:
         au2 = (a * u) ** 2
@@ -250,7 +295,7 @@ class InputDetector:
 
     @property
     def method(self) -> str:
-        return "gaussian-closed-form" if not np.any(self.benign_law.a) else "imhof-generalized-chi-square"
+        return tail_method(self.benign_law.a, self.benign_law.b)
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """LLR per input (float64, shape (N,)); higher = more backdoor-like."""
