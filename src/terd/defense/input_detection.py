@@ -14,8 +14,8 @@ characteristic function (numerical quadrature, accurate to ~1e-9 absolute here) 
 that stays stable as a_i -> 0 (gamma_i -> 1), where the term becomes Gaussian. When every gamma_i = 1
 exactly the law is Gaussian, N(-||r||^2/2, ||r||^2), and the closed form is used; when every gamma_i != 1
 is the same value (a patch, like the patch probe's candidate) it is a scaled non-central chi-square,
-also closed form (Imhof needs ~10 s for a 2x2 patch at gamma 0.1, where its integrand oscillates fast). The tests check the
-tail against Monte Carlo. The same machinery gives the expected detection rate under the backdoor law.
+also closed form (Imhof needs ~10 s for a 2x2 patch at gamma 0.1, where its integrand oscillates fast).
+The tests check the tail against Monte Carlo. The same machinery gives the expected detection rate under the backdoor law.
 """
 
 from __future__ import annotations
@@ -143,13 +143,14 @@ def _quad_segment(f: Callable[[float], float], lo: float, hi: float) -> float:
         return integrate.quad(f, lo, hi, limit=200, epsabs=1e-12, epsrel=1e-10)[0]
 
 
-def tail_method(a: np.ndarray, b: np.ndarray) -> str:
-    """How ``gchisq_sf`` computes the tail of sum a_i z_i^2 + b_i z_i + c_i: Gaussian when every a_i = 0; a scaled
-    non-central chi-square when every live a_i is the same (one gamma over the trigger's support, e.g. a patch:
-    exact and instant); Imhof's integral otherwise."""
+def _live(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The terms that vary: dimensions where the trigger is N(0, 1) (a = b = 0) add only their constant."""
     a, b = (np.asarray(v, dtype=np.float64).ravel() for v in (a, b))
-    live = (a != 0) | (b != 0)  # dimensions where the trigger is N(0, 1) add only their constant
-    a, b = a[live], b[live]
+    live = (a != 0) | (b != 0)
+    return a[live], b[live]
+
+
+def _method_of_live(a: np.ndarray, b: np.ndarray) -> str:
     if not np.any(a):
         return "gaussian-closed-form"
     if np.all(a == a[0]) and _noncentrality(float(a[0]), b) <= NCX2_MAX_NONCENTRALITY:
@@ -157,13 +158,18 @@ def tail_method(a: np.ndarray, b: np.ndarray) -> str:
     return "imhof-generalized-chi-square"
 
 
+def tail_method(a: np.ndarray, b: np.ndarray) -> str:
+    """How ``gchisq_sf`` computes the tail of sum a_i z_i^2 + b_i z_i + c_i: Gaussian when every a_i = 0; a scaled
+    non-central chi-square when every live a_i is the same (one gamma over the trigger's support, e.g. a patch:
+    exact and instant); Imhof's integral otherwise."""
+    return _method_of_live(*_live(a, b))
+
+
 def gchisq_sf(a: np.ndarray, b: np.ndarray, c: np.ndarray, q: float) -> float:
     """P(sum_i a_i z_i^2 + b_i z_i + c_i > q) for independent standard normals z_i (method: ``tail_method``)."""
-    a, b, c = (np.asarray(v, dtype=np.float64).ravel() for v in (a, b, c))
-    shift = float(c.sum())
-    method = tail_method(a, b)
-    live = (a != 0) | (b != 0)
-    a, b = a[live], b[live]
+    shift = float(np.asarray(c, dtype=np.float64).sum())
+    a, b = _live(a, b)
+    method = _method_of_live(a, b)
     if method == "gaussian-closed-form":  # exactly Gaussian (a constant when b = 0 too)
         sd = math.sqrt(float((b * b).sum()))
         return float(shift > q) if sd == 0.0 else float(special.ndtr((shift - q) / sd))

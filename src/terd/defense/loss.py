@@ -70,14 +70,13 @@ def reversed_losses(
     """``reversed_loss`` of M candidates (r, gamma: (M, C, H, W)) on the same draws, in ONE network call.
 
     Why one call: a tiny model costs 1.7-2.4x more per image at batch 8 than at batch 64 on a 2-core CPU, and
-    stacking cut a ``fast`` reversion's time by 15-16% (``benchmarks/bench_candidate_batching.py``). ``x0`` is shared, (B, C, H, W), or per
-    candidate, (M, B, C, H, W). Returns (M,).
+    stacking cut a ``fast`` reversion's time by 15-16% (``benchmarks/bench_candidate_batching.py``).
+    ``x0`` is shared, (B, C, H, W), or per candidate, (M, B, C, H, W). Returns (M,).
     """
     k, b = eps.shape[:2]
     if k < 2:
         raise ValueError("the reversed loss needs at least two noises per x_0")
     m = r.shape[0]
-    x0 = x0.unsqueeze(0).expand(m, *x0.shape) if x0.dim() == eps.dim() - 1 else x0  # (M, B, C, H, W)
     x_t = noisy_inputs(x0, t, eps, r[:, None, None], gamma[:, None, None], c, den.schedule.alphas_cumprod)
     pred = den(x_t.reshape(m * k * b, *eps.shape[2:]), t.repeat(m * k).to(x0.device)).view_as(x_t)
     d = eps - pred  # (M, K, B, C, H, W)
