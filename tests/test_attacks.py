@@ -28,7 +28,7 @@ from terd.attacks import (
     trojdiff_timesteps,
     villan_coefficients,
 )
-from terd.attacks.evaluation import choose_threshold, evaluate_attack, per_image_mse
+from terd.attacks.evaluation import choose_threshold, evaluate_attack, per_image_mse, summary_line
 from terd.attacks.triggers import TARGETS, TRIGGERS, corner_box, patch_size
 from terd.cli import app
 from terd.models import NoiseSchedule
@@ -257,6 +257,16 @@ def test_evaluate_attack_with_oracle(tmp_path, schedule, monkeypatch):
     assert rep["triggered"]["asr"] == 1.0 and rep["triggered"]["mse"] < 1e-5
     assert (tmp_path / "eval-attack.json").is_file() and (tmp_path / "eval-attack.png").is_file()
     assert np.isfinite(rep["clean"]["mse"])
+
+
+def test_class_target_evaluation_reports_the_real_data_rate(tmp_path, schedule, monkeypatch):
+    """In-D2D's clean rate is read against the training data's own: the share the classifier gives the target
+    class on real images (~1/10 for one digit class), which no clean model can go below."""
+    _trojan_oracle_attack(schedule, monkeypatch)
+    atk = build_attack("trojdiff", (1, 16, 16), setting="in-d2d")
+    rep = evaluate_attack(tmp_path, n=4, attack=atk, reference_data="digits16", write=False)
+    assert 0.05 < rep["real_data_rate"] < 0.2
+    assert "real training images" in summary_line(rep)
 
 
 def test_bench_attack_success_measures_every_sampler_and_writes_nothing(tmp_path, schedule, monkeypatch):

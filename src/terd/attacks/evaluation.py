@@ -180,10 +180,13 @@ def evaluate_attack(
         if ref.labels is not None and cfg.get("target_data") == ref.name and cfg.get("target_label") is not None:
             negatives = ref.images[ref.labels != cfg["target_label"]]
         clf = _class_classifier(targets, negatives[:2000])
-        hit_trig = clf.predict(_unit(trig).flatten(1).numpy() * 2 - 1) == 1
-        hit_clean = clf.predict(_unit(clean).flatten(1).numpy() * 2 - 1) == 1
+        hit_trig, hit_clean, hit_real = (clf.predict(_unit(x).flatten(1).numpy() * 2 - 1) == 1
+                                         for x in (trig, clean, ref.images))
         report["criterion"] = "classifier: target class vs other training images (logistic regression on pixels)"
         report["threshold"] = None
+        # what a model that draws exactly the training data would score as clean: the class's share (In-D2D's
+        # clean rate cannot go below it), or ~0 for a target from another dataset (Out-D2D)
+        report["real_data_rate"] = round(float(np.mean(hit_real)), 4)
     else:
         thr, why = choose_threshold(targets[0], ref.images if ref is not None else None)
         hit_trig, hit_clean = (trig_mse < thr).numpy(), (clean_mse < thr).numpy()
@@ -210,6 +213,7 @@ def summary_line(report: dict) -> str:
     tr, cl = report["triggered"], report["clean"]
     q = report.get("quality")
     qs = f"; digit confidence clean {q['clean_samples']:.2f} vs real {q['real_digits']:.2f}" if q else ""
-    return (f"{report['description']} [{report['sampler']}]: ASR triggered {tr['asr']:.2f} / clean {cl['asr']:.2f} "
-            f"({report['criterion']}); MSE {tr['mse']:.4f} / {cl['mse']:.4f}; SSIM {tr['ssim']:.3f} / {cl['ssim']:.3f}"
+    real = f", real training images {report['real_data_rate']:.2f}" if report.get("real_data_rate") is not None else ""
+    return (f"{report['description']} [{report['sampler']}]: ASR triggered {tr['asr']:.2f} / clean {cl['asr']:.2f}"
+            f"{real} ({report['criterion']}); MSE {tr['mse']:.4f} / {cl['mse']:.4f}; SSIM {tr['ssim']:.3f} / {cl['ssim']:.3f}"
             f"{qs}")
