@@ -1,7 +1,7 @@
 """What stacking the reversion's candidates into one network call buys on this CPU.
 
-The ``fast`` preset reverses two candidates (reference start, line-search start). Up to stop 18 each candidate
-had its own network calls: batch 32 (8 x_0 x 4 noises) for a loss term and batch 8 for each differentiable DDIM
+The ``fast`` preset reverses two candidates (reference start, line-search start). terd used to give each candidate
+its own network calls: batch 32 (8 x_0 x 4 noises) for a loss term and batch 8 for each differentiable DDIM
 step. Now every call carries all candidates' images (64 and 16), and the line search evaluates all 8 radii of a
 gamma at once. Same images, same draws, so the same trigger up to float rounding.
 
