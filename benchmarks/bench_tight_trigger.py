@@ -6,7 +6,10 @@ oscillates fast, scipy's quad warns on some segments (terd silences those warnin
 form). This records, for that trigger at a few FPRs, the seconds to set the threshold (terd's method, and the same
 root search on Imhof's integral in the same run), the closed-form FPR at it and Imhof's at the same threshold,
 the closed-form TPR on the trigger's own inputs (the Neyman-Pearson ceiling, ``best_possible_tpr``), and both
-rates measured on 200,000 sampled inputs each.
+rates measured on 200,000 sampled inputs each. A second table, ``patch_share.md``: the share of the true patch
+inputs a patch candidate of value 0.877 (what the patch probe finds on runs/patch24, patch_probe.md) or of the
+exact value 0.9 catches, at the FPR it gets when it shares the bench's 5e-4 budget with one other kept candidate
+(2.5e-4), alone (5e-4), and at the product's default 1e-3 (closed form).
 Run: .venv/bin/python benchmarks/bench_tight_trigger.py
 """
 
@@ -60,6 +63,18 @@ def main() -> None:
         f"benign and {N:,} trigger inputs per row (standard error of a rate p: sqrt(p(1-p)/N)). "
         "threshold_seconds: setting terd's threshold (its method's tail + root search, scipy, one core); "
         "imhof_threshold_seconds: a root search on Imhof's integral over the same bracket width, same run."))
+
+    shares = []
+    for value in (0.877, 0.9):
+        cand = Trigger(torch.where(gamma < 1, value, 0.0), gamma)
+        for fpr in (2.5e-4, 5e-4, 1e-3):
+            shares.append({"candidate_value": value, "fpr_given": fpr,
+                           "true_inputs_caught": round(InputDetector(cand, fpr=fpr).detection_rate(r, gamma), 5)})
+            print(shares[-1], flush=True)
+    write_results("patch_share", shares, list(shares[0]), notes=(
+        "True trigger as in tight_trigger.md (value 0.9, gamma 0.1 on a 2x2 patch). true_inputs_caught: the closed-form "
+        "rate at which a candidate N(value, 0.1^2) on the same patch, thresholded for fpr_given, flags true backdoor "
+        "inputs. 0.877 is the patch probe's value on runs/patch24; 2.5e-4 is its share of the bench's 5e-4 budget."))
 
 
 if __name__ == "__main__":
