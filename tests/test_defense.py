@@ -270,6 +270,18 @@ def test_resume_equals_uninterrupted(schedule, tmp_path, stop_at):
         reverse_trigger(den, cfg, seed=4, checkpoint=ckpt, resume=True)
 
 
+def test_early_stop_fires_when_the_trigger_stops_moving(schedule):
+    """lr 0 and fixed gamma: the trigger never moves, so each stage stops at its first check past min_iters."""
+    den = _mixture(schedule, 1.0)
+    cfg = ReversionConfig(stage1_iters=40, stage2_iters=20, batch_size=2, lr=0.0, gamma_mode="fixed", ddim_steps=2,
+                          early_stop_tol=1e-6, early_stop_window=5, min_iters=10, patch_probe=False)
+    res = reverse_trigger(den, cfg, seed=0)
+    assert res.stopped_early == {"stage1": True, "stage2": True}
+    assert res.iterations == {"stage1": 10, "stage2": 10}
+    assert res.network_evaluations < cfg.network_evaluations_bound()
+    assert [m[:2] for m in res.history["movement"]] == [[1, 5], [1, 10], [2, 5], [2, 10]]
+
+
 def test_gamma_modes(schedule):
     den = _mixture(schedule, 1.0)
     cfg = ReversionConfig(stage1_iters=3, stage2_iters=0, batch_size=2)
@@ -735,6 +747,7 @@ def test_cli_scan_end_to_end_with_thresholds_and_resume(tmp_path, tiny_unet, sch
     detail = rep["network_evaluations_detail"]
     assert detail["reversion"] == 2 * (2 * 4 + 1 * (2 * 2 + 2 * 2 * 2))  # 2 gamma starts
     assert detail["patch_probe"] >= 512 and rep["network_evaluations"] == detail["reversion"] + detail["patch_probe"]
+    assert rep["trigger_movement"] == [] and not any(rep["stopped_early"].values())  # no early-stop check here
     for f in ("trigger.safetensors", "trigger.png", "samples.png", "candidates.safetensors"):
         assert (out / f).is_file()
     trig = Trigger.load(out / rep["trigger_file"], (1, 8, 8))

@@ -17,8 +17,11 @@ Design choices that differ from the reference code, and why:
 * The optimiser is plain SGD written out (lr from a closed-form cosine), and every random draw of
   iteration i comes from a generator seeded by (seed, stage, i): a checkpoint holds only tensors and
   counters, and a resumed run is bit-identical to an uninterrupted one.
-* ``fast`` uses K noises per x_0 (K(K-1)/2 loss pairs per K evaluations), fewer iterations, and stops
-  a stage when the trigger stops moving.
+* ``fast`` uses K noises per x_0 (K(K-1)/2 loss pairs per K evaluations) and fewer iterations. It also
+  checks every 25 iterations whether the trigger stopped moving (a scan's report.json lists each check as
+  ``trigger_movement``: [stage, iteration, RMS change]), but on the demo models that check never stops a stage:
+  it stays above the tolerance in every window (closest in stage 1's last one, where the cosine schedule slows it
+  anyway), so fast's evaluations equal ``network_evaluations_bound``.
 * Learned gamma is a multi-start inside one run: candidates start at gamma = 1 (the benign value; BadDiffusion
   and VillanDiffusion triggers have gamma = 1) and near gamma = 0.5 (a TrojDiff-style trigger is only "seen" by
   the model once the noise is shrunk). All candidates share every random draw. No candidate is "selected" by its
@@ -134,7 +137,8 @@ PRESETS: dict[str, ReversionConfig] = {
     # The reference schedule exactly: 3000 + 1000 SGD steps of batch 16, two noises, lr 0.5, 10-step DDIM.
     "paper": ReversionConfig(name="paper"),
     # Same objective with ~29x fewer network evaluations (bound 22,272 vs 640,000 for two candidates): 4 noises
-    # per x_0 (6 loss pairs per 4 evaluations), 150 + 40 iterations, early stop, a stage-2 clip scaled by 1000/40
+    # per x_0 (6 loss pairs per 4 evaluations), 150 + 40 iterations (an early-stop check that
+    # does not fire on the measured models), a stage-2 clip scaled by 1000/40
     # so the largest possible total trigger movement in stage 2 equals the paper schedule's, a line-search start
     # for the low-gamma candidate and Adam on gamma (see the module docstring for why).
     "fast": ReversionConfig(name="fast", stage1_iters=150, stage2_iters=40, batch_size=8, noises_per_x0=4,
