@@ -3,7 +3,9 @@
 Runs terd's demo (both shipped models scanned with preset fast, then the input check) REPEATS times in fresh
 temporary directories, in this process with torch's default threads (as `terd demo` runs), and records the
 demo's own `seconds` (summary.json), each scan's reversion seconds, and whether both verdicts were right.
-Interpreter start-up and imports (a few seconds) are not included.
+Interpreter start-up and imports (a few seconds) are not included. This machine's speed drifts by up to ~2x
+between spells, so every run is kept: a new run's rows are added to the ones already recorded (each tagged with
+when it ran), and the table gives each recording's median and the median and range over all of them.
 Run: .venv/bin/python benchmarks/bench_demo_time.py [--repeats 2]
 """
 
@@ -17,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import RESULTS, machine, write_results  # noqa: E402
 
 from terd.demo import run_demo  # noqa: E402
 
@@ -28,23 +30,42 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
+    when = machine()["date"]
     rows = []
     for i in range(args.repeats):
         with tempfile.TemporaryDirectory() as tmp:
             summary = run_demo(Path(tmp) / "demo", echo=lambda _: None)
             scans = {role: json.loads(Path(m["report"]).read_text())["seconds"] for role, m in summary["models"].items()}
-        rows.append({"run": i + 1, "demo_seconds": summary["seconds"], "benign_scan_s": round(scans["benign"], 1),
+        rows.append({"recorded": when, "run": i + 1, "demo_seconds": summary["seconds"], "benign_scan_s": round(scans["benign"], 1),
                      "backdoored_scan_s": round(scans["backdoored"], 1), "both_correct": summary["correct"]})
         print(rows[-1], flush=True)
-    med = statistics.median(r["demo_seconds"] for r in rows)
-    rows.append({"run": "median", "demo_seconds": round(med, 1), "both_correct": all(r["both_correct"] for r in rows),
-                 "within_target": med <= TARGET_S})
-    write_results("demo_time", rows, ["run", "demo_seconds", "benign_scan_s", "backdoored_scan_s", "both_correct",
-                                      "within_target"],
-                  notes=(f"`terd demo` ({args.repeats} runs, default torch threads, fresh output directories). "
+    runs = _earlier_runs() + rows
+    table = []
+    for rec in dict.fromkeys(r["recorded"] for r in runs):
+        mine = [r for r in runs if r["recorded"] == rec]
+        med = statistics.median(r["demo_seconds"] for r in mine)
+        table += mine + [{"recorded": rec, "run": "median", "demo_seconds": round(med, 1),
+                          "both_correct": all(r["both_correct"] for r in mine), "within_target": med <= TARGET_S}]
+    secs = [r["demo_seconds"] for r in runs]
+    table.append({"recorded": "all recordings", "run": f"median (range {min(secs):.0f}-{max(secs):.0f})",
+                  "demo_seconds": round(statistics.median(secs), 1), "both_correct": all(r["both_correct"] for r in runs),
+                  "within_target": f"{sum(s <= TARGET_S for s in secs)} of {len(secs)} runs"})
+    write_results("demo_time", table, ["recorded", "run", "demo_seconds", "benign_scan_s", "backdoored_scan_s",
+                                       "both_correct", "within_target"],
+                  notes=("`terd demo` (default torch threads, fresh output directories), every recording kept. "
                          "demo_seconds: the demo's own clock (summary.json), without interpreter start-up; "
                          "*_scan_s: each scan's reversion seconds (report.json). Target: "
                          f"{TARGET_S:.0f} s on 2 CPU cores."))
+
+
+def _earlier_runs() -> list[dict]:
+    """The single runs already recorded (rows without a run number are the summaries, rebuilt each time)."""
+    path = RESULTS / "demo_time.json"
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    return [{"recorded": data["machine"]["date"], **r} if "recorded" not in r else r
+            for r in data["rows"] if isinstance(r.get("run"), int)]
 
 
 if __name__ == "__main__":
