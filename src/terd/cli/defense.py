@@ -104,7 +104,7 @@ def scan(
 
 @command
 def calibrate(
-    models: Annotated[list[str], typer.Argument(help="Benign model dirs (at least 2; 3 or more recommended).")],
+    models: Annotated[list[str], typer.Argument(help="Benign model dirs (at least 2; 6 or more recommended: fewer are fitted with a warning).")],
     out: Annotated[Path, typer.Option("--out", help="Thresholds JSON to write.")],
     preset: Annotated[str, typer.Option(help="Reversion preset the thresholds are for (fast or paper).")] = "fast",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,

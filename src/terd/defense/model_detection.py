@@ -30,6 +30,9 @@ FEATURES = ("M_r", "V_r", "P_r")
 REQUIRED_FEATURES = ("M_r", "V_r")  # a thresholds file may lack P_r (older files)
 PEAK_WINDOW = 2
 THRESHOLDS_FORMAT = "terd-thresholds/1"
+# Measured on digits16 (bench_digits16_core): leave-one-out thresholds fitted on 4 benign models flagged 1 of 5
+# benign models; fitted on 6, none of 7. Fewer than this many is fitted, with a warning.
+FEW_BENIGN_MODELS = 6
 
 
 def kl_per_dim(r: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
@@ -130,8 +133,9 @@ def fit_thresholds(features_of_benign_models: list[dict[str, float]], *, k: floa
         stats[f] = {"mean": mean, "std": std, "values": vals}
     prov = {"rule": f"mean + {k:g} * std over benign models (sample std)", "n_models": n, "stats": stats,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(provenance or {})}
-    if n < 3:
-        prov["warning"] = "fewer than 3 benign models: the std estimate is unreliable"
+    if n < FEW_BENIGN_MODELS:
+        prov["warning"] = (f"fitted on {n} benign models (fewer than {FEW_BENIGN_MODELS}): the std estimate is "
+                           "unreliable and benign models may be flagged")
     return Thresholds(out["M_r"], out["V_r"], prov, out.get("P_r"))
 
 
