@@ -340,6 +340,9 @@ def test_thresholds_fit_save_load_and_verdict(tmp_path):
     assert detect_model({"M_r": 9.0, "V_r": 9.0}, None).verdict == "uncalibrated"
     with pytest.raises(TerdError):
         fit_thresholds(feats[:1])
+    assert "fewer than 6" in thr.provenance["warning"]  # 3 models: fitted, with a warning
+    six = fit_thresholds([{"M_r": 0.1 + 0.01 * i, "V_r": 0.01} for i in range(6)])
+    assert "warning" not in six.provenance
     assert thr.P_r is None and "P_r" not in thr.to_dict()  # features from scans made before P_r existed
     with_peak = fit_thresholds([{**f, "P_r": p} for f, p in zip(feats, (0.1, 0.12, 0.14), strict=True)])
     assert math.isclose(with_peak.P_r, 0.12 + 3 * 0.02)
