@@ -63,9 +63,7 @@ def _earlier_runs() -> list[dict]:
     path = RESULTS / "demo_time.json"
     if not path.is_file():
         return []
-    data = json.loads(path.read_text())
-    return [{"recorded": data["machine"]["date"], **r} if "recorded" not in r else r
-            for r in data["rows"] if isinstance(r.get("run"), int)]
+    return [r for r in json.loads(path.read_text())["rows"] if isinstance(r.get("run"), int)]
 
 
 if __name__ == "__main__":
