@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import typer
 from safetensors.torch import save_file
 from torch import nn
 from typer.testing import CliRunner
@@ -628,6 +629,13 @@ def _one_line_exit2(args):  # noqa: ANN001, ANN202
     lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in res.output, res.output
     return lines[0]
+
+
+def test_calibrate_help_recommends_the_count_below_which_fit_thresholds_warns():
+    from terd.defense.model_detection import FEW_BENIGN_MODELS
+
+    models = next(p for p in typer.main.get_command(app).commands["calibrate"].params if p.name == "models")
+    assert f"{FEW_BENIGN_MODELS} or more recommended" in models.help
 
 
 def test_trigger_round_trip_and_bad_files(tmp_path):
