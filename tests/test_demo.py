@@ -29,5 +29,8 @@ def test_demo_end_to_end(tmp_path):
     summary = run_demo(tmp_path / "demo", echo=lambda s: None)
     assert summary["correct"], summary
     assert json.loads((tmp_path / "demo/summary.json").read_text())["correct"]
-    assert summary["models"]["backdoored"]["input_detection"]["flagged_backdoor_inputs"] > 0.9
+    chk = summary["models"]["backdoored"]["input_detection"]
+    assert chk["flagged_backdoor_inputs"] > 0.9
+    lo, hi = chk["fpr_sampling_range_95"]  # the binomial range a true FPR at the target reads in on n noises
+    assert lo < chk["fpr_target"] < hi and chk["flagged_benign_inputs"] <= hi
     assert (tmp_path / "demo/backdoored/samples.png").is_file()

@@ -9,6 +9,7 @@ benign noises against true backdoor inputs, flagged with the reversed trigger on
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -39,7 +40,10 @@ def _input_check(model_dir: Path, candidates_file: Path, n: int = 20_000) -> dic
     g = torch.Generator().manual_seed(2024)
     benign = torch.randn((n, *r.shape), generator=g)
     backdoor = gamma * torch.randn((n, *r.shape), generator=g) + r
-    return {"n": n, "fpr_target": det.fpr, "flagged_backdoor_inputs": float(det.is_backdoor(backdoor).double().mean()),
+    # the benign count is binomial: 20,000 noises at a true FPR of 1e-3 read 0.056%-0.144% (95%)
+    spread = 1.96 * math.sqrt(det.fpr * (1 - det.fpr) / n)
+    return {"n": n, "fpr_target": det.fpr, "fpr_sampling_range_95": [max(0.0, det.fpr - spread), det.fpr + spread],
+            "flagged_backdoor_inputs": float(det.is_backdoor(backdoor).double().mean()),
             "flagged_benign_inputs": float(det.is_backdoor(benign).double().mean())}
 
 
@@ -68,7 +72,9 @@ def run_demo(out: str | Path, *, echo: Callable[[str], None] = print) -> dict:
             entry["input_detection"] = chk = _input_check(model, out / role / rep["candidates_file"])
             echo(f"  input detection with the reversed candidates: {chk['flagged_backdoor_inputs']:.1%} of "
                  f"{chk['n']} true backdoor inputs flagged, {chk['flagged_benign_inputs']:.2%} of {chk['n']} "
-                 f"benign noises flagged (target FPR {chk['fpr_target']:g})")
+                 f"benign noises flagged (target FPR {chk['fpr_target']:.2%}: {chk['n']} noises measure a true "
+                 f"{chk['fpr_target']:.2%} as {chk['fpr_sampling_range_95'][0]:.2%}-"
+                 f"{chk['fpr_sampling_range_95'][1]:.2%}, 95% of the time)")
         summary["models"][role] = entry
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     summary["correct"] = all(m["verdict"] == m["truth"] for m in summary["models"].values())
