@@ -120,8 +120,8 @@ NOTES = (
     "on an otherwise idle machine.",
     "Poison rate 0.5 (papers: 0.1) for these short fine-tunings of a 1M-parameter model.",
     "troj-d2i-patch: at 16 px TrojDiff's patch is 2 x 2 pixels; in 12 epochs the model only half-learns it "
-    "(0.84). At 24 epochs (n = 256) it fires: 0.91 / clean 0.05 (a rebuild on 2026-12-02 with the default 2 threads on an idle machine: 0.92 / 0.05 in 211 s, the row "
-    "shown); 36 epochs: 0.95 / 0.06.",
+    "(0.84). At 24 epochs (n = 256) it fires: 0.91 / clean 0.05 (a rebuild on 2026-12-02 with the default 2 "
+    "threads on an idle machine: 0.92 / 0.05 in 211 s, the row shown); 36 epochs: 0.95 / 0.06.",
     "TrojDiff now fine-tunes 24 epochs by default (was 12). The *-24ep rows, scored on n = 256: D2I blend "
     "0.98 / clean 0.04, Out-D2D 0.99 / 0.05, patch 0.91-0.92 / 0.05. At 12 epochs the clean rates were 0.08-0.09. "
     "In-D2D stays below the bar with DDIM (0.86 / 0.07).",

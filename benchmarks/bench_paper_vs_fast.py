@@ -29,7 +29,7 @@ from bench_defense import run_model  # noqa: E402
 from common import RESULTS, machine  # noqa: E402
 
 from terd.defense.calibration import default_thresholds  # noqa: E402
-from terd.defense.model_detection import detect_model  # noqa: E402
+from terd.defense.model_detection import FEATURES, detect_model  # noqa: E402
 from terd.defense.reversion import get_config  # noqa: E402
 
 PER_MODEL = RESULTS / "paper_vs_fast"
@@ -50,9 +50,6 @@ def compare(path: Path, seed: int) -> dict:
         row[name]["input_tpr"] = det.get("tpr")
         row[name]["input_tnr"] = det["tnr"]
     return row
-
-
-FEATURES = ("M_r", "V_r", "P_r")
 
 
 def verdict(features: dict, preset: str) -> str:
