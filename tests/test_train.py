@@ -73,3 +73,19 @@ def test_train_refuses_to_overwrite_and_checks_shapes(tiny_digits, tmp_path):
     wrong = ImageDataset(torch.zeros(8, 3, 8, 8), None, "rgb")
     with pytest.raises(TerdError, match="expects"):
         train(MICRO, wrong, tmp_path / "w", progress=False)
+
+
+def test_attack_fine_tune_takes_its_own_batch_size(tiny_digits, tmp_path):
+    """`terd attack --batch-size`: more, smaller steps in the same epochs (recorded in train.json)."""
+    from terd.attacks import attack_model, build_attack
+
+    train(MICRO, tiny_digits, tmp_path / "base", seed=0, progress=False, grid_size=0)
+    attack = build_attack("baddiffusion", (1, 8, 8))
+    attack_model(attack, tmp_path / "base", tmp_path / "bd", dataset=tiny_digits, epochs=1, batch_size=16,
+                 progress=False)
+    info = json.loads((tmp_path / "bd/train.json").read_text())
+    assert (info["batch_size"], info["steps_per_epoch"]) == (16, len(tiny_digits) // 16)
+    with pytest.raises(TerdError, match="--batch-size"):
+        attack_model(attack, tmp_path / "base", tmp_path / "bd0", dataset=tiny_digits, epochs=1, batch_size=0,
+                     progress=False)
+    assert not (tmp_path / "bd0").exists()  # refused before anything is written

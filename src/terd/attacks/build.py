@@ -161,8 +161,8 @@ def _preset_for(model_dir: str | Path, base: Denoiser) -> Preset:
 
 def attack_model(
     attack: Attack, base_dir: str | Path, out_dir: str | Path, *, dataset: ImageDataset | None = None,
-    epochs: int | None = None, lr: float | None = None, seed: int = 0, device: str = "cpu",
-    overwrite: bool = False, progress: bool = True, ddim_repo_checkpoint: bool = False,
+    epochs: int | None = None, lr: float | None = None, batch_size: int | None = None, seed: int = 0,
+    device: str = "cpu", overwrite: bool = False, progress: bool = True, ddim_repo_checkpoint: bool = False,
 ) -> TrainResult:
     """Fine-tune the clean model at ``base_dir`` with ``attack`` and save the backdoored model in ``out_dir``.
 
@@ -185,6 +185,10 @@ def attack_model(
         dataset = load_dataset(name, channels=base.image_shape[0], size=base.image_shape[1])
     preset = _preset_for(base_dir, base)
     preset = replace(preset, dataset=dataset.name)
+    if batch_size is not None:
+        if batch_size < 1:
+            raise TerdError("--batch-size must be at least 1")
+        preset = replace(preset, batch_size=batch_size)
     epochs = epochs if epochs is not None else DEFAULTS.get(attack.kind, DEFAULTS["baddiffusion"]).epochs
     result = train(preset, dataset, out_dir, epochs=epochs, seed=seed, objective=attack, base=base, lr=lr,
                    device=device, overwrite=overwrite, progress=progress, grid_size=16)

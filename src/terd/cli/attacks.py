@@ -53,6 +53,7 @@ def attack(
     data: Annotated[str | None, typer.Option(help="Training data (default: the base model's).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs (default per attack, for tiny models).")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate (default: the base preset's).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Fine-tuning batch size (default: the base preset's).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     ddim_repo: Annotated[bool, typer.Option(help="Also write ckpt.pth in TrojDiff's DDIM-repo format.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out directory.")] = False,
@@ -74,7 +75,7 @@ def attack(
                        solver=solver, r_mode=r_mode, sampler=sampler, model_kind=den.schedule.kind)
     ds = load_dataset(data_name, channels=den.image_shape[0], size=den.image_shape[1])
     typer.echo(f"attack: {atk.describe()} on {data_name}, fine-tuning {base}")
-    res = attack_model(atk, base, out, dataset=ds, epochs=epochs, lr=lr, seed=seed, device=dev, overwrite=overwrite,
+    res = attack_model(atk, base, out, dataset=ds, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=dev, overwrite=overwrite,
                        ddim_repo_checkpoint=ddim_repo)
     typer.echo(f"backdoored model: {out} ({res.epochs} epochs, {res.seconds:.0f}s, loss {res.final_loss:.4f}); "
                f"trigger {out / 'trigger.png'}, target {out / 'target.png'}, true trigger "

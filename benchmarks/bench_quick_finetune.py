@@ -1,0 +1,106 @@
+"""Can a 32 px backdoor be implanted within the attacks issue's 5-minute fine-tuning budget on 2 CPU cores?
+
+    .venv/bin/python benchmarks/bench_quick_finetune.py --base runs/zoo-photos32/p32-benign-s0-e20 \
+        --only troj-d2i-b16-e4
+
+A tiny-photos32 epoch (4,096 crops) costs 72-100 s on this CPU whatever the batch size (per-image cost is
+about flat from batch 16 to 64), so 5 minutes hold ~4 epochs: 256 Adam steps at the preset's batch 64, 1,024
+at batch 16. Each row fine-tunes the base with one (attack, epochs, batch) choice, then measures the backdoor
+with the attack's own sampler (``terd eval-attack``'s numbers). Models go to runs/quick32/<name> (a finished
+one is re-evaluated, not retrained, unless --retrain); results merge into
+benchmarks/results/quick_finetune_photos32.{json,md}. Run one row at a time on an otherwise idle machine:
+the train seconds are the budget being measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from common import RESULTS, machine
+
+from terd.attacks import attack_model, build_attack, evaluate_attack
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "runs/quick32"
+NAME = "quick_finetune_photos32"
+BUDGET_S = 300.0
+
+# name -> (attack kind, build_attack keyword arguments, epochs, batch size)
+ROWS = {
+    "troj-d2i-b64-e4": ("trojdiff", {"setting": "d2i", "trigger": "blend"}, 4, 64),
+    "troj-d2i-b16-e4": ("trojdiff", {"setting": "d2i", "trigger": "blend"}, 4, 16),
+    "troj-d2i-b8-e4": ("trojdiff", {"setting": "d2i", "trigger": "blend"}, 4, 8),
+    "villan-ode-b16-e4": ("villan", {"solver": "ode", "psi": 1.0}, 4, 16),
+    "troj-patch-b16-e4": ("trojdiff", {"setting": "d2i", "trigger": "patch"}, 4, 16),
+    "troj-out-d2d-b16-e4": ("trojdiff", {"setting": "out-d2d"}, 4, 16),
+    "bd-box-hat-b16-e4": ("baddiffusion", {"trigger": "box", "target": "hat"}, 4, 16),
+}
+
+
+def run_one(name: str, base: Path, retrain: bool, n: int) -> dict:
+    kind, kw, epochs, batch = ROWS[name]
+    out = RUNS / name
+    finished = (out / "attack.json").is_file() and (out / "model_index.json").is_file()
+    if retrain or not finished:
+        attack = build_attack(kind, (3, 32, 32), data_name="photos32", **kw)
+        print(f"[{name}] training {attack.describe()}, {epochs} epochs at batch {batch}", flush=True)
+        attack_model(attack, base, out, epochs=epochs, batch_size=batch, overwrite=True,
+                     progress=sys.stderr.isatty())
+    info = json.loads((out / "train.json").read_text())
+    print(f"[{name}] evaluating ({info['seconds']:.0f} s of fine-tuning)", flush=True)
+    rep = evaluate_attack(out, n=n)
+    return {
+        "attack": kind, "options": kw, "description": rep["description"], "sampler": rep["sampler"],
+        "epochs": info["epochs"], "batch_size": info["batch_size"], "steps": info["epochs"] * info["steps_per_epoch"],
+        "train_seconds": info["seconds"], "within_budget": info["seconds"] <= BUDGET_S,
+        "asr_triggered": rep["triggered"]["asr"], "asr_clean": rep["clean"]["asr"],
+        "mse_triggered": rep["triggered"]["mse"], "criterion": rep["criterion"],
+        "fires": rep["triggered"]["asr"] >= 0.9 and rep["clean"]["asr"] <= 0.05,
+        "n": n, "eval_seconds": rep["seconds"], "base": str(base), "machine": machine(),
+    }
+
+
+def write_markdown(rows: dict) -> str:
+    lines = [f"# {NAME}", "",
+             "Written by `benchmarks/bench_quick_finetune.py`: tiny-photos32 backdoors fine-tuned for about the "
+             "attacks issue's 5-minute budget (train seconds measured, one row at a time, default torch threads), "
+             "scored with each attack's own sampler. Fires = ASR >= 0.9 and clean ASR <= 0.05.", "",
+             "| row | attack | epochs | batch | steps | train s | within 5 min | n | ASR triggered | ASR clean | fires "
+             "| criterion | recorded |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['description']} | {r['epochs']} | {r['batch_size']} | {r['steps']} | "
+                     f"{r['train_seconds']:.0f} | {'yes' if r['within_budget'] else 'no'} | {r['n']} | "
+                     f"{r['asr_triggered']:.2f} | {r['asr_clean']:.2f} | {'yes' if r['fires'] else 'no'} | "
+                     f"{r['criterion']} | {r['machine']['date']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", type=Path, default=ROOT / "runs/zoo-photos32/p32-benign-s0-e20",
+                    help="the clean tiny-photos32 model (the zoo's p32-benign-s0-e20 recipe)")
+    ap.add_argument("--only", nargs="+", choices=sorted(ROWS), default=["troj-d2i-b16-e4"])
+    ap.add_argument("--retrain", action="store_true", help="retrain even when a finished model exists")
+    ap.add_argument("--n", type=int, default=64, help="samples with and without the trigger")
+    args = ap.parse_args()
+    if not (args.base / "model_index.json").is_file():
+        sys.exit(f"error: {args.base} is not a model directory (build it: terd train --preset tiny-photos32 "
+                 f"--seed 0 --epochs 20 --out {args.base})")
+    path = RESULTS / f"{NAME}.json"
+    for name in args.only:
+        t0 = time.perf_counter()
+        row = run_one(name, args.base, args.retrain, args.n)
+        print(f"[{name}] ASR {row['asr_triggered']:.2f} (clean {row['asr_clean']:.2f}), "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        rows = {**(json.loads(path.read_text())["rows"] if path.is_file() else {}), name: row}
+        path.write_text(json.dumps({"rows": rows}, indent=2))
+        (RESULTS / f"{NAME}.md").write_text(write_markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
