@@ -3,13 +3,15 @@
     .venv/bin/python benchmarks/bench_quick_finetune.py --base runs/zoo-photos32/p32-benign-s0-e20 \
         --only troj-d2i-b16-e4
 
-A tiny-photos32 epoch (4,096 crops) costs 72-100 s on this CPU whatever the batch size (per-image cost is
-about flat from batch 16 to 64), so 5 minutes hold ~4 epochs: 256 Adam steps at the preset's batch 64, 1,024
-at batch 16. Each row fine-tunes the base with one (attack, epochs, batch) choice, then measures the backdoor
-with the attack's own sampler (``terd eval-attack``'s numbers). Models go to runs/quick32/<name> (a finished
-one is re-evaluated, not retrained, unless --retrain); results merge into
-benchmarks/results/quick_finetune_photos32.{json,md}. Run one row at a time on an otherwise idle machine:
-the train seconds are the budget being measured.
+A tiny-photos32 epoch (4,096 crops) costs 72-107 s at the preset's batch 64 on this CPU, so 5 minutes hold
+~3-4 epochs (~256 Adam steps). The question this asks: do more, smaller steps over the same samples implant
+the backdoor sooner? Measured: no. Batch 16 costs ~120 s per epoch here (not flat per image; why was not
+measured), and 4 epochs at batch 16 (1,024 steps, 480 s) reached the TrojDiff D2I ASR that 6 epochs at batch
+64 reached in bench_photos32_mini (0.80). Each row fine-tunes the base with one (attack, epochs, batch)
+choice, then measures the backdoor with the attack's own sampler (``terd eval-attack``'s numbers). Models go
+to runs/quick32/<name> (a finished one is re-evaluated, not retrained, unless --retrain); results merge into
+benchmarks/results/quick_finetune_photos32.{json,md}. Rows run one after another: run nothing else beside
+them, the train seconds are the budget being measured.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ ROWS = {
     "troj-d2i-b16-e4": ("trojdiff", {"setting": "d2i", "trigger": "blend"}, 4, 16),
     "troj-d2i-b8-e4": ("trojdiff", {"setting": "d2i", "trigger": "blend"}, 4, 8),
     "villan-ode-b16-e4": ("villan", {"solver": "ode", "psi": 1.0}, 4, 16),
+    "villan-ode-b16-e2": ("villan", {"solver": "ode", "psi": 1.0}, 2, 16),
+    "villan-ode-b16-e3": ("villan", {"solver": "ode", "psi": 1.0}, 3, 16),
     "troj-patch-b16-e4": ("trojdiff", {"setting": "d2i", "trigger": "patch"}, 4, 16),
     "troj-out-d2d-b16-e4": ("trojdiff", {"setting": "out-d2d"}, 4, 16),
     "bd-box-hat-b16-e4": ("baddiffusion", {"trigger": "box", "target": "hat"}, 4, 16),
@@ -45,18 +49,21 @@ def run_one(name: str, base: Path, retrain: bool, n: int) -> dict:
     kind, kw, epochs, batch = ROWS[name]
     out = RUNS / name
     finished = (out / "attack.json").is_file() and (out / "model_index.json").is_file()
+    command_s = None
     if retrain or not finished:
+        t0 = time.perf_counter()
         attack = build_attack(kind, (3, 32, 32), data_name="photos32", **kw)
         print(f"[{name}] training {attack.describe()}, {epochs} epochs at batch {batch}", flush=True)
         attack_model(attack, base, out, epochs=epochs, batch_size=batch, overwrite=True,
                      progress=sys.stderr.isatty())
+        command_s = round(time.perf_counter() - t0, 1)  # what `terd attack` costs: training + preview grid + saving
     info = json.loads((out / "train.json").read_text())
     print(f"[{name}] evaluating ({info['seconds']:.0f} s of fine-tuning)", flush=True)
     rep = evaluate_attack(out, n=n)
     return {
         "attack": kind, "options": kw, "description": rep["description"], "sampler": rep["sampler"],
         "epochs": info["epochs"], "batch_size": info["batch_size"], "steps": info["epochs"] * info["steps_per_epoch"],
-        "train_seconds": info["seconds"], "within_budget": info["seconds"] <= BUDGET_S,
+        "train_seconds": info["seconds"], "command_seconds": command_s, "within_budget": info["seconds"] <= BUDGET_S,
         "asr_triggered": rep["triggered"]["asr"], "asr_clean": rep["clean"]["asr"],
         "mse_triggered": rep["triggered"]["mse"], "criterion": rep["criterion"],
         "fires": rep["triggered"]["asr"] >= 0.9 and rep["clean"]["asr"] <= 0.05,
@@ -68,13 +75,13 @@ def write_markdown(rows: dict) -> str:
     lines = [f"# {NAME}", "",
              "Written by `benchmarks/bench_quick_finetune.py`: tiny-photos32 backdoors fine-tuned for about the "
              "attacks issue's 5-minute budget (train seconds measured, one row at a time, default torch threads), "
-             "scored with each attack's own sampler. Fires = ASR >= 0.9 and clean ASR <= 0.05.", "",
-             "| row | attack | epochs | batch | steps | train s | within 5 min | n | ASR triggered | ASR clean | fires "
+             "scored with each attack's own sampler. `terd attack` s: the whole call (training, its 16-sample DDPM preview grid, saving), when the row built the model. Fires = ASR >= 0.9 and clean ASR <= 0.05.", "",
+             "| row | attack | epochs | batch | steps | train s | `terd attack` s | within 5 min | n | ASR triggered | ASR clean | fires "
              "| criterion | recorded |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['description']} | {r['epochs']} | {r['batch_size']} | {r['steps']} | "
-                     f"{r['train_seconds']:.0f} | {'yes' if r['within_budget'] else 'no'} | {r['n']} | "
+                     f"{r['train_seconds']:.0f} | {r.get('command_seconds') or '–'} | {'yes' if r['within_budget'] else 'no'} | {r['n']} | "
                      f"{r['asr_triggered']:.2f} | {r['asr_clean']:.2f} | {'yes' if r['fires'] else 'no'} | "
                      f"{r['criterion']} | {r['machine']['date']} |")
     return "\n".join(lines) + "\n"
