@@ -5,9 +5,10 @@
 
 A tiny-photos32 epoch (4,096 crops) costs 72-107 s at the preset's batch 64 on this CPU, so 5 minutes hold
 ~3-4 epochs (~256 Adam steps). The question this asks: do more, smaller steps over the same samples implant
-the backdoor sooner? Measured: no. Batch 16 costs ~120 s per epoch here (not flat per image; why was not
-measured), and 4 epochs at batch 16 (1,024 steps, 480 s) reached the TrojDiff D2I ASR that 6 epochs at batch
-64 reached in bench_photos32_mini (0.80). Each row fine-tunes the base with one (attack, epochs, batch)
+the backdoor sooner? Measured: for VillanDiffusion ODE yes (3 epochs at batch 16 fire, where the zoo's
+recipe is 16 at batch 64), for TrojDiff D2I no (4 epochs at batch 16, 1,024 steps, reach the 0.80 that 6
+epochs at batch 64 reached in bench_photos32_mini). A batch-16 epoch is not cheaper than a batch-64 one here
+(90-120 s; why was not measured). Each row fine-tunes the base with one (attack, epochs, batch)
 choice, then measures the backdoor with the attack's own sampler (``terd eval-attack``'s numbers). Models go
 to runs/quick32/<name> (a finished one is re-evaluated, not retrained, unless --retrain); results merge into
 benchmarks/results/quick_finetune_photos32.{json,md}. Rows run one after another: run nothing else beside
