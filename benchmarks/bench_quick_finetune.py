@@ -3,12 +3,12 @@
     .venv/bin/python benchmarks/bench_quick_finetune.py --base runs/zoo-photos32/p32-benign-s0-e20 \
         --only troj-d2i-b16-e4
 
-A tiny-photos32 epoch (4,096 crops) costs 72-107 s at the preset's batch 64 on this CPU, so 5 minutes hold
+A tiny-photos32 epoch (4,096 crops) costs ~72 s at the preset's batch 64 on this CPU (foundation.md), so 5 minutes hold
 ~3-4 epochs (~256 Adam steps). The question this asks: do more, smaller steps over the same samples implant
 the backdoor sooner? Measured: for VillanDiffusion ODE yes (3 epochs at batch 16 fire, where the zoo's
 recipe is 16 at batch 64), for TrojDiff D2I no (4 epochs at batch 16, 1,024 steps, reach the 0.80 that 6
 epochs at batch 64 reached in bench_photos32_mini). A batch-16 epoch is not cheaper than a batch-64 one here
-(90-120 s; why was not measured). Each row fine-tunes the base with one (attack, epochs, batch)
+(90-123 s; why was not measured). Each row fine-tunes the base with one (attack, epochs, batch)
 choice, then measures the backdoor with the attack's own sampler (``terd eval-attack``'s numbers). Models go
 to runs/quick32/<name> (a finished one is re-evaluated, not retrained, unless --retrain); results merge into
 benchmarks/results/quick_finetune_photos32.{json,md}. Rows run one after another: run nothing else beside
@@ -34,15 +34,10 @@ BUDGET_S = 300.0
 
 # name -> (attack kind, build_attack keyword arguments, epochs, batch size)
 ROWS = {
-    "troj-d2i-b64-e4": ("trojdiff", {"setting": "d2i", "trigger": "blend"}, 4, 64),
     "troj-d2i-b16-e4": ("trojdiff", {"setting": "d2i", "trigger": "blend"}, 4, 16),
-    "troj-d2i-b8-e4": ("trojdiff", {"setting": "d2i", "trigger": "blend"}, 4, 8),
     "villan-ode-b16-e4": ("villan", {"solver": "ode", "psi": 1.0}, 4, 16),
     "villan-ode-b16-e2": ("villan", {"solver": "ode", "psi": 1.0}, 2, 16),
     "villan-ode-b16-e3": ("villan", {"solver": "ode", "psi": 1.0}, 3, 16),
-    "troj-patch-b16-e4": ("trojdiff", {"setting": "d2i", "trigger": "patch"}, 4, 16),
-    "troj-out-d2d-b16-e4": ("trojdiff", {"setting": "out-d2d"}, 4, 16),
-    "bd-box-hat-b16-e4": ("baddiffusion", {"trigger": "box", "target": "hat"}, 4, 16),
 }
 
 
@@ -76,13 +71,16 @@ def write_markdown(rows: dict) -> str:
     lines = [f"# {NAME}", "",
              "Written by `benchmarks/bench_quick_finetune.py`: tiny-photos32 backdoors fine-tuned for about the "
              "attacks issue's 5-minute budget (train seconds measured, one row at a time, default torch threads), "
-             "scored with each attack's own sampler. `terd attack` s: the whole call (training, its 16-sample DDPM preview grid, saving), when the row built the model. Fires = ASR >= 0.9 and clean ASR <= 0.05.", "",
+             "scored with each attack's own sampler. `terd attack` s: the whole call (training, its 16-sample "
+             "DDPM preview grid, saving), when the row built the model. Fires = ASR >= 0.9 and clean ASR <= 0.05.",
+             "",
              "| row | attack | epochs | batch | steps | train s | `terd attack` s | within 5 min | n | ASR triggered | ASR clean | fires "
              "| criterion | recorded |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['description']} | {r['epochs']} | {r['batch_size']} | {r['steps']} | "
-                     f"{r['train_seconds']:.0f} | {r.get('command_seconds') or '–'} | {'yes' if r['within_budget'] else 'no'} | {r['n']} | "
+                     f"{r['train_seconds']:.0f} | {r.get('command_seconds') or '–'} | "
+                     f"{'yes' if r['within_budget'] else 'no'} | {r['n']} | "
                      f"{r['asr_triggered']:.2f} | {r['asr_clean']:.2f} | {'yes' if r['fires'] else 'no'} | "
                      f"{r['criterion']} | {r['machine']['date']} |")
     return "\n".join(lines) + "\n"
@@ -97,8 +95,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=64, help="samples with and without the trigger")
     args = ap.parse_args()
     if not (args.base / "model_index.json").is_file():
-        sys.exit(f"error: {args.base} is not a model directory (build it: terd train --preset tiny-photos32 "
-                 f"--seed 0 --epochs 20 --out {args.base})")
+        print(f"error: {args.base} is not a model directory (build it: terd train --preset tiny-photos32 "
+              f"--seed 0 --epochs 20 --out {args.base})", file=sys.stderr)
+        sys.exit(2)
     path = RESULTS / f"{NAME}.json"
     for name in args.only:
         t0 = time.perf_counter()

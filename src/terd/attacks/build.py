@@ -171,6 +171,8 @@ def attack_model(
     record (attack.json, attack_tensors.safetensors, true_trigger.safetensors, trigger.png, target.png)
     and, with ``ddim_repo_checkpoint``, ``ckpt.pth`` in the DDIM-repo format TrojDiff releases.
     """
+    if batch_size is not None and batch_size < 1:
+        raise TerdError("--batch-size must be at least 1")
     base = load_denoiser(base_dir, device=device)
     if tuple(attack.image_shape) != tuple(base.image_shape):
         raise TerdError(f"attack is built for {attack.image_shape} but the model is {base.image_shape}")
@@ -186,8 +188,6 @@ def attack_model(
     preset = _preset_for(base_dir, base)
     preset = replace(preset, dataset=dataset.name)
     if batch_size is not None:
-        if batch_size < 1:
-            raise TerdError("--batch-size must be at least 1")
         preset = replace(preset, batch_size=batch_size)
     epochs = epochs if epochs is not None else DEFAULTS.get(attack.kind, DEFAULTS["baddiffusion"]).epochs
     result = train(preset, dataset, out_dir, epochs=epochs, seed=seed, objective=attack, base=base, lr=lr,

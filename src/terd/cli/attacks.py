@@ -75,8 +75,8 @@ def attack(
                        solver=solver, r_mode=r_mode, sampler=sampler, model_kind=den.schedule.kind)
     ds = load_dataset(data_name, channels=den.image_shape[0], size=den.image_shape[1])
     typer.echo(f"attack: {atk.describe()} on {data_name}, fine-tuning {base}")
-    res = attack_model(atk, base, out, dataset=ds, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=dev, overwrite=overwrite,
-                       ddim_repo_checkpoint=ddim_repo)
+    res = attack_model(atk, base, out, dataset=ds, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                       device=dev, overwrite=overwrite, ddim_repo_checkpoint=ddim_repo)
     typer.echo(f"backdoored model: {out} ({res.epochs} epochs, {res.seconds:.0f}s, loss {res.final_loss:.4f}); "
                f"trigger {out / 'trigger.png'}, target {out / 'target.png'}, true trigger "
                f"{out / 'true_trigger.safetensors'}; check it with: terd eval-attack {out}")
