@@ -316,6 +316,14 @@ def test_cli_bad_trigger_name(tmp_path):
     assert "setting" in msg
 
 
+def test_cli_bad_finetune_options(tmp_path):
+    """One line, before the attack line is printed or anything is written."""
+    for flag, value in (("--batch-size", "0"), ("--preview", "-1")):
+        msg = _one_line_exit2(["attack", "baddiffusion", "--base", BASE, "--out", str(tmp_path / "o"), flag, value])
+        assert flag in msg
+    assert not (tmp_path / "o").exists()
+
+
 def test_cli_wrong_image(tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_text("not a picture")

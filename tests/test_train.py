@@ -85,7 +85,14 @@ def test_attack_fine_tune_takes_its_own_batch_size(tiny_digits, tmp_path):
                  progress=False)
     info = json.loads((tmp_path / "bd/train.json").read_text())
     assert (info["batch_size"], info["steps_per_epoch"]) == (16, len(tiny_digits) // 16)
+    assert (tmp_path / "bd/samples.png").is_file()  # the default 16-sample preview
+    attack_model(attack, tmp_path / "base", tmp_path / "bd-np", dataset=tiny_digits, epochs=1, preview=0,
+                 progress=False)
+    assert (tmp_path / "bd-np/model_index.json").is_file() and not (tmp_path / "bd-np/samples.png").exists()
     with pytest.raises(TerdError, match="--batch-size"):
         attack_model(attack, tmp_path / "base", tmp_path / "bd0", dataset=tiny_digits, epochs=1, batch_size=0,
+                     progress=False)
+    with pytest.raises(TerdError, match="--preview"):
+        attack_model(attack, tmp_path / "base", tmp_path / "bd0", dataset=tiny_digits, epochs=1, preview=-1,
                      progress=False)
     assert not (tmp_path / "bd0").exists()  # refused before anything is written

@@ -55,17 +55,20 @@ def attack(
     lr: Annotated[float | None, typer.Option(help="Learning rate (default: the base preset's).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Fine-tuning batch size (default: the base preset's).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    preview: Annotated[int, typer.Option(help="Clean samples in the preview grid samples.png (1000-step DDPM); "
+                                              "0: no grid.")] = 16,
     ddim_repo: Annotated[bool, typer.Option(help="Also write ckpt.pth in TrojDiff's DDIM-repo format.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out directory.")] = False,
     device: DeviceOpt = None,
 ) -> None:
     """Backdoor a clean model by fine-tuning it with an attack; writes the model and its attack record."""
-    from terd.attacks.build import attack_model, build_attack, model_dataset_name
+    from terd.attacks.build import attack_model, build_attack, check_finetune_options, model_dataset_name
     from terd.data import load_dataset
     from terd.models import load_denoiser
 
     _check_image(trigger_image, "--trigger-image")
     _check_image(target_image, "--target-image")
+    check_finetune_options(batch_size, preview)
     dev = _device(device)
     den = load_denoiser(base, device="cpu")
     data_name = data or model_dataset_name(base, den.image_shape)
@@ -76,7 +79,7 @@ def attack(
     ds = load_dataset(data_name, channels=den.image_shape[0], size=den.image_shape[1])
     typer.echo(f"attack: {atk.describe()} on {data_name}, fine-tuning {base}")
     res = attack_model(atk, base, out, dataset=ds, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                       device=dev, overwrite=overwrite, ddim_repo_checkpoint=ddim_repo)
+                       device=dev, overwrite=overwrite, ddim_repo_checkpoint=ddim_repo, preview=preview)
     typer.echo(f"backdoored model: {out} ({res.epochs} epochs, {res.seconds:.0f}s, loss {res.final_loss:.4f}); "
                f"trigger {out / 'trigger.png'}, target {out / 'target.png'}, true trigger "
                f"{out / 'true_trigger.safetensors'}; check it with: terd eval-attack {out}")
