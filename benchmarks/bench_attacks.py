@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
+from common import build_attack_model
 
-from terd.attacks import attack_model, build_attack, evaluate_attack
+from terd.attacks import evaluate_attack
 from terd.attacks.build import DEFAULTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,11 +77,7 @@ def run_one(name: str, retrain: bool, n: int, reuse_eval: bool = False) -> dict:
     model, sampler = RESAMPLED.get(name, (name, None))
     kind, kw, epochs = ALL[model]
     out = RUNS / model
-    finished = (out / "attack.json").is_file() and (out / "model_index.json").is_file()
-    if retrain or not finished:
-        attack = build_attack(kind, SHAPE, data_name="digits16", **kw)
-        print(f"[{name}] training {attack.describe()}", flush=True)
-        attack_model(attack, BASE, out, epochs=epochs, overwrite=True, progress=sys.stderr.isatty())
+    build_attack_model(name, out, kind, kw, SHAPE, "digits16", BASE, epochs, retrain)
     train_info = json.loads((out / "train.json").read_text())
     saved = out / (f"eval-attack-{sampler}.json" if sampler else "eval-attack.json")
     if reuse_eval and saved.is_file() and not retrain:

@@ -23,43 +23,43 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, machine
+from common import RESULTS, build_attack_model, machine
 
-from terd.attacks import attack_model, build_attack, evaluate_attack
+from terd.attacks import evaluate_attack
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs/quick32"
 NAME = "quick_finetune_photos32"
 BUDGET_S = 300.0
 
-# name -> (attack kind, build_attack keyword arguments, epochs, batch size)
+TROJ_D2I = ("trojdiff", {"setting": "d2i", "trigger": "blend"})
+VILLAN_ODE = ("villan", {"solver": "ode", "psi": 1.0})
+# name -> (attack kind, build_attack keyword arguments, epochs, batch size[, preview grid samples: default 16])
 ROWS = {
-    "troj-d2i-b16-e4": ("trojdiff", {"setting": "d2i", "trigger": "blend"}, 4, 16),
-    "villan-ode-b16-e4": ("villan", {"solver": "ode", "psi": 1.0}, 4, 16),
-    "villan-ode-b16-e2": ("villan", {"solver": "ode", "psi": 1.0}, 2, 16),
-    "villan-ode-b16-e3": ("villan", {"solver": "ode", "psi": 1.0}, 3, 16),
+    "troj-d2i-b16-e4": (*TROJ_D2I, 4, 16),
+    "villan-ode-b16-e4": (*VILLAN_ODE, 4, 16),
+    "villan-ode-b16-e2": (*VILLAN_ODE, 2, 16),
+    "villan-ode-b16-e3": (*VILLAN_ODE, 3, 16),
+    # `terd attack --preview 0`: the call is the fine-tune (no 1000-step preview grid)
+    "villan-ode-b16-e3-np": (*VILLAN_ODE, 3, 16, 0),
+    "troj-d2i-b16-e5-np": (*TROJ_D2I, 5, 16, 0),
+    "troj-d2i-p0.75-b16-e4-np": ("trojdiff", {**TROJ_D2I[1], "poison_rate": 0.75}, 4, 16, 0),
 }
 
 
 def run_one(name: str, base: Path, retrain: bool, n: int) -> dict:
-    kind, kw, epochs, batch = ROWS[name]
+    kind, kw, epochs, batch, *rest = ROWS[name]
+    preview = rest[0] if rest else 16
     out = RUNS / name
-    finished = (out / "attack.json").is_file() and (out / "model_index.json").is_file()
-    command_s = None
-    if retrain or not finished:
-        t0 = time.perf_counter()
-        attack = build_attack(kind, (3, 32, 32), data_name="photos32", **kw)
-        print(f"[{name}] training {attack.describe()}, {epochs} epochs at batch {batch}", flush=True)
-        attack_model(attack, base, out, epochs=epochs, batch_size=batch, overwrite=True,
-                     progress=sys.stderr.isatty())
-        command_s = round(time.perf_counter() - t0, 1)  # what `terd attack` costs: training + preview grid + saving
+    command_s = build_attack_model(name, out, kind, kw, (3, 32, 32), "photos32", base, epochs, retrain,
+                                   batch_size=batch, preview=preview)
     info = json.loads((out / "train.json").read_text())
     print(f"[{name}] evaluating ({info['seconds']:.0f} s of fine-tuning)", flush=True)
     rep = evaluate_attack(out, n=n)
     return {
         "attack": kind, "options": kw, "description": rep["description"], "sampler": rep["sampler"],
         "epochs": info["epochs"], "batch_size": info["batch_size"], "steps": info["epochs"] * info["steps_per_epoch"],
-        "train_seconds": info["seconds"], "command_seconds": command_s, "within_budget": info["seconds"] <= BUDGET_S,
+        "preview": preview, "train_seconds": info["seconds"], "command_seconds": command_s, "within_budget": info["seconds"] <= BUDGET_S,
         "asr_triggered": rep["triggered"]["asr"], "asr_clean": rep["clean"]["asr"],
         "mse_triggered": rep["triggered"]["mse"], "criterion": rep["criterion"],
         "fires": rep["triggered"]["asr"] >= 0.9 and rep["clean"]["asr"] <= 0.05,
@@ -71,15 +71,15 @@ def write_markdown(rows: dict) -> str:
     lines = [f"# {NAME}", "",
              "Written by `benchmarks/bench_quick_finetune.py`: tiny-photos32 backdoors fine-tuned for about the "
              "attacks issue's 5-minute budget (train seconds measured, one row at a time, default torch threads), "
-             "scored with each attack's own sampler. `terd attack` s: the whole call (training, its 16-sample "
-             "DDPM preview grid, saving), when the row built the model. Fires = ASR >= 0.9 and clean ASR <= 0.05.",
+             "scored with each attack's own sampler. `terd attack` s: the whole call (training, its preview grid "
+             "of `preview` 1000-step DDPM samples, saving), when the row built the model. Fires = ASR >= 0.9 and clean ASR <= 0.05.",
              "",
-             "| row | attack | epochs | batch | steps | train s | `terd attack` s | within 5 min | n | ASR triggered | ASR clean | fires "
+             "| row | attack | epochs | batch | steps | preview | train s | `terd attack` s | within 5 min | n | ASR triggered | ASR clean | fires "
              "| criterion | recorded |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['description']} | {r['epochs']} | {r['batch_size']} | {r['steps']} | "
-                     f"{r['train_seconds']:.0f} | {r.get('command_seconds') or '–'} | "
+                     f"{r.get('preview', 16)} | {r['train_seconds']:.0f} | {r.get('command_seconds') or '–'} | "
                      f"{'yes' if r['within_budget'] else 'no'} | {r['n']} | "
                      f"{r['asr_triggered']:.2f} | {r['asr_clean']:.2f} | {'yes' if r['fires'] else 'no'} | "
                      f"{r['criterion']} | {r['machine']['date']} |")

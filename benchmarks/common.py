@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -62,3 +63,21 @@ def write_results(name: str, rows: list[dict], columns: list[str], notes: str = 
         lines.append("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |")
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     return RESULTS / f"{name}.md"
+
+
+def build_attack_model(name: str, out: Path, kind: str, options: dict, shape: tuple, data_name: str, base: Path,
+                       epochs: int | None, retrain: bool, **finetune: object) -> float | None:
+    """Fine-tune ``base`` with one attack into ``out`` unless a finished model is there (or ``retrain``).
+
+    Returns the seconds the whole ``attack_model`` call took (what ``terd attack`` costs: training, preview
+    grid, saving), or None when the finished model was reused.
+    """
+    from terd.attacks import attack_model, build_attack
+
+    if not retrain and (out / "attack.json").is_file() and (out / "model_index.json").is_file():
+        return None
+    t0 = time.perf_counter()
+    attack = build_attack(kind, shape, data_name=data_name, **options)
+    print(f"[{name}] training {attack.describe()}", flush=True)
+    attack_model(attack, base, out, epochs=epochs, overwrite=True, progress=sys.stderr.isatty(), **finetune)
+    return round(time.perf_counter() - t0, 1)
