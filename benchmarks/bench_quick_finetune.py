@@ -7,8 +7,10 @@ A tiny-photos32 epoch (4,096 crops) costs ~72 s at the preset's batch 64 on this
 ~3-4 epochs (~256 Adam steps). The question this asks: do more, smaller steps over the same samples implant
 the backdoor sooner? Measured: for VillanDiffusion ODE yes (3 epochs at batch 16 fire, where the zoo's
 recipe is 16 at batch 64), for TrojDiff D2I no (4 epochs at batch 16, 1,024 steps, reach the 0.80 that 6
-epochs at batch 64 reached in bench_photos32_mini). A batch-16 epoch is not cheaper than a batch-64 one here
-(90-123 s; why was not measured). Each row fine-tunes the base with one (attack, epochs, batch)
+epochs at batch 64 reached in bench_photos32_mini; 5 epochs, or poison rate 0.75, 0.80-0.83). The same
+3-epoch VillanDiffusion recipe took 356 s of training on 2026-12-02 and 166 s on 2026-12-03: the machine's
+speed drifts ~2x, and per-step overhead is not the cause (bench_step_cost.py: a batch-16 step costs 13.4 ms
+per image against 12.1 at batch 64). Each row fine-tunes the base with one (attack, epochs, batch)
 choice, then measures the backdoor with the attack's own sampler (``terd eval-attack``'s numbers). Models go
 to runs/quick32/<name> (a finished one is re-evaluated, not retrained, unless --retrain); results merge into
 benchmarks/results/quick_finetune_photos32.{json,md}. Rows run one after another: run nothing else beside
