@@ -96,3 +96,22 @@ def test_attack_fine_tune_takes_its_own_batch_size(tiny_digits, tmp_path):
         attack_model(attack, tmp_path / "base", tmp_path / "bd0", dataset=tiny_digits, epochs=1, preview=-1,
                      progress=False)
     assert not (tmp_path / "bd0").exists()  # refused before anything is written
+
+
+def test_attack_quick_recipe_applies_only_when_epochs_and_batch_are_unset(tiny_digits, tmp_path, monkeypatch):
+    """A measured (epochs, batch) recipe for an (attack, preset) pair replaces the defaults only when the user
+    gave neither; an explicit --epochs keeps the preset's batch size."""
+    from terd.attacks import attack_model, build_attack
+    from terd.attacks import build as build_mod
+
+    train(MICRO, tiny_digits, tmp_path / "base", seed=0, progress=False, grid_size=0)
+    name = build_mod._preset_for(tmp_path / "base", build_mod.load_denoiser(tmp_path / "base")).name
+    monkeypatch.setitem(build_mod.QUICK_RECIPES, ("baddiffusion", name), (1, 16))
+    attack = build_attack("baddiffusion", (1, 8, 8))
+    attack_model(attack, tmp_path / "base", tmp_path / "quick", dataset=tiny_digits, preview=0, progress=False)
+    info = json.loads((tmp_path / "quick/train.json").read_text())
+    assert (info["epochs"], info["batch_size"]) == (1, 16)
+    attack_model(attack, tmp_path / "base", tmp_path / "own", dataset=tiny_digits, epochs=1, preview=0,
+                 progress=False)
+    info = json.loads((tmp_path / "own/train.json").read_text())
+    assert info["batch_size"] != 16 and info["epochs"] == 1

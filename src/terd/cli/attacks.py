@@ -51,7 +51,9 @@ def attack(
     sampler: Annotated[str | None, typer.Option(help="TrojDiff sampler: trojdiff-ddim (default) or "
                                                 "trojdiff-ddpm.")] = None,
     data: Annotated[str | None, typer.Option(help="Training data (default: the base model's).")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs (default per attack, for tiny models).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs (default per attack, for tiny models; "
+                                                    "villan on tiny-photos32, with no --batch-size either: 3 "
+                                                    "epochs at batch 16).")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate (default: the base preset's).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Fine-tuning batch size (default: the base preset's).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
