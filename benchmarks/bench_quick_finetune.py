@@ -36,7 +36,8 @@ BUDGET_S = 300.0
 
 TROJ_D2I = ("trojdiff", {"setting": "d2i", "trigger": "blend"})
 VILLAN_ODE = ("villan", {"solver": "ode", "psi": 1.0})
-# name -> (attack kind, build_attack keyword arguments, epochs, batch size[, preview grid samples: default 16])
+# name -> (attack kind, build_attack keyword arguments, epochs, batch size (None: terd attack's defaults)[, preview
+# grid samples: default 16])
 ROWS = {
     "troj-d2i-b16-e4": (*TROJ_D2I, 4, 16),
     "villan-ode-b16-e4": (*VILLAN_ODE, 4, 16),
@@ -46,6 +47,8 @@ ROWS = {
     "villan-ode-b16-e3-np": (*VILLAN_ODE, 3, 16, 0),
     "troj-d2i-b16-e5-np": (*TROJ_D2I, 5, 16, 0),
     "troj-d2i-p0.75-b16-e4-np": ("trojdiff", {**TROJ_D2I[1], "poison_rate": 0.75}, 4, 16, 0),
+    # no epochs, no batch size: what `terd attack villan --base P32 --preview 0` alone does (its quick recipe)
+    "villan-ode-default-np": (*VILLAN_ODE, None, None, 0),
 }
 
 
