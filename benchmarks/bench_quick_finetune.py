@@ -50,17 +50,20 @@ ROWS = {
     # no epochs, no batch size: what `terd attack villan --base P32 --preview 0` alone does (its quick recipe)
     "villan-ode-default-np": (*VILLAN_ODE, None, None, 0),
 }
+# name -> (a row above, sampler): that row's model scored again with another of its attack's samplers
+RESCORED = {"troj-d2i-b16-e5-np@ddpm": ("troj-d2i-b16-e5-np", "trojdiff-ddpm")}
 
 
 def run_one(name: str, base: Path, retrain: bool, n: int) -> dict:
-    kind, kw, epochs, batch, *rest = ROWS[name]
+    model, sampler = RESCORED.get(name, (name, None))
+    kind, kw, epochs, batch, *rest = ROWS[model]
     preview = rest[0] if rest else 16
-    out = RUNS / name
-    command_s = build_attack_model(name, out, kind, kw, (3, 32, 32), "photos32", base, epochs, retrain,
+    out = RUNS / model
+    command_s = build_attack_model(model, out, kind, kw, (3, 32, 32), "photos32", base, epochs, retrain,
                                    batch_size=batch, preview=preview)
     info = json.loads((out / "train.json").read_text())
     print(f"[{name}] evaluating ({info['seconds']:.0f} s of fine-tuning)", flush=True)
-    rep = evaluate_attack(out, n=n)
+    rep = evaluate_attack(out, n=n, sampler=sampler)
     return {
         "attack": kind, "options": kw, "description": rep["description"], "sampler": rep["sampler"],
         "epochs": info["epochs"], "batch_size": info["batch_size"], "steps": info["epochs"] * info["steps_per_epoch"],
@@ -76,14 +79,14 @@ def write_markdown(rows: dict) -> str:
     lines = [f"# {NAME}", "",
              "Written by `benchmarks/bench_quick_finetune.py`: tiny-photos32 backdoors fine-tuned for about the "
              "attacks issue's 5-minute budget (train seconds measured, one row at a time, default torch threads), "
-             "scored with each attack's own sampler. `terd attack` s: the whole call (training, its preview grid "
+             "scored with each attack's own sampler (a row named MODEL@SAMPLER: that model, another sampler). `terd attack` s: the whole call (training, its preview grid "
              "of `preview` 1000-step DDPM samples, saving), when the row built the model. Fires = ASR >= 0.9 and clean ASR <= 0.05.",
              "",
-             "| row | attack | epochs | batch | steps | preview | train s | `terd attack` s | within 5 min | n | ASR triggered | ASR clean | fires "
+             "| row | attack | sampler | epochs | batch | steps | preview | train s | `terd attack` s | within 5 min | n | ASR triggered | ASR clean | fires "
              "| criterion | recorded |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['description']} | {r['epochs']} | {r['batch_size']} | {r['steps']} | "
+        lines.append(f"| {name} | {r['description']} | {r['sampler']} | {r['epochs']} | {r['batch_size']} | {r['steps']} | "
                      f"{r.get('preview', 16)} | {r['train_seconds']:.0f} | {r.get('command_seconds') or '–'} | "
                      f"{'yes' if r['within_budget'] else 'no'} | {r['n']} | "
                      f"{r['asr_triggered']:.2f} | {r['asr_clean']:.2f} | {'yes' if r['fires'] else 'no'} | "
@@ -95,7 +98,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", type=Path, default=ROOT / "runs/zoo-photos32/p32-benign-s0-e20",
                     help="the clean tiny-photos32 model (the zoo's p32-benign-s0-e20 recipe)")
-    ap.add_argument("--only", nargs="+", choices=sorted(ROWS), default=["troj-d2i-b16-e4"])
+    ap.add_argument("--only", nargs="+", choices=sorted({**ROWS, **RESCORED}), default=["troj-d2i-b16-e4"])
     ap.add_argument("--retrain", action="store_true", help="retrain even when a finished model exists")
     ap.add_argument("--n", type=int, default=64, help="samples with and without the trigger")
     args = ap.parse_args()
