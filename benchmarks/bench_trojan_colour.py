@@ -31,28 +31,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 
 from terd.attacks import load_attack  # noqa: E402
-from terd.attacks.evaluation import _reference, _unit, choose_threshold  # noqa: E402
+from terd.attacks.evaluation import choose_threshold, reference_dataset, sample_pairs, to_unit  # noqa: E402
+from terd.errors import TerdError  # noqa: E402
 from terd.models import load_denoiser  # noqa: E402
-from terd.sampling import initial_noise  # noqa: E402
 
 
 def colour_row(model_dir: Path, n: int, seed: int) -> dict:
     den = load_denoiser(model_dir)
     attack = load_attack(model_dir)
     if attack.target_is_class:
-        raise SystemExit(f"error: {model_dir}: a class target (D2D) has no one target colour; pass image-target models")
-    eps = initial_noise(n, den.image_shape, seed=seed)
-    with torch.no_grad():
-        clean = attack.sample(den, eps, triggered=False, generator=torch.Generator().manual_seed(seed + 1))
-        trig = attack.sample(den, attack.backdoor_inputs(eps), triggered=True,
-                             generator=torch.Generator().manual_seed(seed + 1))
-    target = _unit(attack.target_images()[:1])
-    clean, trig = _unit(clean), _unit(trig)
-    ref = _reference(model_dir, den, None)
+        raise TerdError(f"{model_dir}: a class target (D2D) has no one target colour; pass image-target models")
+    clean, trig = (to_unit(x) for x in sample_pairs(den, attack, n, seed=seed))
+    target = to_unit(attack.target_images()[:1])
+    ref = reference_dataset(model_dir, den)
     thr, _ = choose_threshold(attack.target_images()[0], ref.images if ref is not None else None)
     mean_t, mean_c, mean_target = (x.mean(dim=(2, 3), keepdim=True) for x in (trig, clean, target))
-    diff = trig - target
-    mse = diff.square().mean(dim=(1, 2, 3))
+    mse = (trig - target).square().mean(dim=(1, 2, 3))
     mse_dc = (mean_t - mean_target).square().mean(dim=(1, 2, 3))  # the mean part of each channel's error
     corrected = (trig - mean_t + mean_target - target).square().mean(dim=(1, 2, 3))
     corr = torch.corrcoef(torch.stack([mean_t.flatten(), mean_c.flatten()]))[0, 1]
@@ -71,14 +65,17 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    for m in args.models:
-        if not (m / "attack.json").is_file():
-            print(f"error: {m}: not a model written by terd attack (no attack.json)", file=sys.stderr)
-            sys.exit(2)
     rows = []
-    for m in args.models:
-        rows.append(colour_row(m, args.n, args.seed))
-        print(rows[-1], flush=True)
+    try:
+        for m in args.models:
+            if not (m / "attack.json").is_file():
+                raise TerdError(f"{m}: not a model written by terd attack (no attack.json)")
+        for m in args.models:
+            rows.append(colour_row(m, args.n, args.seed))
+            print(rows[-1], flush=True)
+    except TerdError as e:  # a wrong path, a broken model, a class target: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     columns = ["model", "attack", "sampler", "n", "threshold", "colour_corr", "mse", "mse_dc", "mse_shape", "asr",
                "asr_dc_corrected", "misses", "misses_fixed_by_colour"]
     notes = ("Per model: n triggered and n clean samples from the same unit noises with the attack's own sampler. "

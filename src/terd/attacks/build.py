@@ -55,7 +55,7 @@ DEFAULT_TARGET_CLASS = {"digits16": 7, "photos32": 4}
 # (attack, base preset) -> (epochs, batch size) used when neither is given: a recipe measured to fire within the
 # attacks issue's 5-minute budget where the preset's batch at DEFAULTS' epochs takes far longer
 # (benchmarks/results/quick_finetune_photos32.md: ASR 1.00, clean 0.00, 166-356 s of training on 2 CPU cores;
-# 16 epochs at batch 64 take ~15-20 minutes there).
+# 16 epochs at batch 64 take ~19 minutes at foundation.md's 72 s per epoch).
 QUICK_RECIPES = {("villan", "tiny-photos32"): (3, 16)}
 
 

@@ -42,14 +42,15 @@ TIGHTER = (0.05, 0.02, 0.01, 0.005)
 MAX_REAL_PASS = 0.01
 
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """Model images in [-1, 1] as [0, 1] pixels (what MSE, SSIM and the thresholds are in)."""
     return ((x.float().cpu() + 1) / 2).clamp(0, 1)
 
 
 def per_image_mse(samples: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(MSE in [0,1] pixels to the nearest target, index of that target) for each sample."""
-    s = _unit(samples).flatten(1)
-    t = _unit(targets).flatten(1)
+    s = to_unit(samples).flatten(1)
+    t = to_unit(targets).flatten(1)
     d = torch.cdist(s.double(), t.double()).pow(2) / s.shape[1]
     best, idx = d.min(1)
     return best.float(), idx
@@ -59,8 +60,8 @@ def ssim(samples: torch.Tensor, refs: torch.Tensor) -> np.ndarray:
     """Per-image SSIM (skimage, data range 1) between samples and their matched references."""
     from skimage.metrics import structural_similarity
 
-    a = _unit(samples).permute(0, 2, 3, 1).numpy()
-    b = _unit(refs).permute(0, 2, 3, 1).numpy()
+    a = to_unit(samples).permute(0, 2, 3, 1).numpy()
+    b = to_unit(refs).permute(0, 2, 3, 1).numpy()
     side = min(a.shape[1], a.shape[2])
     win = min(7, side if side % 2 else side - 1)
     return np.array([structural_similarity(x, y, data_range=1.0, channel_axis=2, win_size=win) for x, y in zip(a, b, strict=True)])
@@ -102,7 +103,7 @@ def _digit_classifier():  # noqa: ANN202
 def digit_confidence(samples: torch.Tensor) -> float:
     """Mean max-probability of an 8x8-digits classifier on samples downsampled to 8x8 (a quality proxy)."""
     clf, _ = _digit_classifier()
-    x = F.interpolate(_unit(samples)[:, :1], size=(8, 8), mode="area").flatten(1).numpy() * 16
+    x = F.interpolate(to_unit(samples)[:, :1], size=(8, 8), mode="area").flatten(1).numpy() * 16
     return float(clf.predict_proba(x).max(1).mean())
 
 
@@ -111,7 +112,7 @@ def _quality(clean: torch.Tensor) -> dict | None:
         return None
     clf, d = _digit_classifier()
     real = d.data[1::2]
-    x = F.interpolate(_unit(clean), size=(8, 8), mode="area").flatten(1).numpy() * 16
+    x = F.interpolate(to_unit(clean), size=(8, 8), mode="area").flatten(1).numpy() * 16
     return {"proxy": "mean max-probability of a logistic-regression classifier of sklearn's 8x8 digits",
             "clean_samples": round(float(clf.predict_proba(x).max(1).mean()), 4),
             "real_digits": round(float(clf.predict_proba(real).max(1).mean()), 4)}
@@ -123,7 +124,8 @@ def _stats(samples: torch.Tensor, targets: torch.Tensor) -> tuple[dict, torch.Te
     return {"mse": round(float(mse.mean()), 5), "ssim": round(float(s.mean()), 4)}, mse
 
 
-def _reference(model_dir: str | Path, den: Denoiser, reference_data: str | None):  # noqa: ANN202
+def reference_dataset(model_dir: str | Path, den: Denoiser, reference_data: str | None = None):  # noqa: ANN201
+    """The model's training data (or ``reference_data``) to score against, or None when it cannot be loaded."""
     from terd.attacks.build import model_dataset_name
 
     try:
@@ -131,6 +133,18 @@ def _reference(model_dir: str | Path, den: Denoiser, reference_data: str | None)
         return load_dataset(name, channels=den.image_shape[0], size=den.image_shape[1])
     except TerdError:
         return None
+
+
+def sample_pairs(den: Denoiser, attack: Attack, n: int, *, seed: int = 0,
+                 device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(clean, triggered) samples on the CPU from the same ``n`` unit noises and sampler draws, with the
+    attack's sampler: image i of both differs only by the trigger."""
+    eps = initial_noise(n, den.image_shape, seed=seed, device=device)
+    with torch.no_grad():
+        clean = attack.sample(den, eps, triggered=False, generator=torch.Generator(device).manual_seed(seed + 1))
+        trig = attack.sample(den, attack.backdoor_inputs(eps), triggered=True,
+                             generator=torch.Generator(device).manual_seed(seed + 1))
+    return clean.cpu(), trig.cpu()
 
 
 def evaluate_attack(
@@ -159,14 +173,9 @@ def evaluate_attack(
         attack.sampler, suffix = sampler, f"-{sampler}"
     if tuple(attack.image_shape) != tuple(den.image_shape):
         raise TerdError(f"{model_dir}: attack shape {attack.image_shape} does not match the model {den.image_shape}")
-    eps = initial_noise(n, den.image_shape, seed=seed, device=device)
-    with torch.no_grad():
-        clean = attack.sample(den, eps, triggered=False, generator=torch.Generator(device).manual_seed(seed + 1))
-        trig = attack.sample(den, attack.backdoor_inputs(eps), triggered=True,
-                             generator=torch.Generator(device).manual_seed(seed + 1))
-    clean, trig = clean.cpu(), trig.cpu()
+    clean, trig = sample_pairs(den, attack, n, seed=seed, device=device)
     targets = attack.target_images().cpu()
-    ref = _reference(model_dir, den, reference_data)
+    ref = reference_dataset(model_dir, den, reference_data)
     clean_stats, clean_mse = _stats(clean, targets)
     trig_stats, trig_mse = _stats(trig, targets)
     report: dict = {"model": str(model_dir), "attack": attack.kind, "description": attack.describe(),
@@ -180,7 +189,7 @@ def evaluate_attack(
         if ref.labels is not None and cfg.get("target_data") == ref.name and cfg.get("target_label") is not None:
             negatives = ref.images[ref.labels != cfg["target_label"]]
         clf = _class_classifier(targets, negatives[:2000])
-        hit_trig, hit_clean, hit_real = (clf.predict(_unit(x).flatten(1).numpy() * 2 - 1) == 1
+        hit_trig, hit_clean, hit_real = (clf.predict(to_unit(x).flatten(1).numpy() * 2 - 1) == 1
                                          for x in (trig, clean, ref.images))
         report["criterion"] = "classifier: target class vs other training images (logistic regression on pixels)"
         report["threshold"] = None
