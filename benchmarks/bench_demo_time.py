@@ -1,12 +1,14 @@
 """How long the demo (`make demo`, the main job on the embedded default) takes on this machine; target 180 s.
 
 Runs terd's demo (both shipped models scanned with preset fast, then the input check) REPEATS times in fresh
-temporary directories, in this process with torch's default threads (as `terd demo` runs), and records the
-demo's own `seconds` (summary.json), each scan's reversion seconds, and whether both verdicts were right.
+temporary directories for each WORKERS setting: 1 = the two scans in turn in this process at torch's default
+threads (the demo before 2026-12-03), 2 = side by side in two processes at cores/2 threads each (the default
+since). Records the demo's own `seconds` (summary.json), each scan's reversion seconds, and whether both
+verdicts were right. The settings alternate run by run, so a drift in the machine's speed hits both alike.
 Interpreter start-up and imports (a few seconds) are not included. This machine's speed drifts by up to ~2x
 between spells, so every run is kept: a new run's rows are added to the ones already recorded (each tagged with
 when it ran), and the table gives each recording's median and the median and range over all of them.
-Run: .venv/bin/python benchmarks/bench_demo_time.py [--repeats 2]
+Run: .venv/bin/python benchmarks/bench_demo_time.py [--repeats 2] [--workers 1,2]
 """
 
 from __future__ import annotations
@@ -29,41 +31,54 @@ TARGET_S = 180.0
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--workers", default="1,2", help="comma-separated demo --workers settings to time")
     args = ap.parse_args()
+    settings = [int(w) for w in args.workers.split(",")]
     when = machine()["date"]
     rows = []
     for i in range(args.repeats):
-        with tempfile.TemporaryDirectory() as tmp:
-            summary = run_demo(Path(tmp) / "demo", echo=lambda _: None)
-            scans = {role: json.loads(Path(m["report"]).read_text())["seconds"] for role, m in summary["models"].items()}
-        rows.append({"recorded": when, "run": i + 1, "demo_seconds": summary["seconds"], "benign_scan_s": round(scans["benign"], 1),
-                     "backdoored_scan_s": round(scans["backdoored"], 1), "both_correct": summary["correct"]})
-        print(rows[-1], flush=True)
+        for workers in settings:
+            with tempfile.TemporaryDirectory() as tmp:
+                summary = run_demo(Path(tmp) / "demo", workers=workers, echo=lambda _: None)
+                scans = {role: json.loads(Path(m["report"]).read_text())["seconds"]
+                         for role, m in summary["models"].items()}
+            rows.append({"recorded": when, "workers": summary["workers"], "run": i + 1,
+                         "demo_seconds": summary["seconds"], "benign_scan_s": round(scans["benign"], 1),
+                         "backdoored_scan_s": round(scans["backdoored"], 1), "both_correct": summary["correct"]})
+            print(rows[-1], flush=True)
     runs = _earlier_runs() + rows
     table = []
-    for rec in dict.fromkeys(r["recorded"] for r in runs):
-        mine = [r for r in runs if r["recorded"] == rec]
+    for rec, workers in dict.fromkeys((r["recorded"], r["workers"]) for r in runs):
+        mine = [r for r in runs if (r["recorded"], r["workers"]) == (rec, workers)]
         med = statistics.median(r["demo_seconds"] for r in mine)
-        table += mine + [{"recorded": rec, "run": "median", "demo_seconds": round(med, 1),
+        table += mine + [{"recorded": rec, "workers": workers, "run": "median", "demo_seconds": round(med, 1),
                           "both_correct": all(r["both_correct"] for r in mine), "within_target": med <= TARGET_S}]
-    secs = [r["demo_seconds"] for r in runs]
-    table.append({"recorded": "all recordings", "run": f"median (range {min(secs):.0f}-{max(secs):.0f})",
-                  "demo_seconds": round(statistics.median(secs), 1), "both_correct": all(r["both_correct"] for r in runs),
-                  "within_target": f"{sum(s <= TARGET_S for s in secs)} of {len(secs)} runs"})
-    write_results("demo_time", table, ["recorded", "run", "demo_seconds", "benign_scan_s", "backdoored_scan_s",
-                                       "both_correct", "within_target"],
-                  notes=("`terd demo` (default torch threads, fresh output directories), every recording kept. "
+    for workers in sorted({r["workers"] for r in runs}):
+        secs = [r["demo_seconds"] for r in runs if r["workers"] == workers]
+        table.append({"recorded": "all recordings", "workers": workers,
+                      "run": f"median (range {min(secs):.0f}-{max(secs):.0f})",
+                      "demo_seconds": round(statistics.median(secs), 1),
+                      "both_correct": all(r["both_correct"] for r in runs if r["workers"] == workers),
+                      "within_target": f"{sum(s <= TARGET_S for s in secs)} of {len(secs)} runs"})
+    write_results("demo_time", table, ["recorded", "workers", "run", "demo_seconds", "benign_scan_s",
+                                       "backdoored_scan_s", "both_correct", "within_target"],
+                  notes=("`terd demo` (fresh output directories), every recording kept. workers 1: the scans in "
+                         "turn at torch's default threads (every recording before 2026-12-03 16:00 UTC); 2: side by "
+                         "side, one thread each (the default now). "
                          "demo_seconds: the demo's own clock (summary.json), without interpreter start-up; "
                          "*_scan_s: each scan's reversion seconds (report.json). Target: "
                          f"{TARGET_S:.0f} s on 2 CPU cores."))
 
 
 def _earlier_runs() -> list[dict]:
-    """The single runs already recorded (rows without a run number are the summaries, rebuilt each time)."""
+    """The single runs already recorded (rows without a run number are the summaries, rebuilt each time).
+
+    Rows recorded before the demo could run its scans side by side lack ``workers``: they ran in turn (1).
+    """
     path = RESULTS / "demo_time.json"
     if not path.is_file():
         return []
-    return [r for r in json.loads(path.read_text())["rows"] if isinstance(r.get("run"), int)]
+    return [{"workers": 1, **r} for r in json.loads(path.read_text())["rows"] if isinstance(r.get("run"), int)]
 
 
 if __name__ == "__main__":

@@ -34,3 +34,9 @@ def test_demo_end_to_end(tmp_path):
     lo, hi = chk["fpr_sampling_range_95"]  # the binomial range a true FPR at the target reads in on n noises
     assert lo < chk["fpr_target"] < hi and chk["flagged_benign_inputs"] <= hi
     assert (tmp_path / "demo/backdoored/samples.png").is_file()
+
+
+def test_demo_refuses_zero_workers(tmp_path):
+    with pytest.raises(TerdError, match="--workers"):
+        run_demo(tmp_path / "demo", workers=0)
+    assert not (tmp_path / "demo").exists()

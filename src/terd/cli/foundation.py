@@ -86,8 +86,10 @@ def info(model: Annotated[str, typer.Argument(help="Model dir, DDIM-repo checkpo
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Where the demo writes its reports and pictures.")] = Path(
         "demo-output"),
+    workers: Annotated[int | None, typer.Option(
+        "--workers", help="Scans run at once (default: both models side by side on 2+ cores; 1: in turn).")] = None,
 ) -> None:
     """The main job on the embedded default (shipped tiny models; no user data, no network)."""
     from terd.demo import run_demo
 
-    run_demo(out, echo=typer.echo)
+    run_demo(out, workers=workers, echo=typer.echo)
