@@ -31,9 +31,10 @@ TARGET_S = 180.0
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--workers", default="1,2", help="comma-separated demo --workers settings to time")
+    ap.add_argument("--workers", type=_worker_settings, default="1,2",
+                    help="comma-separated demo --workers settings to time")
     args = ap.parse_args()
-    settings = [int(w) for w in args.workers.split(",")]
+    settings = args.workers
     when = machine()["date"]
     rows = []
     for i in range(args.repeats):
@@ -63,11 +64,22 @@ def main() -> None:
     write_results("demo_time", table, ["recorded", "workers", "run", "demo_seconds", "benign_scan_s",
                                        "backdoored_scan_s", "both_correct", "within_target"],
                   notes=("`terd demo` (fresh output directories), every recording kept. workers 1: the scans in "
-                         "turn at torch's default threads (every recording before 2026-12-03 16:00 UTC); 2: side by "
+                         "turn at torch's default threads (every recording before 2026-12-03 19:58 UTC); 2: side by "
                          "side, one thread each (the default now). "
                          "demo_seconds: the demo's own clock (summary.json), without interpreter start-up; "
                          "*_scan_s: each scan's reversion seconds (report.json). Target: "
                          f"{TARGET_S:.0f} s on 2 CPU cores."))
+
+
+def _worker_settings(text: str) -> list[int]:
+    """'1,2' -> [1, 2]; anything else is an argparse error (one line, exit 2)."""
+    try:
+        settings = [int(w) for w in text.split(",")]
+    except ValueError:
+        settings = []
+    if not settings or min(settings) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated worker counts >= 1, got {text!r}")
+    return settings
 
 
 def _earlier_runs() -> list[dict]:

@@ -49,28 +49,28 @@ def _input_check(model_dir: Path, candidates_file: Path, n: int = 20_000) -> dic
             "flagged_benign_inputs": float(det.is_backdoor(benign).double().mean())}
 
 
-def _scan_one(name: str, out: Path, threads: int | None) -> dict:
+def _scan_one(model: Path, out: Path, threads: int | None) -> dict:
     """One demo scan (in a worker process when the demo runs them side by side)."""
     from terd.defense.scan import scan_model
 
     if threads:
         torch.set_num_threads(threads)
-    return scan_model(asset_model(name), out, preset="fast", samples=8)
+    return scan_model(model, out, preset="fast", samples=8)
 
 
-def _scan_all(out: Path, workers: int) -> dict[str, dict]:
+def _scan_all(models: dict[str, Path], out: Path, workers: int) -> dict[str, dict]:
     """Scan every demo model; with 2+ cores, one process per model at cores/models threads each.
 
     A tiny scan gains 1.75x from a second thread, not 2x, so two one-thread scans side by side finish a little
     sooner than two two-thread scans in turn: 84 s against 91 s in one run (benchmarks/bench_demo_time.py).
     """
     if workers <= 1:
-        return {role: _scan_one(name, out / role, None) for role, name in DEMO_MODELS}
+        return {role: _scan_one(model, out / role, None) for role, model in models.items()}
     from terd.zoo import pool_context
 
     threads = max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(max_workers=workers, mp_context=pool_context("cpu")) as pool:
-        jobs = {role: pool.submit(_scan_one, name, out / role, threads) for role, name in DEMO_MODELS}
+        jobs = {role: pool.submit(_scan_one, model, out / role, threads) for role, model in models.items()}
         return {role: job.result() for role, job in jobs.items()}
 
 
@@ -86,16 +86,16 @@ def run_demo(out: str | Path, *, workers: int | None = None, echo: Callable[[str
         raise TerdError(f"{out}: directory is not empty and is not an earlier demo output; use --out NEW_DIR")
     t0 = time.perf_counter()
     summary: dict = {"models": {}}
-    for role, name in DEMO_MODELS:
-        asset_model(name)  # a broken installation fails before any work
+    models = {role: asset_model(name) for role, name in DEMO_MODELS}  # a broken installation fails before any work
+    for role in models:
         if (out / role).exists():
             shutil.rmtree(out / role)  # an earlier demo run's own output
     workers = min(len(DEMO_MODELS), workers or os.cpu_count() or 1)
     echo(f"scanning the {' and '.join(f'{role} ({name})' for role, name in DEMO_MODELS)} demo models with preset "
          f"fast{', side by side' if workers > 1 else ''} ...")
-    reports = _scan_all(out, workers)
+    reports = _scan_all(models, out, workers)
     for role, name in DEMO_MODELS:
-        model, rep = asset_model(name), reports[role]
+        model, rep = models[role], reports[role]
         s, thr = rep["scores"], rep["thresholds"]
         scores = "  ".join(f"{f}={s[f]:.4g} (threshold {thr[f]:.4g})" for f in thr)
         echo(f"  {role}: verdict {rep['verdict'].upper()}  {scores}  gamma mean "
