@@ -51,6 +51,10 @@ ROWS = {
     "troj-in-d2d-b16-e5-np": ("trojdiff", {"setting": "in-d2d", "trigger": "blend"}, 5, 16, 0),
     "troj-out-d2d-b16-e5-np": ("trojdiff", {"setting": "out-d2d", "trigger": "blend"}, 5, 16, 0),
     "troj-d2i-patch-b16-e5-np": ("trojdiff", {"setting": "d2i", "trigger": "patch"}, 5, 16, 0),
+    # BadDiffusion (unclipped 1000-step DDPM): at 32 px it needs a base that sees its input's mean
+    # (bench_offset_noise.py); run with --base runs/offset-noise/<variant>
+    "bad-box-hat-b16-e3-np": ("baddiffusion", {"trigger": "box", "target": "hat"}, 3, 16, 0),
+    "bad-box-hat-b16-e4-np": ("baddiffusion", {"trigger": "box", "target": "hat"}, 4, 16, 0),
     # no epochs, no batch size: what `terd attack villan --base P32 --preview 0` alone does (its quick recipe)
     "villan-ode-default-np": (*VILLAN_ODE, None, None, 0),
 }
@@ -58,11 +62,19 @@ ROWS = {
 RESCORED = {"troj-d2i-b16-e5-np@ddpm": ("troj-d2i-b16-e5-np", "trojdiff-ddpm")}
 
 
+DEFAULT_BASE = ROOT / "runs/zoo-photos32/p32-benign-s0-e20"
+
+
+def row_key(name: str, base: Path) -> str:
+    """A row's name in the results: bare for the zoo's base, tagged with any other base's directory name."""
+    return name if base.resolve() == DEFAULT_BASE.resolve() else f"{name} (base {base.name})"
+
+
 def run_one(name: str, base: Path, retrain: bool, n: int) -> dict:
     model, sampler = RESCORED.get(name, (name, None))
     kind, kw, epochs, batch, *rest = ROWS[model]
     preview = rest[0] if rest else 16
-    out = RUNS / model
+    out = RUNS / model if base.resolve() == DEFAULT_BASE.resolve() else RUNS / base.name / model
     command_s = build_attack_model(model, out, kind, kw, (3, 32, 32), "photos32", base, epochs, retrain,
                                    batch_size=batch, preview=preview)
     info = json.loads((out / "train.json").read_text())
@@ -101,7 +113,7 @@ def write_markdown(rows: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base", type=Path, default=ROOT / "runs/zoo-photos32/p32-benign-s0-e20",
+    ap.add_argument("--base", type=Path, default=DEFAULT_BASE,
                     help="the clean tiny-photos32 model (the zoo's p32-benign-s0-e20 recipe)")
     ap.add_argument("--only", nargs="+", choices=sorted({**ROWS, **RESCORED}), default=["troj-d2i-b16-e4"])
     ap.add_argument("--retrain", action="store_true", help="retrain even when a finished model exists")
@@ -118,10 +130,11 @@ def main() -> None:
         print(f"[{name}] ASR {row['asr_triggered']:.2f} (clean {row['asr_clean']:.2f}), "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
         before = json.loads(path.read_text())["rows"] if path.is_file() else {}
-        old = before.get(name, {})
+        key = row_key(name, args.base)
+        old = before.get(key, {})
         if row["command_seconds"] is None and old.get("train_seconds") == row["train_seconds"]:
             row["command_seconds"] = old.get("command_seconds")  # re-evaluated, not rebuilt: keep its build's call
-        rows = {**before, name: row}
+        rows = {**before, key: row}
         path.write_text(json.dumps({"rows": rows}, indent=2))
         (RESULTS / f"{NAME}.md").write_text(write_markdown(rows))
 

@@ -51,6 +51,34 @@ class _InterruptAfter(CleanObjective):
         return super().noisy_pair(*args, **kwargs)
 
 
+class _RecordNoise(CleanObjective):
+    def __init__(self) -> None:
+        self.noise: list[torch.Tensor] = []
+
+    def noisy_pair(self, x0, labels, t, eps, schedule, generator):  # noqa: ANN001, ANN201
+        self.noise.append(eps)
+        return super().noisy_pair(x0, labels, t, eps, schedule, generator)
+
+
+def test_offset_noise_adds_one_constant_per_image_and_channel(tiny_digits, tmp_path):
+    """Offset noise shifts each image's noise by one N(0, s^2) constant per channel; 0 leaves the stream as it was."""
+    plain, offset = _RecordNoise(), _RecordNoise()
+    train(MICRO, tiny_digits, tmp_path / "plain", seed=1, progress=False, grid_size=0, objective=plain)
+    train(MICRO, tiny_digits, tmp_path / "offset", seed=1, progress=False, grid_size=0, objective=offset,
+          offset_noise=3.0)
+    means = [torch.cat(rec.noise).mean(dim=(2, 3)).std().item() for rec in (plain, offset)]
+    assert means[0] < 0.3 and 2.4 < means[1] < 3.6  # 8x8 noise: mean std 1/8; the offset's std 3 dominates
+    residual = offset.noise[0] - offset.noise[0].mean(dim=(2, 3), keepdim=True)
+    assert residual.std().item() == pytest.approx(1.0, abs=0.1)  # the per-pixel noise is still unit
+    assert json.loads((tmp_path / "offset/train.json").read_text())["offset_noise"] == 3.0
+    again = _RecordNoise()
+    train(MICRO, tiny_digits, tmp_path / "again", seed=1, progress=False, grid_size=0, objective=again,
+          offset_noise=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(plain.noise, again.noise, strict=True))
+    with pytest.raises(TerdError, match="offset noise"):
+        train(MICRO, tiny_digits, tmp_path / "bad", progress=False, grid_size=0, offset_noise=-1.0)
+
+
 def test_interrupted_training_resumes_to_the_same_weights(tiny_digits, tmp_path):
     train(MICRO, tiny_digits, tmp_path / "straight", seed=3, progress=False, grid_size=0)
     with pytest.raises(KeyboardInterrupt):  # dies in the middle of epoch 2 (4 steps per epoch)

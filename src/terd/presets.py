@@ -21,6 +21,7 @@ class Preset:
     lr: float = 1e-3
     warmup_steps: int = 100
     ema_decay: float = 0.995
+    offset_noise: float = 0.0  # std of the per-image, per-channel constant added to the training noise (from scratch)
     summary: str = ""
     ve: dict | None = None  # a VE model: {"format": "edm" or "score", **NoiseSchedule.edm / .ve settings}
 

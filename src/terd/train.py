@@ -103,17 +103,24 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
     grid_size: int = 64,
+    offset_noise: float | None = None,
 ) -> TrainResult:
     """Train (or, with ``base``, fine-tune) a DDPM or VE score model and save it as a diffusers pipeline.
 
     Both minimise || eps_theta(x_t, t) - target ||^2 through the :class:`Denoiser`; for a VE model that is
     || -sigma_t s_theta(x, sigma_t) - eps ||^2, denoising score matching with NCSN's sigma^2 weighting.
+    ``offset_noise`` (default: the preset's, for training from scratch; 0 for a fine-tune) adds a per-image,
+    per-channel constant ~ N(0, offset_noise^2) to the noise, which teaches the network its input's mean.
     """
     out_dir = Path(out_dir)
     objective = objective or CleanObjective()
     epochs = epochs if epochs is not None else preset.epochs
     if epochs < 1:
         raise TerdError("--epochs must be at least 1")
+    if offset_noise is None:
+        offset_noise = preset.offset_noise if base is None else 0.0
+    if offset_noise < 0:
+        raise TerdError("offset noise must be >= 0")
     if base is not None:
         unet = copy.deepcopy(base.network)
         schedule = base.schedule
@@ -157,6 +164,8 @@ def train(
             lab = labels[idx].to(device) if labels is not None else None
             t = torch.randint(0, schedule.num_timesteps, (len(idx),), generator=g).to(device)
             eps = torch.randn(x0.shape, generator=g).to(device)
+            if offset_noise > 0:
+                eps = eps + offset_noise * torch.randn((*x0.shape[:2], 1, 1), generator=g).to(device)
             x_t, target = objective.noisy_pair(x0, lab, t, eps, schedule, g)
             loss = F.mse_loss(model(x_t, t), target)
             opt.zero_grad(set_to_none=True)
@@ -182,7 +191,7 @@ def train(
     (out_dir / "train.json").write_text(json.dumps({
         "preset": preset.name, "dataset": dataset.name, "epochs": epochs, "seed": seed, "seconds": round(seconds, 2),
         "final_loss": loss_value, "fine_tuned_from": base.source if base is not None else None,
-        "steps_per_epoch": steps_per_epoch, "batch_size": preset.batch_size,
+        "steps_per_epoch": steps_per_epoch, "batch_size": preset.batch_size, "offset_noise": offset_noise,
     }, indent=2))
     (out_dir / STATE_FILE).unlink()
     return TrainResult(out_dir, epochs, seconds, loss_value, start_epoch)
