@@ -79,6 +79,39 @@ def test_offset_noise_adds_one_constant_per_image_and_channel(tiny_digits, tmp_p
         train(MICRO, tiny_digits, tmp_path / "bad", progress=False, grid_size=0, offset_noise=-1.0)
 
 
+def test_preset_offset_noise_applies_from_scratch_and_not_to_fine_tunes(tiny_digits, tmp_path):
+    """A preset's offset noise is its pretraining recipe: a from-scratch run takes it, a fine-tune of a base does not
+    (an attack's fine-tune trains against plain noise, as the attack papers do)."""
+    import dataclasses
+
+    offset_preset = dataclasses.replace(MICRO, offset_noise=3.0)
+    scratch = _RecordNoise()
+    train(offset_preset, tiny_digits, tmp_path / "scratch", seed=1, progress=False, grid_size=0, objective=scratch)
+    assert torch.cat(scratch.noise).mean(dim=(2, 3)).std().item() > 2.4
+    assert json.loads((tmp_path / "scratch/train.json").read_text())["offset_noise"] == 3.0
+    tuned = _RecordNoise()
+    train(offset_preset, tiny_digits, tmp_path / "tuned", seed=1, progress=False, grid_size=0, objective=tuned,
+          base=load_denoiser(tmp_path / "scratch"), epochs=1)
+    assert torch.cat(tuned.noise).mean(dim=(2, 3)).std().item() < 0.3
+    assert json.loads((tmp_path / "tuned/train.json").read_text())["offset_noise"] == 0.0
+
+
+def test_tiny_photos32_dc_preset_reads_its_inputs_mean_by_construction():
+    """The DC-aware 32 px preset: tiny-photos32's network with 8 norm groups (32 would make every first-level
+    GroupNorm an instance norm, which erases each channel's mean) and offset noise in pretraining."""
+    from diffusers import UNet2DModel
+
+    from terd.presets import get_preset
+
+    plain, dc = get_preset("tiny-photos32"), get_preset("tiny-photos32-dc")
+    assert dc.offset_noise == 0.1 and plain.offset_noise == 0.0
+    assert (dc.channels, dc.size, dc.dataset) == (plain.channels, plain.size, plain.dataset)
+    unet = UNet2DModel(**dc.unet_config())
+    assert {m.num_groups for m in unet.modules() if isinstance(m, torch.nn.GroupNorm)} == {8}
+    assert sum(p.numel() for p in unet.parameters()) == sum(
+        p.numel() for p in UNet2DModel(**plain.unet_config()).parameters())
+
+
 def test_interrupted_training_resumes_to_the_same_weights(tiny_digits, tmp_path):
     train(MICRO, tiny_digits, tmp_path / "straight", seed=3, progress=False, grid_size=0)
     with pytest.raises(KeyboardInterrupt):  # dies in the middle of epoch 2 (4 steps per epoch)

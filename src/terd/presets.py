@@ -61,6 +61,12 @@ PRESETS: dict[str, Preset] = {
                summary="tiny-digits16's UNet as an NCSN score network (VE sigma 0.01..10, pixels in [0, 1])"),
         Preset("tiny-photos32", "photos32", 3, 32, _TINY_UNET, epochs=30,
                summary="1.1M-parameter UNet on 32x32 photo crops; CPU-sized"),
+        # tiny-photos32 made to read its input's mean (DC): 8 norm groups (32 make every first-level GroupNorm an
+        # instance norm) and offset noise 0.1 in pretraining. Measured in benchmarks/results/offset_noise.md: DC gain
+        # 0.97 at t=999 (tiny-photos32: 0.01), unclipped DDPM pixel spread 0.38 (5.5), which BadDiffusion needs.
+        Preset("tiny-photos32-dc", "photos32", 3, 32, {**_TINY_UNET, "norm_num_groups": 8}, epochs=20,
+               offset_noise=0.1,
+               summary="tiny-photos32 that reads its input's mean (8 norm groups, offset noise 0.1); 32 px attacks"),
         Preset("ddpm-cifar10", "photos32", 3, 32,
                {k: v for k, v in diffusers_config(DDIMRepoConfig()).items()
                 if k not in ("sample_size", "in_channels", "out_channels")},

@@ -16,7 +16,7 @@ from terd.errors import TerdError
 @command
 def train(
     out: Annotated[Path, typer.Option("--out", help="Output directory (a diffusers pipeline dir).")],
-    preset: Annotated[str, typer.Option(help="tiny-digits16, tiny-digits16-ve (VE, EDM-preconditioned), tiny-digits16-ncsn (VE score network), tiny-photos32 or ddpm-cifar10.")] = "tiny-digits16",
+    preset: Annotated[str, typer.Option(help="tiny-digits16, tiny-digits16-ve (VE, EDM-preconditioned), tiny-digits16-ncsn (VE score network), tiny-photos32, tiny-photos32-dc (reads its input's mean; 32 px attacks) or ddpm-cifar10.")] = "tiny-digits16",
     epochs: Annotated[int | None, typer.Option(help="Epochs (default: the preset's).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     data: Annotated[str | None, typer.Option(help="digits16, photos32, an image folder, a CIFAR-10 dir or .npz.")] = None,
