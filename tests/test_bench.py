@@ -38,6 +38,11 @@ def test_shipped_zoo_expands_and_orders():
     ("models:\n  - {id: a, kind: benign, unet: {norm_num_groups: 7}}", "the 'unet' settings make no network"),
     ("models:\n  - {id: a, kind: benign}\n  - {id: b, kind: benign-finetune, base: a, unet: {norm_num_groups: 8}}",
      "'unet' is for kind benign"),
+    ("models:\n  - {id: a, kind: benign, batch_size: 16}", "'batch_size' is for fine-tunes"),
+    ("models:\n  - {id: a, kind: benign}\n  - {id: b, kind: benign-finetune, base: a, batch_size: 0}",
+     "'batch_size' must be a positive integer, got 0"),
+    ("models:\n  - {id: a, kind: benign}\n  - {id: b, kind: attack, attack: villan, base: a, batch_size: x}",
+     "'batch_size' must be a positive integer, got 'x'"),
 ])
 def test_bad_zoo_files(tmp_path, text, message):
     f = tmp_path / "z.yaml"
@@ -177,6 +182,40 @@ def test_a_cached_model_built_with_other_settings_is_refused_not_reused(tmp_path
     save_attack(build_attack("baddiffusion", (1, 16, 16), trigger="stop-sign", target="hat"), cache / "bd")
     with pytest.raises(TerdError, match="other settings than zoo entry 'bd': trigger 'stop-sign' \\(entry: 'box'\\)"):
         is_built(bd, cache)
+
+
+def test_a_zoo_fine_tune_trains_at_its_batch_size_and_a_cache_at_another_is_refused(tmp_path, monkeypatch):
+    """``batch_size`` reaches the fine-tune (the 32 px five-minute recipes use 16) and is part of the cache check."""
+    from types import SimpleNamespace
+
+    import terd.attacks
+    import terd.models
+    import terd.train
+    from terd.zoo import build_entry, is_built
+
+    f = tmp_path / "z.yaml"
+    f.write_text("models:\n  - {id: b, kind: benign, epochs: 3}\n"
+                 "  - {id: ft, kind: benign-finetune, base: b, epochs: 2, batch_size: 16}\n"
+                 "  - {id: bd, kind: attack, attack: villan, base: b, epochs: 3, batch_size: 8}\n")
+    _, ft, bd = load_zoo(f)
+    assert (ft.batch_size, bd.batch_size) == (16, 8)
+    seen = {}
+    monkeypatch.setattr(terd.models, "load_denoiser", lambda *a, **k: SimpleNamespace(image_shape=(1, 16, 16),
+                                                                           schedule=SimpleNamespace(kind="vp")))
+    monkeypatch.setattr(terd.train, "train", lambda preset, *a, **k: seen.setdefault("ft", preset.batch_size))
+    monkeypatch.setattr(terd.attacks, "attack_model", lambda *a, **k: seen.setdefault("bd", k["batch_size"]))
+    build_entry(ft, tmp_path / "cache")
+    build_entry(bd, tmp_path / "cache", base_dir=tmp_path)
+    assert seen == {"ft": 16, "bd": 8}
+
+    d = tmp_path / "cache" / "ft"
+    d.mkdir(parents=True)
+    (d / "model_index.json").write_text("{}")
+    (d / "train.json").write_text(json.dumps({"preset": ft.preset, "seed": 0, "epochs": 2, "batch_size": 16}))
+    assert is_built(ft, tmp_path / "cache")
+    (d / "train.json").write_text(json.dumps({"preset": ft.preset, "seed": 0, "epochs": 2, "batch_size": 64}))
+    with pytest.raises(TerdError, match=r"other settings than zoo entry 'ft': batch_size 64 \(entry: 16\)"):
+        is_built(ft, tmp_path / "cache")
 
 
 def test_a_cached_model_of_another_architecture_is_refused_and_unet_overrides_build_variants(tmp_path):

@@ -8,6 +8,8 @@ A zoo file (YAML) lists entries; an entry with a ``matrix`` expands into the pro
 * ``benign-finetune``: the base model fine-tuned on clean data with the attacks' schedule — the control
   that fine-tuning alone is not flagged;
 * ``attack``: ``terd attack`` on a base model (``attack`` + ``args`` of :func:`terd.attacks.build_attack`);
+  ``batch_size`` (fine-tunes: attacks and ``benign-finetune``) trains with more, smaller steps than the preset's
+  batch, e.g. the 32 px recipes measured to fit the 5-minute budget (``terd attack --batch-size``);
 * ``pretrained``: a benign model that already exists in a local directory (``path``), e.g. a downloaded
   google/ddpm-cifar10-32: never built, scanned as benign and usable as the ``base`` of other entries.
 
@@ -49,6 +51,7 @@ class ZooEntry:
     path: str | None = None  # pretrained: the model's directory
     data: str | None = None  # training data (a local path) instead of the preset's built-in dataset
     unet: dict = field(default_factory=dict)  # benign: UNet2DModel settings that replace the preset's
+    batch_size: int | None = None  # fine-tunes: the batch instead of the preset's (recorded in train.json)
 
     def preset_spec(self) -> Preset:
         """The entry's preset with its ``unet`` overrides applied (what a from-scratch build trains)."""
@@ -150,6 +153,14 @@ def _check_unet_overrides(path: Path, raw: dict) -> None:
         raise TerdError(f"{path}: model {raw['id']!r}: the 'unet' settings make no network ({first})") from None
 
 
+def _check_batch_size(path: Path, raw: dict) -> None:
+    if raw["kind"] not in ("attack", "benign-finetune"):
+        raise TerdError(f"{path}: model {raw['id']!r}: 'batch_size' is for fine-tunes (kinds attack, benign-finetune)")
+    b = raw["batch_size"]
+    if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+        raise TerdError(f"{path}: model {raw['id']!r}: 'batch_size' must be a positive integer, got {b!r}")
+
+
 def load_zoo(path: str | Path, *, data: str | Path | None = None) -> list[ZooEntry]:
     """Read and validate a zoo file; bases must be defined and ids unique.
 
@@ -183,6 +194,8 @@ def load_zoo(path: str | Path, *, data: str | Path | None = None) -> list[ZooEnt
             raise TerdError(f"{path}: model {raw['id']!r}: 'path' is for kind pretrained (this one is built)")
         if "unet" in raw:
             _check_unet_overrides(path, raw)
+        if "batch_size" in raw:
+            _check_batch_size(path, raw)
         for e in _expand(raw):
             try:
                 entries.append(ZooEntry(**{**e, "tags": tuple(e.get("tags", ()))}))
@@ -267,6 +280,8 @@ def check_cached(entry: ZooEntry, model_dir: Path) -> None:
     except (OSError, ValueError) as exc:
         raise TerdError(f"{model_dir}/train.json is unreadable ({exc}); delete {model_dir} to rebuild it") from None
     want = {"preset": entry.preset, "seed": entry.seed, "epochs": _expected_epochs(entry)}
+    if entry.batch_size is not None:
+        want["batch_size"] = entry.batch_size
     diff = {k: (rec.get(k), v) for k, v in want.items() if rec.get(k) != v}
     if entry.kind == "benign":
         diff |= _architecture_diff(entry, model_dir)
@@ -297,6 +312,8 @@ def build_entry(entry: ZooEntry, cache: str | Path, *, device: str = "cpu", prog
 
     ``threads``: torch threads for this build (parallel builds share the cores; oversubscribed, each runs
     several times slower)."""
+    import dataclasses
+
     import torch
 
     from terd.attacks import attack_model, build_attack
@@ -319,6 +336,8 @@ def build_entry(entry: ZooEntry, cache: str | Path, *, device: str = "cpu", prog
     base = load_denoiser(base_dir, device=device)
     if entry.kind == "benign-finetune":
         ds = load_dataset(entry.source, channels=preset.channels, size=preset.size)
+        if entry.batch_size is not None:
+            preset = dataclasses.replace(preset, batch_size=entry.batch_size)
         train(preset, ds, out, epochs=_expected_epochs(entry), seed=entry.seed, base=base, device=device, progress=progress,
               grid_size=16)  # the preview the attacks save (a 64-image DDPM grid costs ~10 min at 32 px)
         return out
@@ -326,7 +345,7 @@ def build_entry(entry: ZooEntry, cache: str | Path, *, device: str = "cpu", prog
                           **entry.args)
     ds = load_dataset(entry.data, channels=preset.channels, size=preset.size) if entry.data else None
     attack_model(attack, base_dir, out, dataset=ds, epochs=_expected_epochs(entry), seed=entry.seed, device=device,
-                 progress=progress)
+                 progress=progress, batch_size=entry.batch_size)
     return out
 
 
