@@ -79,21 +79,29 @@ def test_offset_noise_adds_one_constant_per_image_and_channel(tiny_digits, tmp_p
         train(MICRO, tiny_digits, tmp_path / "bad", progress=False, grid_size=0, offset_noise=-1.0)
 
 
-def test_preset_offset_noise_applies_from_scratch_and_not_to_fine_tunes(tiny_digits, tmp_path):
-    """A preset's offset noise is its pretraining recipe: a from-scratch run takes it, a fine-tune of a base does not
-    (an attack's fine-tune trains against plain noise, as the attack papers do)."""
+def test_a_fine_tune_keeps_its_base_models_offset_noise(tiny_digits, tmp_path):
+    """A preset's offset noise is its pretraining recipe; a fine-tune continues with the noise its base was trained
+    on (from the base's train.json), since fine-tuning on plain noise unlearns the input's mean, and a base
+    without offset noise (or without a train.json: a foreign model) is fine-tuned on plain noise."""
     import dataclasses
 
     offset_preset = dataclasses.replace(MICRO, offset_noise=3.0)
-    scratch = _RecordNoise()
-    train(offset_preset, tiny_digits, tmp_path / "scratch", seed=1, progress=False, grid_size=0, objective=scratch)
-    assert torch.cat(scratch.noise).mean(dim=(2, 3)).std().item() > 2.4
-    assert json.loads((tmp_path / "scratch/train.json").read_text())["offset_noise"] == 3.0
-    tuned = _RecordNoise()
-    train(offset_preset, tiny_digits, tmp_path / "tuned", seed=1, progress=False, grid_size=0, objective=tuned,
+    runs = {}
+    for name, preset, base in (("scratch", offset_preset, None), ("tuned", MICRO, "scratch"),
+                               ("plain", MICRO, None), ("plain-tuned", offset_preset, "plain")):
+        runs[name] = _RecordNoise()
+        train(preset, tiny_digits, tmp_path / name, seed=1, progress=False, grid_size=0, objective=runs[name],
+              base=load_denoiser(tmp_path / base) if base else None, epochs=1)
+    spread = {k: torch.cat(r.noise).mean(dim=(2, 3)).std().item() for k, r in runs.items()}
+    recorded = {k: json.loads((tmp_path / k / "train.json").read_text())["offset_noise"] for k in runs}
+    assert spread["scratch"] > 2.4 and spread["tuned"] > 2.4  # the base's 3.0, whatever the fine-tune's preset
+    assert spread["plain"] < 0.3 and spread["plain-tuned"] < 0.3
+    assert recorded == {"scratch": 3.0, "tuned": 3.0, "plain": 0.0, "plain-tuned": 0.0}
+    (tmp_path / "scratch" / "train.json").unlink()  # a base terd did not train: plain noise
+    foreign = _RecordNoise()
+    train(MICRO, tiny_digits, tmp_path / "foreign", seed=1, progress=False, grid_size=0, objective=foreign,
           base=load_denoiser(tmp_path / "scratch"), epochs=1)
-    assert torch.cat(tuned.noise).mean(dim=(2, 3)).std().item() < 0.3
-    assert json.loads((tmp_path / "tuned/train.json").read_text())["offset_noise"] == 0.0
+    assert torch.cat(foreign.noise).mean(dim=(2, 3)).std().item() < 0.3
 
 
 def test_tiny_photos32_dc_preset_reads_its_inputs_mean_by_construction():

@@ -16,7 +16,6 @@ where a third of all samples blow up). 24 epochs take ~2.5 minutes at 2 threads 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from terd.errors import TerdError
 from terd.models.denoiser import Denoiser
 from terd.models.loading import load_denoiser
 from terd.presets import PRESETS, Preset
-from terd.train import TrainResult, train
+from terd.train import TrainResult, train, training_record
 
 ATTACK_KINDS = ("baddiffusion", "trojdiff", "villan")
 
@@ -59,19 +58,9 @@ DEFAULT_TARGET_CLASS = {"digits16": 7, "photos32": 4}
 QUICK_RECIPES = {("villan", "tiny-photos32"): (3, 16)}
 
 
-def _training_record(model_dir: str | Path) -> dict:
-    """The model's train.json (written by terd's training loop), or {} when absent or unreadable."""
-    info = Path(model_dir) / "train.json"
-    try:
-        data = json.loads(info.read_text()) if info.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def model_dataset_name(model_dir: str | Path, shape: tuple[int, int, int]) -> str:
     """The data a model was trained on: its train.json, else the built-in dataset of that shape."""
-    if name := _training_record(model_dir).get("dataset"):
+    if name := training_record(model_dir).get("dataset"):
         return name
     for p in PRESETS.values():
         if (p.channels, p.size, p.size) == tuple(shape):
@@ -152,7 +141,7 @@ def build_attack(
 
 def _preset_for(model_dir: str | Path, base: Denoiser) -> Preset:
     """Batch size, EMA and warm-up of the preset the clean model was trained with (or of its shape)."""
-    name = _training_record(model_dir).get("preset")
+    name = training_record(model_dir).get("preset")
     if name in PRESETS:
         return PRESETS[name]
     params = base.num_parameters()
