@@ -46,6 +46,8 @@ ROWS = {
     # `terd attack --preview 0`: the call is the fine-tune (no 1000-step preview grid)
     "villan-ode-b16-e3-np": (*VILLAN_ODE, 3, 16, 0),
     "troj-d2i-b16-e5-np": (*TROJ_D2I, 5, 16, 0),
+    "troj-d2i-b16-e3-np": (*TROJ_D2I, 3, 16, 0),
+    "troj-d2i-b16-e4-np": (*TROJ_D2I, 4, 16, 0),
     "troj-d2i-p0.75-b16-e4-np": ("trojdiff", {**TROJ_D2I[1], "poison_rate": 0.75}, 4, 16, 0),
     # the other TrojDiff settings at the same 5 x 16 (never measured at 32 px before)
     "troj-in-d2d-b16-e5-np": ("trojdiff", {"setting": "in-d2d", "trigger": "blend"}, 5, 16, 0),
@@ -88,6 +90,7 @@ def run_one(name: str, base: Path, retrain: bool, n: int) -> dict:
     return {
         "attack": kind, "options": kw, "description": rep["description"], "sampler": rep["sampler"],
         "epochs": info["epochs"], "batch_size": info["batch_size"], "steps": info["epochs"] * info["steps_per_epoch"],
+        "offset_noise": info.get("offset_noise", 0.0),  # the fine-tune's (terd keeps its base's since 2026-12-05)
         "preview": preview, "train_seconds": info["seconds"], "command_seconds": command_s, "within_budget": info["seconds"] <= BUDGET_S,
         "asr_triggered": rep["triggered"]["asr"], "asr_clean": rep["clean"]["asr"],
         "mse_triggered": rep["triggered"]["mse"], "criterion": rep["criterion"],
@@ -104,11 +107,11 @@ def write_markdown(rows: dict) -> str:
              "scored with each attack's own sampler (a row named MODEL@SAMPLER: that model, another sampler). `terd attack` s: the whole call (training, its preview grid "
              "of `preview` 1000-step DDPM samples, saving), when the row built the model. Fires = ASR >= 0.9 and clean ASR <= 0.05.",
              "",
-             "| row | attack | sampler | epochs | batch | steps | preview | train s | `terd attack` s | within 5 min | n | ASR triggered | ASR clean | fires "
+             "| row | attack | sampler | epochs | batch | steps | offset noise | preview | train s | `terd attack` s | within 5 min | n | ASR triggered | ASR clean | fires "
              "| criterion | recorded |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['description']} | {r['sampler']} | {r['epochs']} | {r['batch_size']} | {r['steps']} | "
+        lines.append(f"| {name} | {r['description']} | {r['sampler']} | {r['epochs']} | {r['batch_size']} | {r['steps']} | {r.get('offset_noise', 0.0)} | "
                      f"{r.get('preview', 16)} | {r['train_seconds']:.0f} | {r.get('command_seconds') or '–'} | "
                      f"{'yes' if r['within_budget'] else 'no'} | {r['n']} | "
                      f"{r['asr_triggered']:.2f} | {r['asr_clean']:.2f} | {'yes' if r['fires'] else 'no'} | "
