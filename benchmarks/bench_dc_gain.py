@@ -23,6 +23,10 @@ Four measurements:
   mean brightness). It changes the forward process the attacks' equations assume, so it is a probe here.
 
 Needs the zoo caches runs/zoo-digits16 and runs/zoo-photos32. Run: .venv/bin/python benchmarks/bench_dc_gain.py
+
+``--models DIR...`` instead measures the given models (gains, and the DDPM spread with ``--spread``) into
+dc_gain_models.{json,md}, e.g. a tiny-photos32-dc base and its fine-tunes with and without the base's offset noise:
+does a fine-tune keep the mean-reading that pretraining taught?
 """
 
 from __future__ import annotations
@@ -134,8 +138,41 @@ def finetune(path: str, steps: int = 200, weight: float = 0.0, offset: float = 0
             "training": f"after {steps} steps (lr 2e-4, batch 32) of {loss}", **after}
 
 
+def measure_models(paths: list[Path], spread: bool) -> None:
+    """Gains (and DDPM spread) of given models, with what their train.json says of how they were trained."""
+    from terd.train import training_record
+
+    rows = []
+    for path in paths:
+        den = load_denoiser(path)
+        rec = training_record(path)
+        how = (f"{rec.get('epochs')} epochs x batch {rec.get('batch_size')}, offset noise {rec.get('offset_noise', 0.0)}"
+               + (f", fine-tuned from {Path(rec['fine_tuned_from']).name}" if rec.get("fine_tuned_from") else ""))
+        row = {"model": path.name, "setting": rec.get("preset", "?"), "training": how, **gains(eps_of(den.network), den.image_shape)}
+        if spread:
+            row["ddpm_std_at_end"] = ddpm_end_std(den)
+        rows.append(row)
+        print(row, flush=True)
+    cols = ["model", "setting", "training"] + [f"gain@t{t}" for t in TIMES] + (["ddpm_std_at_end"] if spread else [])
+    write_results("dc_gain_models", rows, cols, notes=(
+        "Written by `benchmarks/bench_dc_gain.py --models ...` (one thread). gain@tT as in dc_gain.md (~1 is right "
+        "near t = T; the photos32 data asks 0.99 / 0.40 / 0.05 at t = 999 / 700 / 500)."
+        + (" ddpm_std_at_end: pixel std of 8 unclipped 1000-step DDPM samples (data: 0.60)." if spread else "")))
+
+
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", type=Path, help="measure these model directories instead")
+    ap.add_argument("--spread", action="store_true", help="with --models: also the unclipped DDPM spread")
+    args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.models:
+        if bad := [str(m) for m in args.models if not (m / "model_index.json").is_file()]:
+            print(f"error: not a model directory: {', '.join(bad)}", file=sys.stderr)
+            sys.exit(2)
+        return measure_models(args.models, args.spread)
     rows = [ideal_gains(d) for d in ("photos32", "digits16")]
     for path in RECORDED:
         den = load_denoiser(ROOT / path)
