@@ -52,10 +52,13 @@ DEFAULTS = {
 }
 DEFAULT_TARGET_CLASS = {"digits16": 7, "photos32": 4}
 # (attack, base preset) -> (epochs, batch size) used when neither is given: a recipe measured to fire within the
-# attacks issue's 5-minute budget where the preset's batch at DEFAULTS' epochs takes far longer
-# (benchmarks/results/quick_finetune_photos32.md: ASR 1.00, clean 0.00, 166-356 s of training on 2 CPU cores;
-# 16 epochs at batch 64 take ~19 minutes at foundation.md's 72 s per epoch).
-QUICK_RECIPES = {("villan", "tiny-photos32"): (3, 16)}
+# attacks issue's 5-minute budget where the preset's batch at DEFAULTS' epochs takes far longer (16 epochs at
+# batch 64 take ~19 minutes at foundation.md's 72 s per epoch). benchmarks/results/quick_finetune_photos32.md:
+# VillanDiffusion ODE on tiny-photos32, ASR 1.00, clean 0.00 in 166-356 s of training on 2 CPU cores; on
+# tiny-photos32-dc (2026-12-05, one slow spell) BadDiffusion box -> hat 1.00 / 0.02 (231 s), TrojDiff D2I blend
+# 1.00 / 0.00 (219 s), VillanDiffusion ODE 1.00 / 0.00 (231 s).
+QUICK_RECIPES = {("villan", "tiny-photos32"): (3, 16), ("baddiffusion", "tiny-photos32-dc"): (3, 16),
+                 ("trojdiff", "tiny-photos32-dc"): (3, 16), ("villan", "tiny-photos32-dc"): (3, 16)}
 
 
 def model_dataset_name(model_dir: str | Path, shape: tuple[int, int, int]) -> str:

@@ -52,8 +52,8 @@ def attack(
                                                 "trojdiff-ddpm.")] = None,
     data: Annotated[str | None, typer.Option(help="Training data (default: the base model's).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs (default per attack, for tiny models; "
-                                                    "villan on tiny-photos32, with no --batch-size either: 3 "
-                                                    "epochs at batch 16).")] = None,
+                                                    "with no --batch-size either, every attack on tiny-photos32-dc "
+                                                    "and villan on tiny-photos32: 3 epochs at batch 16).")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate (default: the base preset's).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Fine-tuning batch size (default: the base preset's).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
