@@ -52,6 +52,9 @@ ROWS = {
     # the other TrojDiff settings at the same 5 x 16 (never measured at 32 px before)
     "troj-in-d2d-b16-e5-np": ("trojdiff", {"setting": "in-d2d", "trigger": "blend"}, 5, 16, 0),
     "troj-out-d2d-b16-e5-np": ("trojdiff", {"setting": "out-d2d", "trigger": "blend"}, 5, 16, 0),
+    "troj-in-d2d-b16-e3-np": ("trojdiff", {"setting": "in-d2d", "trigger": "blend"}, 3, 16, 0),
+    "troj-out-d2d-b16-e3-np": ("trojdiff", {"setting": "out-d2d", "trigger": "blend"}, 3, 16, 0),
+    "troj-d2i-patch-b16-e3-np": ("trojdiff", {"setting": "d2i", "trigger": "patch"}, 3, 16, 0),
     "troj-d2i-patch-b16-e5-np": ("trojdiff", {"setting": "d2i", "trigger": "patch"}, 5, 16, 0),
     # BadDiffusion (unclipped 1000-step DDPM): at 32 px it needs a base that sees its input's mean: the
     # tiny-photos32-dc preset (bench_offset_noise.py's g8-o0.1); run with --base runs/p32dc-s0-e20, built by
@@ -59,6 +62,8 @@ ROWS = {
     "bad-box-hat-b16-e3-np": ("baddiffusion", {"trigger": "box", "target": "hat"}, 3, 16, 0),
     "bad-box-hat-b16-e4-np": ("baddiffusion", {"trigger": "box", "target": "hat"}, 4, 16, 0),
     "bad-box-hat-b16-e5-np": ("baddiffusion", {"trigger": "box", "target": "hat"}, 5, 16, 0),
+    "bad-stop-corner-b16-e3-np": ("baddiffusion", {"trigger": "stop-sign", "target": "corner"}, 3, 16, 0),
+    "bad-box-shoe-b16-e3-np": ("baddiffusion", {"trigger": "box", "target": "shoe"}, 3, 16, 0),
     "bad-stop-corner-b16-e4-np": ("baddiffusion", {"trigger": "stop-sign", "target": "corner"}, 4, 16, 0),
     "bad-box-shoe-b16-e4-np": ("baddiffusion", {"trigger": "box", "target": "shoe"}, 4, 16, 0),
     "bad-stop-hat-b16-e4-np": ("baddiffusion", {"trigger": "stop-sign", "target": "hat"}, 4, 16, 0),
