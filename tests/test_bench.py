@@ -19,9 +19,11 @@ ASSET = Path(__file__).resolve().parents[1] / "src/terd/assets/models/digits-ben
 def test_shipped_zoo_expands_and_orders():
     entries = load_zoo(ZOO)
     ids = [e.id for e in entries]
-    assert "d16-bd-stop-sign-shoe" in ids and "d16-troj-out-d2d-patch" in ids and "p32-villan-ode" in ids
+    assert "d16-bd-stop-sign-shoe" in ids and "d16-troj-out-d2d-patch" in ids and "p32dc-villan-ode" in ids
     assert sum(e.kind != "attack" and e.dataset == "digits16" for e in entries) >= 5
     assert sum(e.kind != "attack" and e.dataset == "photos32" for e in entries) >= 5
+    assert all(e.batch_size == 16 and e.preset == "tiny-photos32-dc" for e in entries  # the 32 px five-minute recipe
+               if e.dataset == "photos32" and e.kind != "benign")
     layers = build_order(entries)
     assert all(e.base is None for e in layers[0])
     assert {e.family for e in entries if e.backdoored} == {"baddiffusion", "trojdiff", "villan"}
