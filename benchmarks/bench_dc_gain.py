@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 
 from terd.data import load_dataset  # noqa: E402
+from terd.errors import TerdError  # noqa: E402
 from terd.models import load_denoiser  # noqa: E402
 from terd.presets import get_preset  # noqa: E402
 from terd.sampling import ddpm_sample  # noqa: E402
@@ -172,7 +173,11 @@ def main() -> None:
         if bad := [str(m) for m in args.models if not (m / "model_index.json").is_file()]:
             print(f"error: not a model directory: {', '.join(bad)}", file=sys.stderr)
             sys.exit(2)
-        return measure_models(args.models, args.spread)
+        try:
+            return measure_models(args.models, args.spread)
+        except TerdError as exc:  # a broken model: one line, not a traceback
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
     rows = [ideal_gains(d) for d in ("photos32", "digits16")]
     for path in RECORDED:
         den = load_denoiser(ROOT / path)

@@ -123,8 +123,8 @@ def train(
     ``offset_noise`` adds a per-image, per-channel constant ~ N(0, offset_noise^2) to the noise, which teaches the
     network its input's mean. Default: the preset's from scratch; for a fine-tune, the base's own (its train.json,
     else 0), because a fine-tune on plain noise unlearns it: 4 BadDiffusion epochs on the tiny-photos32-dc base
-    took its DC gain at t=999 from 0.97 to 0.22 and its clean samples back to flat colours
-    (benchmarks/results/quick_finetune_photos32.md).
+    took its DC gain at t=999 from 0.97 to 0.22 (benchmarks/results/dc_gain_models.md) and its clean samples
+    back to flat colours.
     """
     out_dir = Path(out_dir)
     objective = objective or CleanObjective()
