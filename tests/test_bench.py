@@ -279,6 +279,44 @@ def test_attack_success_takes_the_best_sampler_the_attack_offers(monkeypatch):
     assert calls[3:] == ["trojdiff-ddpm"] and got["asr_by_sampler"] == {"trojdiff-ddim": 0.86, "trojdiff-ddpm": 0.95}
 
 
+def test_attack_success_is_kept_in_the_cache_across_runs(tmp_path, monkeypatch):
+    """A model's ASR is measured once per (model build, n, seed, device), whatever the output directory or
+    defenses: the 1000-step check costs minutes per model. It lives in the zoo cache, not the model's directory."""
+    import terd.attacks as attacks
+    import terd.bench as bench
+    import terd.models as models
+    from terd.attacks import build_attack
+    from terd.zoo import ZooEntry
+
+    calls = []
+
+    def fake_eval(model_dir, n, seed, sampler=None, device="cpu", write=True):  # noqa: ANN001, ANN202
+        calls.append(sampler)
+        return {"triggered": {"asr": 0.9}, "clean": {"asr": 0.0}, "description": "fake"}
+
+    monkeypatch.setattr(attacks, "evaluate_attack", fake_eval)
+    monkeypatch.setattr(attacks, "load_attack", lambda d: build_attack("trojdiff", (1, 16, 16), setting="d2i"))
+    monkeypatch.setattr(attacks, "load_true_trigger", lambda d: (None, None))
+    monkeypatch.setattr(models, "load_denoiser", lambda d, device="cpu": None)
+    cache = tmp_path / "cache"
+    (cache / "t").mkdir(parents=True)
+    (cache / "t" / "train.json").write_text('{"seconds": 1}')
+    entry = ZooEntry(id="t", kind="attack", attack="trojdiff")
+    row = bench.evaluate_model(entry, str(cache), (), str(tmp_path / "out1"), attack_n=4)
+    assert calls == ["trojdiff-ddim", "trojdiff-ddpm"] and row["asr"] == 0.9 and "measurements" not in row
+    assert sorted(p.name for p in (cache / "t").iterdir()) == ["train.json"]  # nothing written beside the model
+    again = bench.evaluate_model(entry, str(cache), (), str(tmp_path / "out2"), attack_n=4)
+    assert len(calls) == 2 and again["asr_by_sampler"] == row["asr_by_sampler"]  # another run reuses it
+    bench.evaluate_model(entry, str(cache), (), str(tmp_path / "out1"), attack_n=8)
+    assert len(calls) == 4  # another n is another measurement
+    (cache / "t" / "train.json").write_text('{"seconds": 2}')  # the model was rebuilt
+    bench.evaluate_model(entry, str(cache), (), str(tmp_path / "out1"), attack_n=8)
+    assert len(calls) == 6
+    (cache / bench.SUCCESS_DIR / "t.json").write_text("{not json")  # a damaged record is measured again
+    bench.evaluate_model(entry, str(cache), (), str(tmp_path / "out1"), attack_n=8)
+    assert len(calls) == 8
+
+
 def _write_true_trigger(model_dir: Path):  # noqa: ANN202
     """A gamma = 1 trigger on 2 x 2 pixels (its LLR is Gaussian, so its input-detection ceiling has a closed form)."""
     import torch

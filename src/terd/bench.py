@@ -104,7 +104,38 @@ def attack_success(model_dir: str | Path, n: int = ATTACK_N, seed: int = 0, meas
             rep = evaluate_attack(model_dir, n=n, seed=seed, sampler=name, device=device, write=False)
             reps[name] = {"asr": rep["triggered"]["asr"], "clean_asr": rep["clean"]["asr"], "attack": rep["description"]}
     best = max(reps, key=lambda name: reps[name]["asr"])
-    return {**reps[best], "asr_sampler": best, "asr_by_sampler": {name: rep["asr"] for name, rep in reps.items()}}
+    return {**reps[best], "asr_sampler": best, "asr_by_sampler": {name: rep["asr"] for name, rep in reps.items()},
+            "measurements": reps}
+
+
+SUCCESS_DIR = "attack-success"  # CACHE/attack-success/<id>.json: ASR kept across bench runs and output dirs
+
+
+def _success_key(where: Path, n: int, seed: int, device: str) -> dict:
+    return {"model": _model_fingerprint(where), "n": n, "seed": seed, "device": device}
+
+
+def stored_success(cache: str | Path, entry_id: str, where: Path, n: int, seed: int, device: str) -> dict:
+    """{sampler: {"asr", "clean_asr", "attack"}} measured earlier on this very model with the same ``n``, ``seed``
+    and device (any bench run, any output directory), else {}. BadDiffusion's 1000-step check costs ~15 minutes
+    per model at 32 px on 2 CPU cores: an interrupted or re-targeted run must not pay it again."""
+    try:
+        data = json.loads((Path(cache) / SUCCESS_DIR / f"{entry_id}.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    ok = (isinstance(data, dict) and data.get("key") == _success_key(where, n, seed, device)
+          and isinstance(data.get("measurements"), dict))
+    return data["measurements"] if ok else {}
+
+
+def store_success(cache: str | Path, entry_id: str, where: Path, n: int, seed: int, device: str,
+                  measurements: dict) -> None:
+    """Keep a model's attack-success measurements in the zoo cache (never in the model's own directory)."""
+    path = Path(cache) / SUCCESS_DIR / f"{entry_id}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": _success_key(where, n, seed, device), "measurements": measurements}, indent=2))
+    tmp.replace(path)
 
 
 def _earlier_success(model_dir: Path, row: dict) -> dict:
@@ -132,7 +163,10 @@ def evaluate_model(entry: ZooEntry, cache: str, defenses: tuple[str, ...], out: 
     if entry.backdoored:
         from terd.attacks import load_true_trigger
 
-        row |= attack_success(where, attack_n, seed, device=device)
+        success = attack_success(where, attack_n, seed, device=device,
+                                 measured=stored_success(cache, entry.id, where, attack_n, seed, device))
+        store_success(cache, entry.id, where, attack_n, seed, device, success.pop("measurements"))
+        row |= success
         r_true, g_true = load_true_trigger(where)
     den = load_denoiser(where, device=device)
     for name in defenses:
@@ -512,6 +546,7 @@ def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...
                                               [ATTACK_N] * len(stale), [seed] * len(stale),
                                               [_earlier_success(model_dir(e, cache), rows[e.id]) for e in stale],
                                               [device] * len(stale)), strict=True):
+            success.pop("measurements", None)
             rows[e.id] |= success
             _save_row(out, keys[e.id], rows[e.id])
             echo(f"  attack success re-measured for {e.id} ({success['asr_sampler']}: {success['asr']})")
