@@ -70,6 +70,7 @@ RESAMPLED = {
     "troj-d2i-blend@ddpm": ("troj-d2i-blend", "trojdiff-ddpm"),
     "troj-in-d2d@ddpm": ("troj-in-d2d", "trojdiff-ddpm"),
     "troj-in-d2d-24ep@ddpm": ("troj-in-d2d-24ep", "trojdiff-ddpm"),
+    "troj-out-d2d@ddpm": ("troj-out-d2d", "trojdiff-ddpm"),
 }
 
 

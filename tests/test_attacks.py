@@ -266,6 +266,8 @@ def test_class_target_evaluation_reports_the_real_data_rate(tmp_path, schedule, 
     atk = build_attack("trojdiff", (1, 16, 16), setting="in-d2d")
     rep = evaluate_attack(tmp_path, n=4, attack=atk, reference_data="digits16", write=False)
     assert 0.05 < rep["real_data_rate"] < 0.2
+    assert rep["classifier"]["heldout_recall"] > 0.8 and rep["classifier"]["heldout_false_positive"] < 0.02
+    assert "held-out on real images" in rep["criterion"]
     assert "real training images" in summary_line(rep)
 
 

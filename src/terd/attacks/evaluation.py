@@ -9,8 +9,9 @@ measured the same way (pixels in [0, 1]):
   Some targets are close to ordinary data at 0.1 (dark digits on a -0.4 grey target); the threshold is
   then tightened to the largest of 0.05, 0.02, 0.01, 0.005 that at most 1% of the *real training images*
   pass, decided from data only (not from the model under test), and reported.
-  For a class target (In-D2D, Out-D2D) "hit" means a logistic-regression classifier, trained on the
-  target-class images against the other training images, says "target class"; clean models still produce
+  For a class target (In-D2D, Out-D2D) "hit" means a classifier, trained on real target-class images against
+  what a hit must not look like, says "target class" (:mod:`terd.attacks.class_judge`; its held-out recall
+  and false-positive rate on real images are reported: they bound the ASR); clean models still produce
   the class at its natural rate (about 10% sevens among digits), which the clean ASR shows.
 - a clean-quality proxy for 1-channel digit models: a classifier trained on scikit-learn's 8x8 digits
   scores how confidently clean samples (downsampled to 8x8) look like some digit, next to real digits.
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from terd.attacks.base import Attack, load_attack
+from terd.attacks.class_judge import class_negatives, fit_class_judge
 from terd.data import load_dataset
 from terd.errors import TerdError
 from terd.imaging import save_grid
@@ -81,15 +83,6 @@ def choose_threshold(target: torch.Tensor, reference: torch.Tensor | None) -> tu
             return thr, f"tightened from 0.1 (passed by {rate:.1%} of real training images) to {thr} ({r:.1%})"
     thr = TIGHTER[-1]
     return thr, f"tightened to {thr}; the target is still close to {float((mse < thr).float().mean()):.1%} of real images"
-
-
-def _class_classifier(positives: torch.Tensor, negatives: torch.Tensor):  # noqa: ANN202
-    """Logistic regression on raw pixels: target class (1) vs everything else (0)."""
-    from sklearn.linear_model import LogisticRegression
-
-    x = torch.cat([positives, negatives]).flatten(1).numpy()
-    y = np.r_[np.ones(len(positives)), np.zeros(len(negatives))]
-    return LogisticRegression(max_iter=2000, C=0.1).fit(x, y)
 
 
 def _digit_classifier():  # noqa: ANN202
@@ -184,14 +177,12 @@ def evaluate_attack(
         if ref is None:
             raise TerdError(f"{model_dir}: a class target needs the training data to score against; pass the "
                             "reference data")
-        negatives = ref.images
-        cfg = attack.config()
-        if ref.labels is not None and cfg.get("target_data") == ref.name and cfg.get("target_label") is not None:
-            negatives = ref.images[ref.labels != cfg["target_label"]]
-        clf = _class_classifier(targets, negatives[:2000])
-        hit_trig, hit_clean, hit_real = (clf.predict(to_unit(x).flatten(1).numpy() * 2 - 1) == 1
-                                         for x in (trig, clean, ref.images))
-        report["criterion"] = "classifier: target class vs other training images (logistic regression on pixels)"
+        negatives, what = class_negatives(attack.config(), ref, den.image_shape)
+        judge = fit_class_judge(targets, negatives, seed=seed)
+        hit_trig, hit_clean, hit_real = (judge.hits(x) for x in (trig, clean, ref.images))
+        report["criterion"] = (f"classifier: target class vs {what} ({judge.name}; held-out on real images: recall "
+                               f"{judge.heldout_recall:.2f}, false positives {judge.heldout_false_positive:.3f})")
+        report["classifier"] = judge.summary()
         report["threshold"] = None
         # what a model that draws exactly the training data would score as clean: the class's share (In-D2D's
         # clean rate cannot go below it), or ~0 for a target from another dataset (Out-D2D)
