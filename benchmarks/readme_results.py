@@ -29,6 +29,7 @@ BENCHES = (
     ("digits16 (VP DDPM)", "bench_digits16"),
     ("photos32 (VP DDPM)", "bench_photos32_e24"),
     ("photos32 (VP DDPM)", "bench_photos32_elijah"),
+    ("photos32, tiny-photos32-dc base (VP DDPM)", "bench_photos32dc_mini"),
     ("digits16 VE, EDM-preconditioned", "bench_digits16_ve"),
     ("digits16 VE, NCSN score network", "bench_digits16_ncsn"),
 )
