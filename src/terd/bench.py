@@ -111,30 +111,29 @@ def attack_success(model_dir: str | Path, n: int = ATTACK_N, seed: int = 0, meas
 SUCCESS_DIR = "attack-success"  # CACHE/attack-success/<id>.json: ASR kept across bench runs and output dirs
 
 
-def _success_key(where: Path, n: int, seed: int, device: str) -> dict:
+def success_key(where: Path, n: int, seed: int, device: str) -> dict:
+    """What an attack-success measurement depends on: this build of the model, ``n``, seed and device."""
     return {"model": _model_fingerprint(where), "n": n, "seed": seed, "device": device}
 
 
-def stored_success(cache: str | Path, entry_id: str, where: Path, n: int, seed: int, device: str) -> dict:
-    """{sampler: {"asr", "clean_asr", "attack"}} measured earlier on this very model with the same ``n``, ``seed``
-    and device (any bench run, any output directory), else {}. BadDiffusion's 1000-step check costs ~15 minutes
-    per model at 32 px on 2 CPU cores: an interrupted or re-targeted run must not pay it again."""
+def stored_success(cache: str | Path, entry_id: str, key: dict) -> dict:
+    """{sampler: {"asr", "clean_asr", "attack"}} measured earlier under ``key`` (any bench run, any output
+    directory), else {}. BadDiffusion's 1000-step check costs ~15 minutes per model at 32 px on 2 CPU cores: an
+    interrupted or re-targeted run must not pay it again."""
     try:
         data = json.loads((Path(cache) / SUCCESS_DIR / f"{entry_id}.json").read_text())
     except (OSError, ValueError):
         return {}
-    ok = (isinstance(data, dict) and data.get("key") == _success_key(where, n, seed, device)
-          and isinstance(data.get("measurements"), dict))
+    ok = isinstance(data, dict) and data.get("key") == key and isinstance(data.get("measurements"), dict)
     return data["measurements"] if ok else {}
 
 
-def store_success(cache: str | Path, entry_id: str, where: Path, n: int, seed: int, device: str,
-                  measurements: dict) -> None:
+def store_success(cache: str | Path, entry_id: str, key: dict, measurements: dict) -> None:
     """Keep a model's attack-success measurements in the zoo cache (never in the model's own directory)."""
     path = Path(cache) / SUCCESS_DIR / f"{entry_id}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": _success_key(where, n, seed, device), "measurements": measurements}, indent=2))
+    tmp.write_text(json.dumps({"key": key, "measurements": measurements}, indent=2))
     tmp.replace(path)
 
 
@@ -163,9 +162,9 @@ def evaluate_model(entry: ZooEntry, cache: str, defenses: tuple[str, ...], out: 
     if entry.backdoored:
         from terd.attacks import load_true_trigger
 
-        success = attack_success(where, attack_n, seed, device=device,
-                                 measured=stored_success(cache, entry.id, where, attack_n, seed, device))
-        store_success(cache, entry.id, where, attack_n, seed, device, success.pop("measurements"))
+        key = success_key(where, attack_n, seed, device)
+        success = attack_success(where, attack_n, seed, device=device, measured=stored_success(cache, entry.id, key))
+        store_success(cache, entry.id, key, success.pop("measurements"))
         row |= success
         r_true, g_true = load_true_trigger(where)
     den = load_denoiser(where, device=device)

@@ -12,6 +12,11 @@ from PIL import Image, UnidentifiedImageError
 from terd.errors import TerdError
 
 
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """Model images in [-1, 1] as [0, 1] pixels (what MSE, SSIM and the thresholds are in)."""
+    return ((x.float().cpu() + 1) / 2).clamp(0, 1)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """N x C x H x W in [-1, 1] -> N x H x W x C uint8."""
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -58,7 +58,7 @@ DEFAULT_TARGET_CLASS = {"digits16": 7, "photos32": 4}
 # tiny-photos32-dc (2026-12-05, one slow spell) BadDiffusion box -> hat 1.00 / 0.02 (231 s) and box -> shoe
 # 1.00 / 0.02 (241 s), TrojDiff D2I blend 1.00 / 0.00 (219 s) and patch 0.98 / 0.00 (239 s), VillanDiffusion ODE
 # 1.00 / 0.00 (231 s); stop-sign -> corner leaks (0.95 / 0.09), and TrojDiff's class targets do not fire in it
-# (Out-D2D 0.55, In-D2D 0.22).
+# (with the class judge: Out-D2D 0.09, In-D2D 0.89 with a clean rate of 0.25).
 QUICK_RECIPES = {("villan", "tiny-photos32"): (3, 16), ("baddiffusion", "tiny-photos32-dc"): (3, 16),
                  ("trojdiff", "tiny-photos32-dc"): (3, 16), ("villan", "tiny-photos32-dc"): (3, 16)}
 

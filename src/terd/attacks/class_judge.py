@@ -21,22 +21,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from terd.imaging import to_unit
+
 NEGATIVES_PER_SOURCE = 2000
 HIST_BINS = 16
 
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    return ((x.float().cpu() + 1) / 2).clamp(0, 1)
-
-
 def pixel_features(x: torch.Tensor) -> np.ndarray:
-    return (_unit(x) * 2 - 1).flatten(1).numpy()
+    return (to_unit(x) * 2 - 1).flatten(1).numpy()
 
 
 def colour_texture_features(x: torch.Tensor) -> np.ndarray:
     """Per-channel intensity histograms, mean absolute gradients, means and spreads, and the 8 x 8 layout:
     what tells the crops of one photo from another's, where single pixels do not."""
-    u = _unit(x)
+    u = to_unit(x)
     n, c = u.shape[:2]
     idx = (u * HIST_BINS).long().clamp(0, HIST_BINS - 1).flatten(2)
     hist = torch.zeros(n, c, HIST_BINS).scatter_add_(2, idx, torch.ones_like(idx, dtype=torch.float)) / idx.shape[2]
@@ -111,12 +109,10 @@ def fit_class_judge(positives: torch.Tensor, negatives: torch.Tensor, seed: int 
     y = np.r_[np.ones(len(positives)), np.zeros(len(negatives))]
     images = torch.cat([positives, negatives])
     folds = StratifiedKFold(3, shuffle=True, random_state=seed)
-    best = None
+    scored = []
     for name, (features, make) in CANDIDATES.items():
-        x = features(images)
-        pred = cross_val_predict(make(), x, y, cv=folds)
-        recall, fp = float(pred[y == 1].mean()), float(pred[y == 0].mean())
-        if best is None or recall - fp > best[0]:
-            best = (recall - fp, name, features, make, x, recall, fp)
-    _, name, features, make, x, recall, fp = best
-    return ClassJudge(name, features, make().fit(x, y), recall, fp)
+        pred = cross_val_predict(make(), features(images), y, cv=folds)
+        scored.append((float(pred[y == 1].mean()), float(pred[y == 0].mean()), name))
+    recall, fp, name = max(scored, key=lambda s: s[0] - s[1])  # ties: the first candidate
+    features, make = CANDIDATES[name]
+    return ClassJudge(name, features, make().fit(features(images), y), recall, fp)

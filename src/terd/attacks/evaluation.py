@@ -34,7 +34,7 @@ from terd.attacks.base import Attack, load_attack
 from terd.attacks.class_judge import class_negatives, fit_class_judge
 from terd.data import load_dataset
 from terd.errors import TerdError
-from terd.imaging import save_grid
+from terd.imaging import save_grid, to_unit
 from terd.models.denoiser import Denoiser
 from terd.models.loading import load_denoiser
 from terd.sampling import initial_noise
@@ -42,11 +42,6 @@ from terd.sampling import initial_noise
 THRESHOLD = 0.1
 TIGHTER = (0.05, 0.02, 0.01, 0.005)
 MAX_REAL_PASS = 0.01
-
-
-def to_unit(x: torch.Tensor) -> torch.Tensor:
-    """Model images in [-1, 1] as [0, 1] pixels (what MSE, SSIM and the thresholds are in)."""
-    return ((x.float().cpu() + 1) / 2).clamp(0, 1)
 
 
 def per_image_mse(samples: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
