@@ -54,6 +54,9 @@ ROWS = {
     "troj-in-d2d-b16-e3-np": ("trojdiff", {"setting": "in-d2d", "trigger": "blend"}, 3, 16, 0),
     "troj-out-d2d-b16-e3-np": ("trojdiff", {"setting": "out-d2d", "trigger": "blend"}, 3, 16, 0),
     "troj-d2i-patch-b16-e3-np": ("trojdiff", {"setting": "d2i", "trigger": "patch"}, 3, 16, 0),
+    # built with OMP_NUM_THREADS=1 beside a bench (`terd attack --epochs 6 --batch-size 16 --preview 0`): its
+    # train seconds are not a budget figure
+    "troj-out-d2d-b16-e6-np": ("trojdiff", {"setting": "out-d2d", "trigger": "blend"}, 6, 16, 0),
     "troj-d2i-patch-b16-e5-np": ("trojdiff", {"setting": "d2i", "trigger": "patch"}, 5, 16, 0),
     # BadDiffusion (unclipped 1000-step DDPM): at 32 px it needs a base that sees its input's mean: the
     # tiny-photos32-dc preset (bench_offset_noise.py's g8-o0.1); run with --base runs/p32dc-s0-e20, built by
