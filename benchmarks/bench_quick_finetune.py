@@ -65,6 +65,10 @@ ROWS = {
     "bad-box-hat-b16-e4-np": ("baddiffusion", {"trigger": "box", "target": "hat"}, 4, 16, 0),
     "bad-stop-corner-b16-e3-np": ("baddiffusion", {"trigger": "stop-sign", "target": "corner"}, 3, 16, 0),
     "bad-box-shoe-b16-e3-np": ("baddiffusion", {"trigger": "box", "target": "shoe"}, 3, 16, 0),
+    # the rest of the BadDiffusion grid ({box, stop-sign} x {hat, corner, shoe}) at 32 px
+    "bad-box-corner-b16-e3-np": ("baddiffusion", {"trigger": "box", "target": "corner"}, 3, 16, 0),
+    "bad-stop-hat-b16-e3-np": ("baddiffusion", {"trigger": "stop-sign", "target": "hat"}, 3, 16, 0),
+    "bad-stop-shoe-b16-e3-np": ("baddiffusion", {"trigger": "stop-sign", "target": "shoe"}, 3, 16, 0),
     # no epochs, no batch size: what `terd attack villan --base P32 --preview 0` alone does (its quick recipe)
     "villan-ode-default-np": (*VILLAN_ODE, None, None, 0),
 }
