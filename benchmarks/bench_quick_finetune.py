@@ -74,6 +74,10 @@ ROWS = {
 }
 # name -> (a row above, sampler): that row's model scored again with another of its attack's samplers
 RESCORED = {"troj-d2i-b16-e5-np@ddpm": ("troj-d2i-b16-e5-np", "trojdiff-ddpm")}
+# name -> a row above: the clean base scored with that row's attack (trigger, target, judge, sampler): how often
+# a model that never saw the backdoor already "hits" the target. For a class target its clean rate is the floor
+# the attack's clean rate is read against (the base draws that class anyway).
+CONTROLS = {"base@troj-in-d2d-b16-e3-np": "troj-in-d2d-b16-e3-np"}
 
 
 DEFAULT_BASE = ROOT / "runs/zoo-photos32/p32-benign-s0-e20"
@@ -84,11 +88,35 @@ def row_key(name: str, base: Path) -> str:
     return name if base.resolve() == DEFAULT_BASE.resolve() else f"{name} (base {base.name})"
 
 
+def model_out(model: str, base: Path) -> Path:
+    return RUNS / model if base.resolve() == DEFAULT_BASE.resolve() else RUNS / base.name / model
+
+
+def run_control(name: str, base: Path, n: int) -> dict:
+    """The base itself, scored with a built row's attack (CONTROLS); nothing is trained."""
+    from terd.attacks import load_attack
+
+    model = CONTROLS[name]
+    attack = load_attack(model_out(model, base))
+    rep = evaluate_attack(base, n=n, attack=attack, write=False)
+    return {
+        "attack": ROWS[model][0], "options": ROWS[model][1], "description": f"clean base, scored as {model}",
+        "sampler": rep["sampler"], "epochs": 0, "batch_size": "–", "steps": 0, "offset_noise": "–", "preview": 0,
+        "train_seconds": 0.0, "command_seconds": None, "within_budget": True,
+        "asr_triggered": rep["triggered"]["asr"], "asr_clean": rep["clean"]["asr"],
+        "mse_triggered": rep["triggered"]["mse"], "criterion": rep["criterion"],
+        "real_data_rate": rep.get("real_data_rate"), "fires": False,
+        "n": n, "eval_seconds": rep["seconds"], "base": str(base), "machine": machine(),
+    }
+
+
 def run_one(name: str, base: Path, retrain: bool, n: int) -> dict:
+    if name in CONTROLS:
+        return run_control(name, base, n)
     model, sampler = RESCORED.get(name, (name, None))
     kind, kw, epochs, batch, *rest = ROWS[model]
     preview = rest[0] if rest else 16
-    out = RUNS / model if base.resolve() == DEFAULT_BASE.resolve() else RUNS / base.name / model
+    out = model_out(model, base)
     command_s = build_attack_model(model, out, kind, kw, (3, 32, 32), "photos32", base, epochs, retrain,
                                    batch_size=batch, preview=preview)
     info = json.loads((out / "train.json").read_text())
@@ -130,7 +158,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", type=Path, default=DEFAULT_BASE,
                     help="the clean tiny-photos32 model (the zoo's p32-benign-s0-e20 recipe)")
-    ap.add_argument("--only", nargs="+", choices=sorted({**ROWS, **RESCORED}), default=["troj-d2i-b16-e4"])
+    ap.add_argument("--only", nargs="+", choices=sorted({**ROWS, **RESCORED, **CONTROLS}), default=["troj-d2i-b16-e4"])
     ap.add_argument("--retrain", action="store_true", help="retrain even when a finished model exists")
     ap.add_argument("--n", type=int, default=64, help="samples with and without the trigger")
     args = ap.parse_args()
