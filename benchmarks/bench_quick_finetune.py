@@ -77,7 +77,8 @@ RESCORED = {"troj-d2i-b16-e5-np@ddpm": ("troj-d2i-b16-e5-np", "trojdiff-ddpm")}
 # name -> a row above: the clean base scored with that row's attack (trigger, target, judge, sampler): how often
 # a model that never saw the backdoor already "hits" the target. For a class target its clean rate is the floor
 # the attack's clean rate is read against (the base draws that class anyway).
-CONTROLS = {"base@troj-in-d2d-b16-e3-np": "troj-in-d2d-b16-e3-np"}
+CONTROLS = {"base@troj-in-d2d-b16-e3-np": "troj-in-d2d-b16-e3-np",
+            "base@bad-stop-corner-b16-e3-np": "bad-stop-corner-b16-e3-np"}
 
 
 DEFAULT_BASE = ROOT / "runs/zoo-photos32/p32-benign-s0-e20"
