@@ -845,3 +845,58 @@ def test_cli_scan_withholds_the_shipped_vp_thresholds_from_a_ve_model(tmp_path, 
     res = runner.invoke(app, ["scan", str(model), "--out", str(out), "--thresholds", str(tmp_path / "thr.json"),
                               "--resume", "--samples", "0"])
     assert res.exit_code == 0 and json.loads((out / "report.json").read_text())["verdict"] == "backdoored"
+
+
+def test_shipped_thresholds_are_offered_only_to_the_architecture_they_were_fitted_on(tmp_path, tiny_unet):
+    """KL features of benign models differ by architecture (threshold_scope.md): each shipped entry names the
+    layout it was fitted on, and a model laid out otherwise gets none of them."""
+    from terd.defense.calibration import (
+        architecture,
+        default_thresholds,
+        install_defaults,
+        preset_architecture,
+        shipped_families,
+    )
+    from terd.models import load_denoiser
+
+    demo = load_denoiser("src/terd/assets/models/demo-benign")
+    assert architecture(demo) == preset_architecture("tiny-digits16") != preset_architecture("tiny-photos32-dc")
+    assert preset_architecture("tiny-photos32") != preset_architecture("tiny-photos32-dc")  # 32 vs 8 norm groups
+    for preset in ("fast", "paper"):
+        assert default_thresholds(preset, model=demo).provenance["family"] == "tiny-digits16"
+    assert "tiny-digits16" in shipped_families("fast")
+    other = load_denoiser(save_pipeline(tiny_unet, NoiseSchedule.linear(), tmp_path / "m"))  # 1 x 8 x 8, 2 levels
+    assert architecture(other) is not None and default_thresholds("fast", model=other) is None
+    assert default_thresholds("fast") is not None  # without a model: the preset's own entry, as before
+    # a maintainer's fit for another family is filed under PRESET@FAMILY and offered to that family only
+    fit = fit_thresholds([{"M_r": m, "V_r": m / 10, "P_r": 2 * m} for m in (0.1, 0.11, 0.12)])
+    path = tmp_path / "d.json"
+    install_defaults(fit, "fast", path, family="tiny-digits16")
+    assert default_thresholds("fast", path, model=other) is None
+    twin = save_pipeline(tiny_unet, NoiseSchedule.linear(), tmp_path / "twin")
+    data = json.loads(path.read_text())
+    data["presets"]["fast@tiny"] = {**data["presets"]["fast"], "M_r": 9.0}
+    data["presets"]["fast@tiny"]["provenance"] = {**data["presets"]["fast"]["provenance"], "family": "tiny",
+                                                  "applies_to": architecture(load_denoiser(twin))}
+    path.write_text(json.dumps(data))
+    assert default_thresholds("fast", path, model=other).M_r == 9.0
+    assert default_thresholds("fast", path, model=demo).M_r == pytest.approx(fit.M_r)
+    assert shipped_families("fast", path) == ["tiny-digits16", "tiny"]
+    lin = NoiseSchedule.linear()
+    plain = oracle_denoiser(GaussianOracle(torch.zeros(1, 4, 4), 1.0, lin), lin, (1, 4, 4))
+    assert architecture(plain) is None and default_thresholds("fast", model=plain) is None  # nothing to compare
+
+
+def test_cli_scan_withholds_shipped_thresholds_from_another_architecture(tmp_path, tiny_unet, schedule, monkeypatch):
+    """A VP model laid out unlike every shipped fit gets no verdict from them, and the note names the families
+    terd covers; the demo's architecture still gets its thresholds."""
+    monkeypatch.setitem(rev.PRESETS, "fast", ReversionConfig(name="fast", stage1_iters=2, stage2_iters=1,
+                                                             batch_size=2, ddim_steps=2, checkpoint_every=1))
+    out = tmp_path / "scan"
+    res = runner.invoke(app, ["scan", str(_tiny_model(tmp_path, tiny_unet, schedule)), "--out", str(out),
+                              "--samples", "0"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["verdict"] == "uncalibrated" and rep["thresholds_withheld"] and rep["thresholds_source"] is None
+    assert "fitted on tiny-digits16" in rep["note"] and "laid out differently" in rep["note"]
+    assert "no verdict (terd ships thresholds for preset fast fitted on tiny-digits16" in res.output
