@@ -809,8 +809,20 @@ def test_cli_calibrate_writes_thresholds(tmp_path, tiny_unet, schedule, monkeypa
     assert res.exit_code == 0, res.output
     thr = Thresholds.load(tmp_path / "thr.json")
     assert thr.provenance["n_models"] == 2 and "warning" in thr.provenance and thr.provenance["preset"] == "fast"
+    from terd.defense.calibration import architecture
+    from terd.models import load_denoiser
+
+    assert thr.provenance["applies_to"] == architecture(load_denoiser(a))  # both models are laid out alike
     (tmp_path / "mine.json").write_text("{}")
     assert "refusing" in _one_line_exit2(["calibrate", a, b, "--out", tmp_path / "mine.json"])
+    # the user's thresholds on a model of another architecture still decide, with a warning that says so
+    res = runner.invoke(app, ["scan", "src/terd/assets/models/demo-benign", "--out", str(tmp_path / "s"),
+                              "--thresholds", str(tmp_path / "thr.json"), "--samples", "0"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert rep["verdict"] in ("benign", "backdoored") and "fitted on models of another architecture" in \
+        rep["thresholds_warning"] and "fewer than" in rep["thresholds_warning"]
+    assert "thresholds warning:" in res.output
 
 
 def test_detection_rate_against_another_law_matches_monte_carlo():

@@ -95,7 +95,8 @@ def model_features(model, preset: str = "fast", *, seed: int = 0, device: str = 
     den = load_denoiser(model, device=device) if not hasattr(model, "schedule") else model
     res = reverse_trigger(den, get_config(preset), seed=seed, progress=progress)
     return {"model": str(getattr(den, "source", model)), **res.features,
-            "network_evaluations": res.network_evaluations, "seconds": res.seconds}
+            "network_evaluations": res.network_evaluations, "seconds": res.seconds,
+            "architecture": architecture(den)}
 
 
 def calibrate(models: list, preset: str = "fast", *, seed: int = 0, device: str = "cpu",
@@ -104,8 +105,11 @@ def calibrate(models: list, preset: str = "fast", *, seed: int = 0, device: str 
     if len(models) < 2:
         raise TerdError(f"calibration needs at least 2 benign models, got {len(models)}")
     feats = [model_features(m, preset, seed=seed, device=device, progress=progress) for m in models]
-    thr = fit_thresholds(feats, provenance={"preset": preset, "seed": seed, "models": [f["model"] for f in feats]})
-    return thr, feats
+    provenance = {"preset": preset, "seed": seed, "models": [f["model"] for f in feats]}
+    layouts = [f.pop("architecture") for f in feats]
+    if layouts[0] is not None and all(a == layouts[0] for a in layouts):  # what scan checks a model against
+        provenance["applies_to"] = layouts[0]
+    return fit_thresholds(feats, provenance=provenance), feats
 
 
 def install_defaults(thresholds: Thresholds, key: str, path: str | Path | None = None,

@@ -10,7 +10,7 @@ import json
 import time
 from pathlib import Path
 
-from terd.defense.calibration import default_thresholds, shipped_families
+from terd.defense.calibration import architecture, default_thresholds, shipped_families
 from terd.defense.input_detection import CandidateSetDetector
 from terd.defense.model_detection import Thresholds, detect_model, kl_peak_window, kl_per_dim
 from terd.defense.reversion import CHECKPOINT_NAME, Progress, get_config, reverse_trigger
@@ -80,6 +80,18 @@ def load_thresholds(path: str | Path | None, preset: str) -> tuple[Thresholds | 
         return Thresholds.load(path), str(path)
     thr = default_thresholds(preset)
     return thr, (DEFAULT_SOURCE + preset) if thr is not None else None
+
+
+def thresholds_warning(thr: Thresholds | None, den: Denoiser) -> str | None:
+    """The fit's own warning (few models), and whether it was fitted on another architecture than this model's."""
+    if thr is None:
+        return None
+    notes = [thr.provenance["warning"]] if thr.provenance.get("warning") else []
+    scope = thr.provenance.get("applies_to")
+    if scope is not None and scope != architecture(den):
+        notes.append("fitted on models of another architecture than this one (their network or schedule differs); "
+                     "benign models of one architecture can sit over another's thresholds (threshold_scope.md)")
+    return "; ".join(notes) or None
 
 
 def shipped_thresholds_for(den: Denoiser, preset: str) -> tuple[Thresholds | None, str | None, str | None]:
@@ -160,7 +172,7 @@ def scan_model(
     report = {
         "format": SCAN_MARKER, "model": str(den.source or model), "verdict": verdict.verdict, "scores": verdict.scores,
         "thresholds": verdict.thresholds, "thresholds_source": thr_source, "thresholds_withheld": withheld,
-        "thresholds_warning": thr.provenance.get("warning") if thr is not None else None,
+        "thresholds_warning": thresholds_warning(thr, den),
         "coverage_warning": coverage_warning(den),
         "margin": verdict.margin, "margin_std": verdict.margin_std, "flagged_by": verdict.flagged_by,
         "margin_note": "score - threshold; positive = over the threshold (backdoor side)",
