@@ -674,7 +674,7 @@ def test_candidate_set_detector_flags_when_any_candidate_does_and_keeps_the_fpr(
     single = InputDetector(a, fpr=0.01)
     x = torch.randn(500, *shape)
     assert torch.allclose(one.score(x), single.score(x) - single.threshold)  # one candidate: the plain detector
-    both = CandidateSetDetector([a, b], fpr=0.02, allocation="even")
+    both = CandidateSetDetector([a, b], fpr=0.02)
     assert [det.fpr for det in both.detectors] == [0.01, 0.01]  # fpr / k each
     xa, xb = a.inputs(torch.randn(2000, *shape)), b.inputs(torch.randn(2000, *shape))
     for xs in (xa, xb):  # each candidate's backdoor inputs are caught by the set
@@ -694,42 +694,6 @@ def test_candidate_set_detector_flags_when_any_candidate_does_and_keeps_the_fpr(
         CandidateSetDetector([a, Trigger(torch.zeros(2, 4, 4), torch.ones(2, 4, 4))])
     with pytest.raises(TerdError, match="no candidate"):
         CandidateSetDetector([])
-
-
-def test_maxmin_shares_lift_the_weakest_candidate():
-    from terd.defense.input_detection import SHARE_GRID, maxmin_shares
-
-    flat = [1.0] * len(SHARE_GRID)  # an image-wide trigger: caught at any share
-    steep = [min(1.0, 0.5 + 0.5 * f) for f in SHARE_GRID]  # a narrow one: needs the whole budget
-    shares = maxmin_shares([flat, steep])
-    assert sum(shares) == pytest.approx(1.0) and shares[1] == pytest.approx(0.9 / 0.901)  # steep: ~all of it
-    assert maxmin_shares([flat, flat]) == [0.5, 0.5]  # alike: even
-    assert maxmin_shares([steep, steep]) == pytest.approx([0.5, 0.5])
-
-
-def test_maxmin_allocation_keeps_the_fpr_and_raises_the_narrow_candidates_tpr():
-    """A narrow low-gamma candidate (a patch) next to a strong image-wide one: the even split halves the patch's
-    budget and its own-input TPR drops; max-min gives it most of the budget and the union bound still holds."""
-    shape = (1, 8, 8)
-    window = torch.zeros(shape, dtype=torch.bool)
-    window[0, :2, :2] = True
-    patch = Trigger(torch.where(window, 0.6, 0.0), torch.where(window, 0.1, 1.0))  # own TPR 0.94 at half, 0.99 at all
-    wide = Trigger(torch.full(shape, 1.5), torch.ones(shape))
-    fpr = 1e-3
-    even = CandidateSetDetector([wide, patch], fpr=fpr, allocation="even")
-    best = CandidateSetDetector([wide, patch], fpr=fpr)
-    assert best.allocation == "maxmin" and best.shares[1] > 0.9 and sum(best.shares) == pytest.approx(1.0)
-    assert best.false_positive_bound() == pytest.approx(fpr, rel=1e-3)
-    g = torch.Generator().manual_seed(0)
-    xp = patch.inputs(torch.randn(20_000, *shape, generator=g))
-    assert best.is_backdoor(xp).double().mean() > even.is_backdoor(xp).double().mean() + 0.03
-    xw = wide.inputs(torch.randn(20_000, *shape, generator=g))
-    assert best.is_backdoor(xw).double().mean() > 0.999  # the strong one loses nothing that matters
-    benign = torch.randn(400_000, *shape, generator=g)
-    assert float(best.is_backdoor(benign).double().mean()) <= fpr + 3 * math.sqrt(fpr / 400_000)
-    assert best.summary()["budget_shares"] == [round(v, 6) for v in best.shares]
-    with pytest.raises(TerdError, match="unknown budget allocation"):
-        CandidateSetDetector([wide, patch], allocation="uneven")
 
 
 def test_cli_check_inputs_with_a_candidates_file(tmp_path):

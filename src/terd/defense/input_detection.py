@@ -343,37 +343,13 @@ def best_possible_tpr(trigger: Trigger, fpr: float = DEFAULT_FPR) -> float:
 MIN_OWN_TPR = 0.5  # a candidate that misses most of its own inputs is too close to benign noise to be a trigger
 
 
-# Budget shares tried per candidate (fractions of the FPR budget) when splitting it max-min (below)
-SHARE_GRID = (1e-3, 1e-2, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-ALLOCATIONS = ("maxmin", "even")
-
-
-def maxmin_shares(own_tpr: list[list[float]], grid: tuple[float, ...] = SHARE_GRID) -> list[float]:
-    """Budget shares (summing to 1) that maximise the smallest own-input TPR over the candidates.
-
-    ``own_tpr[k][j]``: candidate k's own-input TPR at share ``grid[j]`` (non-decreasing in j). For the largest
-    level t some choice of grid shares reaches with a total <= 1, each candidate takes the least share that
-    reaches t, then all are scaled up to sum to 1 (more budget never lowers a TPR)."""
-    for t in sorted({v for row in own_tpr for v in row}, reverse=True):
-        need = [next((f for f, v in zip(grid, row, strict=True) if v >= t), None) for row in own_tpr]
-        if None not in need and sum(need) <= 1.0 + 1e-12:
-            return [f / sum(need) for f in need]
-    return [1.0 / len(own_tpr)] * len(own_tpr)
-
-
 class CandidateSetDetector:
     """Flags an input when ANY of a scan's candidate triggers flags it (positive = backdoor).
 
     A scan does not know which candidate is the real trigger; the one it reports (largest M_r) can be the wrong
     one for input detection (photos32 TrojDiff: TPR 0.957 with the reported candidate, 1.0 with the other).
-    The benign false-positive budget ``fpr`` is split over the candidates that could be a trigger, so by the
-    union bound "any flags" keeps a benign rate of at most ``fpr`` (each term exact, closed form).
-
-    How it is split (``allocation``): ``"maxmin"`` (default) gives each kept candidate the share that maximises
-    the smallest own-input TPR over them (:func:`maxmin_shares`): a trigger with a narrow, low-gamma window (the
-    patch probe's) loses TPR fast as its share shrinks, an image-wide one keeps ~1.0 at a thousandth of the
-    budget, so an even split cost the patch most of its gap to the ceiling (budget_split.md). ``"even"``: fpr / k
-    each, the rule before.
+    The benign false-positive budget ``fpr`` is split evenly over the candidates that could be a trigger, so by
+    the union bound "any flags" keeps a benign rate of at most ``fpr`` (each term exact, closed form).
 
     Which candidates could be a trigger: a backdoor input distribution must be told apart from benign noise
     (else the backdoor would fire on ordinary noise), so a candidate whose detector would catch fewer than
@@ -385,16 +361,14 @@ class CandidateSetDetector:
     """
 
     def __init__(self, triggers: list[Trigger], fpr: float | None = DEFAULT_FPR, *,
-                 min_own_tpr: float = MIN_OWN_TPR, allocation: str = "maxmin") -> None:
+                 min_own_tpr: float = MIN_OWN_TPR) -> None:
         if not triggers:
             raise TerdError("no candidate triggers given")
         if len({t.shape for t in triggers}) != 1:
             raise TerdError(f"candidate triggers differ in shape: {sorted({t.shape for t in triggers})}")
         if fpr is not None and not 0.0 < fpr < 1.0:
             raise TerdError(f"--fpr must be in (0, 1), got {fpr}")
-        if allocation not in ALLOCATIONS:
-            raise TerdError(f"unknown budget allocation {allocation!r} (available: {', '.join(ALLOCATIONS)})")
-        self.fpr, self.own_tpr, self.allocation = fpr, None, allocation
+        self.fpr, self.own_tpr = fpr, None
         self.kept, built = list(range(len(triggers))), None
         if fpr is not None and len(triggers) > 1:
             even = [InputDetector(t, fpr=fpr / len(triggers)) for t in triggers]
@@ -402,13 +376,8 @@ class CandidateSetDetector:
             self.kept = [i for i, v in enumerate(self.own_tpr) if v >= min_own_tpr]
             self.kept = self.kept or [max(range(len(triggers)), key=self.own_tpr.__getitem__)]
             built = even if len(self.kept) == len(triggers) else None  # all kept: the shares stay even
-        self.shares = [1.0 / len(self.kept)] * len(self.kept)
-        if fpr is not None and len(self.kept) > 1 and allocation == "maxmin":
-            curves = [[InputDetector(triggers[i], fpr=fpr * f).expected_tpr() for f in SHARE_GRID]
-                      for i in self.kept]
-            self.shares, built = maxmin_shares(curves), None
-        self.detectors = built or [InputDetector(triggers[i], fpr=None if fpr is None else fpr * share)
-                                   for i, share in zip(self.kept, self.shares, strict=True)]
+        each = None if fpr is None else fpr / len(self.kept)
+        self.detectors = built or [InputDetector(triggers[i], fpr=each) for i in self.kept]
         self.r = self.detectors[0].r
         self.threshold = 0.0
 
@@ -430,7 +399,6 @@ class CandidateSetDetector:
     def summary(self) -> dict:
         return {"rule": "any candidate flags", "threshold": self.threshold, "target_fpr": self.fpr,
                 "fpr_bound": self.false_positive_bound(), "kept_candidates": self.kept,
-                "allocation": self.allocation, "budget_shares": [round(v, 6) for v in self.shares],
                 "own_input_tpr": self.own_tpr, "candidates": [d.summary() for d in self.detectors]}
 
 
