@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         thr.provenance["warning"] = (f"held-out benign model(s) {', '.join(false_alarms)} exceed these thresholds: "
                                      f"{len(calib)} calibration models underestimate the paper schedule's benign spread; "
                                      "prefer preset fast, or calibrate on your own benign models")
-    install_defaults(thr, "paper")
+    install_defaults(thr, "paper", family="tiny-digits16")
     for row in rows:
         print(row, flush=True)
     limits = {f: getattr(thr, f) for f in FEATURES}

@@ -58,7 +58,7 @@ def main() -> None:
         "preset": "fast", "seed": 0, "models": [r["id"] for r in calib],
         "source": "benchmarks/fit_fast_defaults.py: terd-fast rows of benchmarks/results/bench_digits16 "
                   "(benign tiny-digits16 models; the demo's benign model left out)"})
-    install_defaults(thr, "fast")
+    install_defaults(thr, "fast", family="tiny-digits16")
     demo_of = {row: demo for demo, row in DEMO.items()}
     out = []
     for r in rows:

@@ -10,7 +10,7 @@ import pytest
 
 from terd.bench import decide, summarise, write_report
 from terd.errors import TerdError
-from terd.zoo import build_order, load_zoo
+from terd.zoo import build_order, load_zoo, populations
 
 ZOO = Path(__file__).resolve().parents[1] / "benchmarks/zoo-tiny.yaml"
 ASSET = Path(__file__).resolve().parents[1] / "src/terd/assets/models/digits-benign"
@@ -76,6 +76,35 @@ def test_leave_one_out_thresholds_and_rates():
     assert summary["excluded_attacks_that_do_not_fire"] == ["weak"]
     row = next(t for t in summary["table"] if t["defense"] == "terd-fast")
     assert row["TPR"] == 1.0 and row["TNR"] == 1.0 and row["AUC"] == 1.0 and row["models"] == 1
+
+
+def test_thresholds_are_fitted_per_network_where_a_dataset_holds_several(tmp_path):
+    """Benign tiny-photos32 and tiny-photos32-dc models' KL features differ (threshold_scope.md): where one dataset
+    holds several networks, each model is judged against benign models of its own network only."""
+    pops = populations(load_zoo(ZOO))  # one network per dataset: the dataset's name, as before
+    assert pops["d16-benign-s0"] == "digits16" and pops["p32dc-villan-ode"] == "photos32"
+    f = tmp_path / "z.yaml"
+    f.write_text("models:\n  - {id: p, kind: benign, preset: tiny-photos32}\n"
+                 "  - {id: dc, kind: benign, preset: tiny-photos32-dc}\n"
+                 "  - {id: v, kind: attack, attack: villan, preset: tiny-photos32-dc, base: dc}\n"
+                 "  - {id: g, kind: benign, unet: {norm_num_groups: 8}}\n  - {id: d, kind: benign}\n")
+    assert populations(load_zoo(f)) == {
+        "p": "photos32 [tiny-photos32]", "dc": "photos32 [tiny-photos32-dc]", "v": "photos32 [tiny-photos32-dc]",
+        "g": 'digits16 [tiny-digits16 {"norm_num_groups": 8}]', "d": "digits16 [tiny-digits16]"}
+    rows = [_row(f"a{i}", False, 0.010 + 0.001 * i, 1e-4) for i in range(3)]
+    rows += [_row(f"b{i}", False, 0.110 + 0.001 * i, 1e-4) for i in range(3)]
+    rows.append(_row("x", True, 0.05, 1e-4))  # a backdoor of network a: far over the a's, under the b's
+    for r in rows:
+        r["population"] = "b" if r["id"].startswith("b") else "a"
+    decide(rows, "terd-fast")
+    assert rows[0]["defenses"]["terd-fast"]["decision"]["fitted_on"] == ["a1", "a2"]
+    assert not any(r["defenses"]["terd-fast"]["decision"]["flagged"] for r in rows[:6])
+    assert rows[-1]["defenses"]["terd-fast"]["decision"]["flagged"] is True  # judged among the a's
+    assert {(t["dataset"], t["TPR"]) for t in summarise(rows, ("terd-fast",), 0.9)["table"]} == {("a", 1.0)}
+    pooled = [{k: v for k, v in r.items() if k != "population"} for r in rows]
+    decide(pooled, "terd-fast")  # pooled (one dataset), the spread of both networks hides the backdoor
+    assert pooled[-1]["defenses"]["terd-fast"]["decision"]["flagged"] is False
+    assert len(pooled[0]["defenses"]["terd-fast"]["decision"]["fitted_on"]) == 5
 
 
 def test_report_files(tmp_path):

@@ -809,8 +809,20 @@ def test_cli_calibrate_writes_thresholds(tmp_path, tiny_unet, schedule, monkeypa
     assert res.exit_code == 0, res.output
     thr = Thresholds.load(tmp_path / "thr.json")
     assert thr.provenance["n_models"] == 2 and "warning" in thr.provenance and thr.provenance["preset"] == "fast"
+    from terd.defense.calibration import architecture
+    from terd.models import load_denoiser
+
+    assert thr.provenance["applies_to"] == architecture(load_denoiser(a))  # both models are laid out alike
     (tmp_path / "mine.json").write_text("{}")
     assert "refusing" in _one_line_exit2(["calibrate", a, b, "--out", tmp_path / "mine.json"])
+    # the user's thresholds on a model of another architecture still decide, with a warning that says so
+    res = runner.invoke(app, ["scan", "src/terd/assets/models/demo-benign", "--out", str(tmp_path / "s"),
+                              "--thresholds", str(tmp_path / "thr.json"), "--samples", "0"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert rep["verdict"] in ("benign", "backdoored") and "fitted on models of another architecture" in \
+        rep["thresholds_warning"] and "fewer than" in rep["thresholds_warning"]
+    assert "thresholds warning:" in res.output
 
 
 def test_detection_rate_against_another_law_matches_monte_carlo():
@@ -845,3 +857,58 @@ def test_cli_scan_withholds_the_shipped_vp_thresholds_from_a_ve_model(tmp_path, 
     res = runner.invoke(app, ["scan", str(model), "--out", str(out), "--thresholds", str(tmp_path / "thr.json"),
                               "--resume", "--samples", "0"])
     assert res.exit_code == 0 and json.loads((out / "report.json").read_text())["verdict"] == "backdoored"
+
+
+def test_shipped_thresholds_are_offered_only_to_the_architecture_they_were_fitted_on(tmp_path, tiny_unet):
+    """KL features of benign models differ by architecture (threshold_scope.md): each shipped entry names the
+    layout it was fitted on, and a model laid out otherwise gets none of them."""
+    from terd.defense.calibration import (
+        architecture,
+        default_thresholds,
+        install_defaults,
+        preset_architecture,
+        shipped_families,
+    )
+    from terd.models import load_denoiser
+
+    demo = load_denoiser("src/terd/assets/models/demo-benign")
+    assert architecture(demo) == preset_architecture("tiny-digits16") != preset_architecture("tiny-photos32-dc")
+    assert preset_architecture("tiny-photos32") != preset_architecture("tiny-photos32-dc")  # 32 vs 8 norm groups
+    for preset in ("fast", "paper"):
+        assert default_thresholds(preset, model=demo).provenance["family"] == "tiny-digits16"
+    assert "tiny-digits16" in shipped_families("fast")
+    other = load_denoiser(save_pipeline(tiny_unet, NoiseSchedule.linear(), tmp_path / "m"))  # 1 x 8 x 8, 2 levels
+    assert architecture(other) is not None and default_thresholds("fast", model=other) is None
+    assert default_thresholds("fast") is not None  # without a model: the preset's own entry, as before
+    # a maintainer's fit for another family is filed under PRESET@FAMILY and offered to that family only
+    fit = fit_thresholds([{"M_r": m, "V_r": m / 10, "P_r": 2 * m} for m in (0.1, 0.11, 0.12)])
+    path = tmp_path / "d.json"
+    install_defaults(fit, "fast", path, family="tiny-digits16")
+    assert default_thresholds("fast", path, model=other) is None
+    twin = save_pipeline(tiny_unet, NoiseSchedule.linear(), tmp_path / "twin")
+    data = json.loads(path.read_text())
+    data["presets"]["fast@tiny"] = {**data["presets"]["fast"], "M_r": 9.0}
+    data["presets"]["fast@tiny"]["provenance"] = {**data["presets"]["fast"]["provenance"], "family": "tiny",
+                                                  "applies_to": architecture(load_denoiser(twin))}
+    path.write_text(json.dumps(data))
+    assert default_thresholds("fast", path, model=other).M_r == 9.0
+    assert default_thresholds("fast", path, model=demo).M_r == pytest.approx(fit.M_r)
+    assert shipped_families("fast", path) == ["tiny-digits16", "tiny"]
+    lin = NoiseSchedule.linear()
+    plain = oracle_denoiser(GaussianOracle(torch.zeros(1, 4, 4), 1.0, lin), lin, (1, 4, 4))
+    assert architecture(plain) is None and default_thresholds("fast", model=plain) is None  # nothing to compare
+
+
+def test_cli_scan_withholds_shipped_thresholds_from_another_architecture(tmp_path, tiny_unet, schedule, monkeypatch):
+    """A VP model laid out unlike every shipped fit gets no verdict from them, and the note names the families
+    terd covers; the demo's architecture still gets its thresholds."""
+    monkeypatch.setitem(rev.PRESETS, "fast", ReversionConfig(name="fast", stage1_iters=2, stage2_iters=1,
+                                                             batch_size=2, ddim_steps=2, checkpoint_every=1))
+    out = tmp_path / "scan"
+    res = runner.invoke(app, ["scan", str(_tiny_model(tmp_path, tiny_unet, schedule)), "--out", str(out),
+                              "--samples", "0"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["verdict"] == "uncalibrated" and rep["thresholds_withheld"] and rep["thresholds_source"] is None
+    assert "fitted on tiny-digits16" in rep["note"] and "laid out differently" in rep["note"]
+    assert "no verdict (terd ships thresholds for preset fast fitted on tiny-digits16" in res.output

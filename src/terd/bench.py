@@ -5,7 +5,8 @@ Protocol (what makes the numbers honest):
 * every backdoored model's attack success is measured first, with each sampler the attack offers (TrojDiff:
   its DDIM and its DDPM; the attacker picks the sampler, so the best one counts); a model whose backdoor
   does not fire (ASR < ``min_asr``) is listed and excluded from detection metrics;
-* thresholds are fitted on benign models of the same dataset only, never on the model being judged:
+* thresholds are fitted on benign models of the same dataset and network only (zoo.populations: benign
+  KL features differ by architecture), never on the model being judged:
   a benign model is judged by thresholds fitted on the *other* benign models (leave-one-out), a
   backdoored model by thresholds fitted on all benign models;
 * input detection uses the reversed trigger on ``n_inputs`` fresh benign N(0, I) noises and as many
@@ -19,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import resource
 import statistics
 import time
@@ -33,7 +35,7 @@ import torch
 from terd.defense.model_detection import FEATURES
 from terd.errors import TerdError
 from terd.rates import INPUT_FPR
-from terd.zoo import ZooEntry, build_zoo, load_zoo, model_dir, pool_context
+from terd.zoo import ZooEntry, build_zoo, load_zoo, model_dir, pool_context, populations
 
 DEFENSES = ("terd-fast", "terd-paper", "elijah")
 
@@ -204,12 +206,17 @@ def _z(values: list[float], x: float) -> float:
     return (x - m) / s if s > 0 else (math.inf if x > m else -math.inf if x < m else 0.0)
 
 
+def population(row: dict) -> str:
+    """The group a row's thresholds are fitted in (zoo.populations; a row without one: its dataset)."""
+    return row.get("population") or row["dataset"]
+
+
 def decide(rows: list[dict], defense: str, k: float = 3.0) -> None:
     """Add ``decision`` (flagged, score, fitted_on) per row for one defense, leave-one-out for benign rows."""
     for row in rows:
         if defense not in row["defenses"]:
             continue
-        ref = [r for r in rows if not r["backdoored"] and r["dataset"] == row["dataset"] and r["id"] != row["id"]
+        ref = [r for r in rows if not r["backdoored"] and population(r) == population(row) and r["id"] != row["id"]
                and defense in r["defenses"]]
         d = row["defenses"][defense]
         if len(ref) < 2:
@@ -247,15 +254,15 @@ def summarise(rows: list[dict], defenses: tuple[str, ...], min_asr: float) -> di
     used = [r for r in rows if r["id"] not in excluded]
     table = []
     for defense in defenses:
-        for dataset in sorted({r["dataset"] for r in used}):
-            benign = [r for r in used if r["dataset"] == dataset and not r["backdoored"]]
+        for dataset in sorted({population(r) for r in used}):
+            benign = [r for r in used if population(r) == dataset and not r["backdoored"]]
             neg_scores = [r["defenses"][defense]["decision"]["score"] for r in benign
                           if r["defenses"].get(defense, {}).get("decision", {}).get("score") is not None]
             tnr = _rate([not r["defenses"][defense]["decision"]["flagged"] for r in benign
                          if r["defenses"].get(defense, {}).get("decision", {}).get("flagged") is not None])
             groups: dict[str, list[dict]] = {}
             for r in used:
-                if r["dataset"] == dataset and r["backdoored"]:
+                if population(r) == dataset and r["backdoored"]:
                     key = r["family"] + (" (adaptive/robustness)" if r["tags"] else "")
                     groups.setdefault(key, []).append(r)
             for family, members in sorted(groups.items()):
@@ -310,7 +317,8 @@ def _markdown(summary: dict, rows: list[dict], meta: dict) -> str:
              + (f"; {len(meta['reused_rows'])} model(s) reused from an earlier run with the same settings "
                 f"(not in that time): {', '.join(meta['reused_rows'])}." if meta.get("reused_rows") else "."), "",
              *_runs_line(meta),
-             "Thresholds: fitted per dataset on benign models only (mean + 3 std of each feature; Elijah: "
+             "Thresholds: fitted per dataset (split by network where a dataset holds several: a [preset] "
+             "suffix) on benign models only (mean + 3 std of each feature; Elijah: "
              "mean - 3 std of generation spread). A benign model is judged by thresholds fitted on the other "
              "benign models (leave-one-out); a backdoored model by all benign models. Input detection "
              "(input_TPR/TNR): an input is flagged when any of the k scan candidates that could be a trigger "
@@ -368,8 +376,9 @@ def _plots(rows: list[dict], defenses: tuple[str, ...], out: Path, excluded: fro
     from sklearn.metrics import roc_curve
 
     files = []
-    for dataset in sorted({r["dataset"] for r in rows}):
-        sub = [r for r in rows if r["dataset"] == dataset]
+    for dataset in sorted({population(r) for r in rows}):
+        sub = [r for r in rows if population(r) == dataset]
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", dataset).strip("-")
         fig, ax = plt.subplots(figsize=(4.5, 4))
         for defense in defenses:
             pts = [(r["backdoored"], r["defenses"][defense]["decision"]["score"]) for r in sub
@@ -383,9 +392,9 @@ def _plots(rows: list[dict], defenses: tuple[str, ...], out: Path, excluded: fro
         if ax.get_legend_handles_labels()[0]:  # no curve without both benign and backdoored scores
             ax.legend()
         fig.tight_layout()
-        fig.savefig(out / f"roc_{dataset}.png", dpi=120)
+        fig.savefig(out / f"roc_{slug}.png", dpi=120)
         plt.close(fig)
-        files.append(f"roc_{dataset}.png")
+        files.append(f"roc_{slug}.png")
         for defense in [d for d in defenses if d.startswith("terd-")]:
             scored = [r for r in sub if defense in r["defenses"]]
             pairs = [("M_r", f) for f in FEATURES[1:] if scored and all(f in r["defenses"][defense] for r in scored)]
@@ -396,9 +405,9 @@ def _plots(rows: list[dict], defenses: tuple[str, ...], out: Path, excluded: fro
                 _feature_scatter(ax, scored, defense, fx, fy, excluded)
             fig.suptitle(f"{defense} features — {dataset}")
             fig.tight_layout()
-            fig.savefig(out / f"scatter_{defense}_{dataset}.png", dpi=120)
+            fig.savefig(out / f"scatter_{defense}_{slug}.png", dpi=120)
             plt.close(fig)
-            files.append(f"scatter_{defense}_{dataset}.png")
+            files.append(f"scatter_{defense}_{slug}.png")
     return files
 
 
@@ -567,4 +576,6 @@ def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...
     meta["runs"] = _earlier_runs(out) + [{
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": meta["seconds"],
         "workers": workers, "machine": meta["machine"], "evaluated": [e.id for e in entries if e.id not in reused]}]
+    for e_id, pop in populations(entries).items():  # report-time: the zoo decides who is compared with whom
+        rows[e_id]["population"] = pop
     return write_report([rows[e.id] for e in entries], tuple(defenses), out, meta, min_asr, cache)

@@ -22,6 +22,7 @@ resumes.
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,6 +211,23 @@ def load_zoo(path: str | Path, *, data: str | Path | None = None) -> list[ZooEnt
         if e.kind == "attack" and not e.attack:
             raise TerdError(f"{path}: attack model {e.id!r} needs 'attack: baddiffusion|trojdiff|villan'")
     return entries
+
+
+def populations(entries: list[ZooEntry]) -> dict[str, str]:
+    """Per entry id, the group of models whose benign ones fit its thresholds: its dataset, split by network
+    (preset + ``unet`` overrides; a fine-tune has its base's) where one dataset holds several, because benign KL
+    features differ by architecture (threshold_scope.md: benign tiny-photos32 models sit over tiny-photos32-dc's
+    thresholds). A pretrained model's network is the preset its entry names."""
+    by_id = {e.id: e for e in entries}
+
+    def network(e: ZooEntry) -> str:
+        if e.base in by_id:
+            return network(by_id[e.base])
+        return e.preset + (" " + json.dumps(e.unet, sort_keys=True) if e.unet else "")
+
+    nets = {e.id: network(e) for e in entries}
+    split = {e.dataset for e in entries if len({nets[o.id] for o in entries if o.dataset == e.dataset}) > 1}
+    return {e.id: f"{e.dataset} [{nets[e.id]}]" if e.dataset in split else e.dataset for e in entries}
 
 
 def is_built(entry: ZooEntry, cache: Path) -> bool:

@@ -10,7 +10,7 @@ import json
 import time
 from pathlib import Path
 
-from terd.defense.calibration import default_thresholds
+from terd.defense.calibration import architecture, default_thresholds, shipped_families
 from terd.defense.input_detection import CandidateSetDetector
 from terd.defense.model_detection import Thresholds, detect_model, kl_peak_window, kl_per_dim
 from terd.defense.reversion import CHECKPOINT_NAME, Progress, get_config, reverse_trigger
@@ -51,6 +51,10 @@ DEFAULT_SOURCE = "terd default for preset "
 VE_NOTE = ("terd's shipped thresholds are fitted on VP (DDPM) models and do not apply to this VE model (on the "
            "recorded VE models they flag every benign one): calibrate on benign VE models of your own (`terd "
            "calibrate ... --out T.json`, then --thresholds T.json)")
+ARCHITECTURE_NOTE = ("terd ships thresholds for preset {preset} fitted on {families} models only, and this model's "
+                     "network or schedule is laid out differently (benign models of another architecture sit over "
+                     "them: threshold_scope.md): calibrate on benign models of its own kind (`terd calibrate ... "
+                     "--out T.json`, then --thresholds T.json)")
 
 
 # Model families on which terd is measured to miss backdoors: a "benign" verdict there is weak evidence.
@@ -70,11 +74,37 @@ def coverage_warning(den: Denoiser) -> str | None:
 def load_thresholds(path: str | Path | None, preset: str) -> tuple[Thresholds | None, str | None]:
     """Thresholds from a file, else terd's shipped default for the preset (None when there is none).
 
-    The shipped defaults hold for VP models only; :func:`scan_model` withholds them from a VE model."""
+    A shipped default holds for the architecture it was fitted on: :func:`scan_model` swaps it for the entry
+    that matches the scanned model, and withholds it when none does."""
     if path is not None:
         return Thresholds.load(path), str(path)
     thr = default_thresholds(preset)
     return thr, (DEFAULT_SOURCE + preset) if thr is not None else None
+
+
+def thresholds_warning(thr: Thresholds | None, den: Denoiser) -> str | None:
+    """The fit's own warning (few models), and whether it was fitted on another architecture than this model's."""
+    if thr is None:
+        return None
+    notes = [thr.provenance["warning"]] if thr.provenance.get("warning") else []
+    scope = thr.provenance.get("applies_to")
+    if scope is not None and scope != architecture(den):
+        notes.append("fitted on models of another architecture than this one (their network or schedule differs); "
+                     "benign models of one architecture can sit over another's thresholds (threshold_scope.md)")
+    return "; ".join(notes) or None
+
+
+def shipped_thresholds_for(den: Denoiser, preset: str) -> tuple[Thresholds | None, str | None, str | None]:
+    """The shipped thresholds fitted on this model's architecture, their source, and -- when terd ships some for
+    the preset but none for this architecture -- the note that says why the verdict is withheld."""
+    thr = default_thresholds(preset, model=den)
+    if thr is not None:
+        return thr, f"{DEFAULT_SOURCE}{preset} ({thr.provenance.get('family', 'tiny-digits16')})", None
+    families = shipped_families(preset)
+    if not families:
+        return None, None, None
+    note = VE_NOTE if den.schedule.kind != "vp" else ARCHITECTURE_NOTE.format(preset=preset, families=", ".join(families))
+    return None, None, note
 
 
 def _pictures(den, trigger, out: Path, seed: int, n: int = 8, steps: int = 25) -> None:  # noqa: ANN001
@@ -126,9 +156,10 @@ def scan_model(
     else:
         thr, thr_source = load_thresholds(thresholds, preset)
     den = model if isinstance(model, Denoiser) else load_denoiser(model, device=device)
-    withheld = thr is not None and (thr_source or "").startswith(DEFAULT_SOURCE) and den.schedule.kind != "vp"
-    if withheld:  # measured: on VE models they flag every benign one (ve_threshold_transfer.md)
-        thr, thr_source = None, None
+    withheld_note = None
+    if thr is None or (thr_source or "").startswith(DEFAULT_SOURCE):  # shipped: only those fitted on its layout
+        thr, thr_source, withheld_note = shipped_thresholds_for(den, preset)
+    withheld = withheld_note is not None
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / CHECKPOINT_NAME
     res = reverse_trigger(den, cfg, seed=seed, checkpoint=ckpt, resume=resume, progress=progress)
@@ -141,7 +172,7 @@ def scan_model(
     report = {
         "format": SCAN_MARKER, "model": str(den.source or model), "verdict": verdict.verdict, "scores": verdict.scores,
         "thresholds": verdict.thresholds, "thresholds_source": thr_source, "thresholds_withheld": withheld,
-        "thresholds_warning": thr.provenance.get("warning") if thr is not None else None,
+        "thresholds_warning": thresholds_warning(thr, den),
         "coverage_warning": coverage_warning(den),
         "margin": verdict.margin, "margin_std": verdict.margin_std, "flagged_by": verdict.flagged_by,
         "margin_note": "score - threshold; positive = over the threshold (backdoor side)",
@@ -159,7 +190,7 @@ def scan_model(
         "seconds_total": round(time.perf_counter() - t_start, 3),
     }
     if thr is None:
-        report["note"] = (VE_NOTE if withheld else
+        report["note"] = (withheld_note if withheld else
                           "no calibrated threshold is available for this preset: the verdict is based on scores "
                           "only once thresholds exist (run `terd calibrate` on benign models, pass --thresholds)")
         report["verdict"] = "uncalibrated"

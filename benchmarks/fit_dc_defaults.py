@@ -1,0 +1,96 @@
+"""Ship `fast` thresholds for tiny-photos32-dc, and show why shipped thresholds are scoped to one architecture.
+
+terd shipped one `fast` threshold set, fitted on benign tiny-digits16 models, and `terd scan` applied it to any VP
+model. This script judges every benign model the recorded benches scanned with `fast` (tiny-digits16,
+tiny-photos32, tiny-photos32-dc) by that set, and by a new set fitted on the benign tiny-photos32-dc models of
+bench_photos32dc_mini (mean + 3 std, terd.defense.model_detection.fit_thresholds), which it installs as the
+shipped `fast@tiny-photos32-dc` entry. The backdoored models of every bench are judged too (counted when their
+measured ASR >= 0.9). A model inside a fit is marked "(in fit)"; the dc benign models' honest verdicts are the
+leave-one-out ones (thresholds fitted on the other dc benign models, as the bench does).
+No model is scanned: every feature comes from the committed bench results.
+
+Run: .venv/bin/python benchmarks/fit_dc_defaults.py → threshold_scope.md / .json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, write_results  # noqa: E402
+
+from terd.defense.calibration import default_thresholds, install_defaults  # noqa: E402
+from terd.defense.model_detection import detect_model, fit_thresholds  # noqa: E402
+
+BENCHES = ("bench_digits16", "bench_photos32_e24", "bench_photos32dc_mini")
+FAMILY, FIT_BENCH = "tiny-photos32-dc", "bench_photos32dc_mini"
+
+
+def bench_rows() -> list[dict]:
+    """Every terd-fast row of the recorded benches, with the preset its model was trained on."""
+    rows = []
+    for bench in BENCHES:
+        data = json.loads((RESULTS / bench / "results.json").read_text())
+        preset_of = {e["id"]: e["preset"] for e in data["meta"]["entries"]}
+        rows += [{**r, "bench": bench, "preset": preset_of[r["id"]]} for r in data["models"]
+                 if "terd-fast" in r["defenses"]]
+    return rows
+
+
+def main() -> None:
+    rows = bench_rows()
+    digits = default_thresholds("fast")
+    digits_ids = set(digits.provenance["models"])
+    fit_rows = [r for r in rows if r["bench"] == FIT_BENCH and not r["backdoored"]]
+    fit_ids = {r["id"] for r in fit_rows}
+    thr = fit_thresholds([r["defenses"]["terd-fast"] for r in fit_rows], provenance={
+        "preset": "fast", "seed": 0, "models": sorted(fit_ids),
+        "source": f"benchmarks/fit_dc_defaults.py: terd-fast rows of benchmarks/results/{FIT_BENCH} "
+                  f"(every benign {FAMILY} model: bases of seeds 0-2 and three clean fine-tunes of seed 0)"})
+    install_defaults(thr, f"fast@{FAMILY}", family=FAMILY)
+    out = []
+    for r in rows:
+        feats = r["defenses"]["terd-fast"]
+        loo = ""
+        if r["id"] in fit_ids:
+            others = [o["defenses"]["terd-fast"] for o in fit_rows if o["id"] != r["id"]]
+            loo = detect_model(feats, fit_thresholds(others)).verdict
+        out.append({"model": r["id"], "bench": r["bench"], "preset": r["preset"],
+                    "truth": "backdoored" if r["backdoored"] else "benign", "asr": r.get("asr"),
+                    "counted": (not r["backdoored"]) or (r.get("asr") or 0) >= 0.9,
+                    **{f: round(feats[f], 5) for f in ("M_r", "V_r", "P_r")},
+                    "verdict_digits16_fit": "(in fit)" if r["id"] in digits_ids else detect_model(feats, digits).verdict,
+                    "verdict_dc_fit": "(in fit)" if r["id"] in fit_ids else detect_model(feats, thr).verdict,
+                    "verdict_dc_leave_one_out": loo})
+        print(out[-1], flush=True)
+    seen, unique = set(), []
+    for o in out:  # bench_digits16 rows appear once; a model scanned by two benches would be counted once
+        if (o["preset"], o["model"]) not in seen:
+            seen.add((o["preset"], o["model"]))
+            unique.append(o)
+
+    def tally(preset: str, truth: str, col: str) -> str:
+        judged = [o for o in unique if o["preset"] == preset and o["truth"] == truth and o["counted"]
+                  and o[col] not in ("(in fit)", "")]
+        right = sum(o[col] == truth for o in judged)
+        return f"{right}/{len(judged)}" if judged else "-"
+
+    summary = "; ".join(
+        f"{p}: benign kept {tally(p, 'benign', 'verdict_digits16_fit')} by the digits16 fit, "
+        f"{tally(p, 'benign', 'verdict_dc_fit')} by the dc fit; backdoors flagged "
+        f"{tally(p, 'backdoored', 'verdict_digits16_fit')} / {tally(p, 'backdoored', 'verdict_dc_fit')}"
+        for p in ("tiny-digits16", "tiny-photos32", FAMILY))
+    write_results("threshold_scope", out, list(out[0]), notes=(
+        f"Thresholds: the shipped digits16 `fast` fit (M_r > {digits.M_r:.4f}, V_r > {digits.V_r:.5f}, P_r > "
+        f"{digits.P_r:.4f}; {digits.provenance['n_models']} benign tiny-digits16 models) and the {FAMILY} fit "
+        f"installed here (M_r > {thr.M_r:.4f}, V_r > {thr.V_r:.5f}, P_r > {thr.P_r:.4f}; mean + 3 std over "
+        f"{len(fit_rows)} benign models: {', '.join(sorted(fit_ids))}). Judged (benign: models outside the fit; "
+        f"backdoors: ASR >= 0.9): {summary}. The dc benign models' own verdicts are leave-one-out "
+        f"({tally(FAMILY, 'benign', 'verdict_dc_leave_one_out')} kept). Features: the benches' terd-fast scans "
+        f"({', '.join(BENCHES)}); a model's training preset from its bench's zoo entry."))
+
+
+if __name__ == "__main__":
+    main()
