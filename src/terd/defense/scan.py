@@ -99,7 +99,8 @@ def shipped_thresholds_for(den: Denoiser, preset: str) -> tuple[Thresholds | Non
     the preset but none for this architecture -- the note that says why the verdict is withheld."""
     thr = default_thresholds(preset, model=den)
     if thr is not None:
-        return thr, f"{DEFAULT_SOURCE}{preset} ({thr.provenance.get('family', 'tiny-digits16')})", None
+        family = thr.provenance.get("family")
+        return thr, DEFAULT_SOURCE + preset + (f" ({family})" if family else ""), None
     families = shipped_families(preset)
     if not families:
         return None, None, None
