@@ -877,6 +877,10 @@ def test_shipped_thresholds_are_offered_only_to_the_architecture_they_were_fitte
     for preset in ("fast", "paper"):
         assert default_thresholds(preset, model=demo).provenance["family"] == "tiny-digits16"
     assert "tiny-digits16" in shipped_families("fast")
+    from terd.defense.scan import shipped_thresholds_for
+
+    thr, source, note = shipped_thresholds_for(demo, "fast")
+    assert source == "terd default for preset fast (tiny-digits16)" and note is None and thr is not None
     other = load_denoiser(save_pipeline(tiny_unet, NoiseSchedule.linear(), tmp_path / "m"))  # 1 x 8 x 8, 2 levels
     assert architecture(other) is not None and default_thresholds("fast", model=other) is None
     assert default_thresholds("fast") is not None  # without a model: the preset's own entry, as before
