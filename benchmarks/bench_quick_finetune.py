@@ -93,22 +93,23 @@ def model_out(model: str, base: Path) -> Path:
     return RUNS / model if base.resolve() == DEFAULT_BASE.resolve() else RUNS / base.name / model
 
 
+def scored(rep: dict, n: int, base: Path) -> dict:
+    """What every row records of an ``evaluate_attack`` report."""
+    return {"sampler": rep["sampler"], "asr_triggered": rep["triggered"]["asr"], "asr_clean": rep["clean"]["asr"],
+            "mse_triggered": rep["triggered"]["mse"], "criterion": rep["criterion"],
+            "real_data_rate": rep.get("real_data_rate"),  # class targets: the clean rate's floor
+            "n": n, "eval_seconds": rep["seconds"], "base": str(base), "machine": machine()}
+
+
 def run_control(name: str, base: Path, n: int) -> dict:
     """The base itself, scored with a built row's attack (CONTROLS); nothing is trained."""
     from terd.attacks import load_attack
 
     model = CONTROLS[name]
-    attack = load_attack(model_out(model, base))
-    rep = evaluate_attack(base, n=n, attack=attack, write=False)
-    return {
-        "attack": ROWS[model][0], "options": ROWS[model][1], "description": f"clean base, scored as {model}",
-        "sampler": rep["sampler"], "epochs": 0, "batch_size": "–", "steps": 0, "offset_noise": "–", "preview": 0,
-        "train_seconds": 0.0, "command_seconds": None, "within_budget": True,
-        "asr_triggered": rep["triggered"]["asr"], "asr_clean": rep["clean"]["asr"],
-        "mse_triggered": rep["triggered"]["mse"], "criterion": rep["criterion"],
-        "real_data_rate": rep.get("real_data_rate"), "fires": False,
-        "n": n, "eval_seconds": rep["seconds"], "base": str(base), "machine": machine(),
-    }
+    rep = evaluate_attack(base, n=n, attack=load_attack(model_out(model, base)), write=False)
+    return {"attack": ROWS[model][0], "options": ROWS[model][1], "description": f"clean base, scored as {model}",
+            "epochs": 0, "batch_size": "–", "steps": 0, "offset_noise": "–", "preview": 0, "train_seconds": 0.0,
+            "command_seconds": None, "within_budget": True, "fires": False, **scored(rep, n, base)}
 
 
 def run_one(name: str, base: Path, retrain: bool, n: int) -> dict:
@@ -124,15 +125,11 @@ def run_one(name: str, base: Path, retrain: bool, n: int) -> dict:
     print(f"[{name}] evaluating ({info['seconds']:.0f} s of fine-tuning)", flush=True)
     rep = evaluate_attack(out, n=n, sampler=sampler)
     return {
-        "attack": kind, "options": kw, "description": rep["description"], "sampler": rep["sampler"],
+        "attack": kind, "options": kw, "description": rep["description"],
         "epochs": info["epochs"], "batch_size": info["batch_size"], "steps": info["epochs"] * info["steps_per_epoch"],
         "offset_noise": info.get("offset_noise", 0.0),  # the fine-tune's (terd keeps its base's since 2026-12-05)
         "preview": preview, "train_seconds": info["seconds"], "command_seconds": command_s, "within_budget": info["seconds"] <= BUDGET_S,
-        "asr_triggered": rep["triggered"]["asr"], "asr_clean": rep["clean"]["asr"],
-        "mse_triggered": rep["triggered"]["mse"], "criterion": rep["criterion"],
-        "real_data_rate": rep.get("real_data_rate"),  # class targets: the clean rate's floor
-        "fires": rep["triggered"]["asr"] >= 0.9 and rep["clean"]["asr"] <= 0.05,
-        "n": n, "eval_seconds": rep["seconds"], "base": str(base), "machine": machine(),
+        "fires": rep["triggered"]["asr"] >= 0.9 and rep["clean"]["asr"] <= 0.05, **scored(rep, n, base),
     }
 
 

@@ -59,7 +59,7 @@ def scan(
 
     cfg = get_config(preset, gamma_mode=gamma)
     check_out_dir(out)  # every user error is reported before the progress bar appears
-    thr, thr_source = load_thresholds(thresholds, preset)  # read once, handed to the scan
+    thr, thr_source = load_thresholds(thresholds)  # read once, handed to the scan (None: the shipped default)
     if thr is not None:
         thr.provenance = {**thr.provenance, "source": thr_source}
     den = load_denoiser(model, device=_device(device))

@@ -57,13 +57,13 @@ def _shipped(preset: str, path: Path) -> list[tuple[str, Thresholds]]:
         return []
     entries = json.loads(path.read_text()).get("presets") or {}
     out = []
-    for key in sorted(k for k in entries if k == preset or k.startswith(preset + "@")):
+    for key in sorted((k for k in entries if k == preset or k.startswith(preset + "@")), key=lambda k: (k != preset, k)):
         if entries[key] is None:
             continue
         thr = Thresholds.from_dict(entries[key], f"{path} [{key}]")
         if int(thr.provenance.get("n_models", 0)) >= MIN_MODELS_FOR_DEFAULTS:
             out.append((key, thr))
-    return sorted(out, key=lambda e: e[0] != preset)
+    return out
 
 
 def default_thresholds(preset: str, path: str | Path | None = None, model=None) -> Thresholds | None:  # noqa: ANN001
@@ -72,11 +72,11 @@ def default_thresholds(preset: str, path: str | Path | None = None, model=None) 
     With ``model`` (a Denoiser), only an entry fitted on that model's architecture (``applies_to``) is returned;
     an entry without ``applies_to`` (a file written before it existed) applies to any model."""
     path = Path(path) if path is not None else DEFAULTS_FILE
+    layout = architecture(model) if model is not None else None
     for key, thr in _shipped(preset, path):
         if model is None:
             return thr if key == preset else None
-        scope = thr.provenance.get("applies_to")
-        if scope is None or scope == architecture(model):
+        if thr.provenance.get("applies_to") in (None, layout):
             return thr
     return None
 

@@ -71,15 +71,12 @@ def coverage_warning(den: Denoiser) -> str | None:
     return COVERAGE_WARNINGS.get(den.schedule.parameterization)
 
 
-def load_thresholds(path: str | Path | None, preset: str) -> tuple[Thresholds | None, str | None]:
-    """Thresholds from a file, else terd's shipped default for the preset (None when there is none).
-
-    A shipped default holds for the architecture it was fitted on: :func:`scan_model` swaps it for the entry
-    that matches the scanned model, and withholds it when none does."""
-    if path is not None:
-        return Thresholds.load(path), str(path)
-    thr = default_thresholds(preset)
-    return thr, (DEFAULT_SOURCE + preset) if thr is not None else None
+def load_thresholds(path: str | Path | None) -> tuple[Thresholds | None, str | None]:
+    """Thresholds from the user's file and where they came from; (None, None) without one, because the shipped
+    default depends on the model's architecture: :func:`scan_model` picks it once the model is loaded."""
+    if path is None:
+        return None, None
+    return Thresholds.load(path), str(path)
 
 
 def thresholds_warning(thr: Thresholds | None, den: Denoiser) -> str | None:
@@ -155,10 +152,10 @@ def scan_model(
     if isinstance(thresholds, Thresholds):
         thr, thr_source = thresholds, thresholds.provenance.get("source", "given thresholds")
     else:
-        thr, thr_source = load_thresholds(thresholds, preset)
+        thr, thr_source = load_thresholds(thresholds)
     den = model if isinstance(model, Denoiser) else load_denoiser(model, device=device)
     withheld_note = None
-    if thr is None or (thr_source or "").startswith(DEFAULT_SOURCE):  # shipped: only those fitted on its layout
+    if thr is None:  # shipped: only an entry fitted on this model's layout
         thr, thr_source, withheld_note = shipped_thresholds_for(den, preset)
     withheld = withheld_note is not None
     out.mkdir(parents=True, exist_ok=True)
