@@ -23,7 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 
 from terd.attacks.triggers import patch_mask  # noqa: E402
-from terd.defense.patch_probe import RATIO_CUT, RESPONSE_NOISES, _at_last_t  # noqa: E402
+from terd.defense.patch_probe import RESPONSE_NOISES, _at_last_t  # noqa: E402
+
+RATIO_CUT = 4.0  # the first probe's window cut (spread over the median element's), replaced since by localized components
 from terd.models import load_denoiser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

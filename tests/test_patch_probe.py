@@ -41,8 +41,10 @@ def test_probe_finds_the_patch_window_and_its_value(schedule, mu):
     w = _window()
     probe = pp.probe_patch(oracle_denoiser(PatchOracle(w, mu), schedule, SHAPE), seed=0)
     assert torch.equal(probe.window, w)
-    assert probe.value == pytest.approx(mu, abs=0.03)
-    assert probe.explained_offset == pytest.approx(mu * 0.9, rel=0.1)  # mu * E[near] at v = mu (gamma 0.1 << width)
+    # the offset it explains away peaks at v = mu, at mu * E[near] = mu / sqrt(1 + 0.1^2 / width^2) (the gate is soft)
+    assert probe.peak_input == pytest.approx(mu, abs=0.03)
+    assert probe.value == pytest.approx(mu / (1 + 0.01 / 0.09) ** 0.5, abs=0.02)
+    assert probe.explained_offset == pytest.approx(abs(probe.value))
     cand = probe.candidate
     assert torch.equal(cand.r != 0, w) and torch.allclose(cand.r[w], torch.tensor(probe.value))
     assert torch.equal(cand.gamma, torch.where(w, pp.PATCH_GAMMA, 1.0))
@@ -54,16 +56,73 @@ def test_probe_finds_the_patch_window_and_its_value(schedule, mu):
 def test_no_candidate_on_a_model_that_only_denoises_or_reacts_image_wide(schedule):
     plain = pp.probe_patch(oracle_denoiser(PatchOracle(torch.zeros(SHAPE, dtype=torch.bool), 0.9), schedule, SHAPE))
     assert plain.candidate is None and not plain.window.any() and plain.summary()["value"] is None
+    assert plain.summary()["leading_support"] is None  # no response at all (strict JSON: no NaN)
     wide = _window(slice(0, 8), slice(0, 8))  # a quarter of the image: not a patch
     probe = pp.probe_patch(oracle_denoiser(PatchOracle(wide, 0.9), schedule, SHAPE))
-    assert probe.window.sum() == 64 and probe.candidate is None
+    assert probe.candidate is None and probe.leading_support > pp.MAX_WINDOW_FRACTION * wide.numel()
+
+
+class PaddedNetOracle(nn.Module):
+    """A denoiser shaped like a zero-padded UNet's: it shrinks its noise prediction at the corner pixels (eps = 0.85
+    x there: the corners' raw residual spread is over 4x the median's) and adds a small, smooth nonlinear response over the
+    whole image. With ``window``, a patch gate: inputs whose window mean is near ``mu`` lose the offset ``mu`` there,
+    one shared gate for the whole window (how a trained patch model responds)."""
+
+    def __init__(self, window: torch.Tensor | None = None, mu: float = 0.9) -> None:
+        super().__init__()
+        corners = torch.zeros(SHAPE, dtype=torch.bool)
+        corners[:, [0, 0, -1, -1], [0, -1, 0, -1]] = True
+        self.register_buffer("corners", corners)
+        self.register_buffer("window", torch.zeros(SHAPE, dtype=torch.bool) if window is None else window)
+        self.mu = mu
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t):  # noqa: ANN001
+        smooth = 0.1 * nn.functional.avg_pool2d(x.square() - 1, 5, stride=1, padding=2, count_include_pad=False)
+        out = torch.where(self.corners, 0.85 * x, x) + smooth
+        if self.window.any():
+            gap = (x[:, self.window] - self.mu).square().mean(1)
+            gate = torch.exp(-gap / 0.8).view(-1, 1, 1, 1)
+            out = out - self.window * self.mu * gate
+        return out
+
+
+def test_window_ignores_corner_shrinkage_and_finds_a_gated_patch(schedule):
+    den = oracle_denoiser(PaddedNetOracle(), schedule, SHAPE)
+    _, res = pp.residual_response(den, torch.Generator().manual_seed(17))
+    spread = res.std(0).view(SHAPE)
+    assert spread[0, 0, 0] > 4 * spread.median()  # what the first probe's 4x spread cut took for a window
+    benign = pp.probe_patch(den)
+    assert benign.candidate is None and not benign.window.any()
+    w = _window(slice(12, 15), slice(12, 15))
+    probe = pp.probe_patch(oracle_denoiser(PaddedNetOracle(w), schedule, SHAPE))
+    assert torch.equal(probe.window, w) and probe.localized_components >= 1
+    assert probe.candidate is not None and probe.value == pytest.approx(0.9, abs=0.15)
 
 
 def test_peak_is_the_parabola_vertex_inside_the_grid():
     grid = tuple(0.5 + 0.05 * k for k in range(9))
-    assert pp._peak(grid, [-(v - 0.62) ** 2 for v in grid]) == pytest.approx(0.62)
-    assert pp._peak(grid, [-(v - 3.0) ** 2 for v in grid]) == pytest.approx(grid[-1])  # vertex outside: clamped
-    assert pp._peak(grid, [(v - 0.65) ** 2 for v in grid]) == grid[-1]  # convex: the best grid point
+    assert pp._peak(grid, [0.7 - (v - 0.62) ** 2 for v in grid]) == pytest.approx((0.62, 0.7))
+    assert pp._peak(grid, [-(v - 3.0) ** 2 for v in grid]) == pytest.approx((grid[-1], -(grid[-1] - 3) ** 2))  # outside
+    assert pp._peak(grid, [(v - 0.65) ** 2 for v in grid]) == (grid[-1], (grid[-1] - 0.65) ** 2)  # convex: best point
+
+
+def test_control_window_mirrors_away_from_the_window():
+    w = _window()  # bottom-right 2 x 2: its left-right mirror misses it
+    assert torch.equal(pp.control_window(w), w.flip(-1))
+    centre = _window(slice(7, 9), slice(7, 9))  # every mirror lands on it: half an image away instead
+    c = pp.control_window(centre)
+    assert c.sum() == 4 and not (c & centre).any()
+
+
+def test_value_is_the_excess_over_a_model_that_explains_every_large_offset(schedule):
+    class MeanReader(PatchOracle):  # also removes a share of any large offset, everywhere (like a dc model)
+        def forward(self, x, t):  # noqa: ANN001
+            return super().forward(x, t) - 0.3 * torch.relu(x.abs() - 1.0) * x.sign()
+
+    w = _window()
+    probe = pp.probe_patch(oracle_denoiser(MeanReader(w, 0.9), schedule, SHAPE))
+    assert torch.equal(probe.window, w) and probe.value == pytest.approx(0.9 / (1 + 0.01 / 0.09) ** 0.5, abs=0.03)
 
 
 def test_reversion_hands_the_patch_candidate_to_input_detection_only(schedule):
@@ -77,7 +136,7 @@ def test_reversion_hands_the_patch_candidate_to_input_detection_only(schedule):
     g = torch.Generator().manual_seed(5)
     backdoor = torch.where(w, mu + 0.1 * torch.randn((2000, *SHAPE), generator=g), torch.randn((2000, *SHAPE), generator=g))
     det = CandidateSetDetector(res.input_candidates, fpr=1e-3)
-    assert det.is_backdoor(backdoor).double().mean() > 0.95
+    assert det.is_backdoor(backdoor).double().mean() > 0.9  # the soft gate's value is 0.95 mu: a 2 x 2 patch loses some
     off = reverse_trigger(den, ReversionConfig(stage1_iters=2, stage2_iters=1, batch_size=2, ddim_steps=2,
                                                patch_probe=False), seed=0)
     assert off.patch_candidate is None and off.patch_probe is None and off.probe_evaluations == 0

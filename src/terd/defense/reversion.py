@@ -187,7 +187,7 @@ class ReversionResult:
         return self.candidate_triggers + ([self.patch_candidate] if self.patch_candidate is not None else [])
 
 
-class _Counter:
+class CountingDenoiser:
     """Duck-typed Denoiser that counts evaluations (images) and calls, for honest cost reports."""
 
     def __init__(self, den: Denoiser, evaluations: int = 0, calls: int = 0) -> None:
@@ -285,7 +285,7 @@ def _initial_state(shape, cfg: ReversionConfig, seed: int, device) -> _State:  #
 
 
 def _line_search_start(
-    counted: _Counter, cfg: ReversionConfig, seed: int, lam: float
+    counted: CountingDenoiser, cfg: ReversionConfig, seed: int, lam: float
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor, dict]]:
     """Start each line-search candidate where a cheap search along the loss gradient finds the lowest objective.
 
@@ -332,7 +332,7 @@ def _line_search_start(
 
 
 def _iteration_loss(
-    counted: _Counter, st: _State, cfg: ReversionConfig, r: torch.Tensor, s: torch.Tensor, g: torch.Generator
+    counted: CountingDenoiser, st: _State, cfg: ReversionConfig, r: torch.Tensor, s: torch.Tensor, g: torch.Generator
 ) -> torch.Tensor:
     """Per-candidate stochastic estimates (shape (M,)) of the stage's reversed loss (without the L1 term).
 
@@ -416,7 +416,7 @@ def reverse_trigger(
     else:
         st = _initial_state(shape, cfg, seed, device)
     lam = cfg.resolved_l1(shape)
-    counted = _Counter(den, st.evaluations, st.calls)
+    counted = CountingDenoiser(den, st.evaluations, st.calls)
     if resumed is None and START_LINE_SEARCH in cfg.starts:
         starts = _line_search_start(counted, cfg, seed, lam)
         for i, (r0, s0, _) in starts.items():
@@ -495,7 +495,7 @@ def reverse_trigger(
     candidates = [{"gamma_init": tr.meta["gamma_init"], "start": tr.meta["start"], "reported": i == best,
                    "gamma_mean": float(tr.gamma.mean()), "r_l2": float(tr.r.norm()), **feats[i]}
                   for i, tr in enumerate(triggers)]
-    probe, probed = None, _Counter(den)
+    probe, probed = None, CountingDenoiser(den)
     if cfg.patch_probe:
         probe = probe_patch(probed, seed=seed)
     return ReversionResult(trigger=triggers[best], network_evaluations=st.evaluations, network_calls=st.calls,
