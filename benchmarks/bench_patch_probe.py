@@ -41,6 +41,7 @@ from common import RESULTS, write_results  # noqa: E402
 
 from terd.attacks import load_true_trigger  # noqa: E402
 from terd.bench import (  # noqa: E402
+    ATTACK_N,
     INPUT_FPR,
     attack_success,
     input_detection_report,
@@ -81,7 +82,8 @@ def recorded_candidates(path: Path) -> tuple[list, int] | None:
 
 def measured_success(path: Path) -> dict:
     """Attack success, reusing the dc bench's stored measurement of this build when there is one."""
-    measured = stored_success(DC_CACHE, path.name, success_key(path, 64, 0, "cpu")) if path.parent == DC_CACHE else {}
+    key = success_key(path, ATTACK_N, 0, "cpu")  # attack_success's defaults
+    measured = stored_success(DC_CACHE, path.name, key) if path.parent == DC_CACHE else {}
     return attack_success(path, measured=measured)
 
 
@@ -94,10 +96,15 @@ def main() -> None:
     models = [(ROOT / p, role) for p, role in PATCH_MODELS] + [(p, "no patch") for p in OTHER_MODELS]
     earlier = {}
     if args.only:
-        earlier = {r["model"]: r for r in json.loads((RESULTS / "patch_probe.json").read_text())["rows"]}
         unknown = set(args.only) - {p.name for p, _ in models}
         if unknown:
-            sys.exit(f"error: not a model of this benchmark: {', '.join(sorted(unknown))}")
+            print(f"error: not a model of this benchmark: {', '.join(sorted(unknown))}", file=sys.stderr)
+            sys.exit(2)
+        try:
+            earlier = {r["model"]: r for r in json.loads((RESULTS / "patch_probe.json").read_text())["rows"]}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"error: --only needs a readable earlier {RESULTS / 'patch_probe.json'} ({exc})", file=sys.stderr)
+            sys.exit(2)
     for path, role in models:
         if args.only and path.name not in args.only:
             if path.name in earlier:

@@ -7,8 +7,8 @@ the patch). So no reversion candidate lands on a patch, and input detection miss
 0.0001). Two forward-only looks at t = T - 1 find it (benchmarks/results/patch_probe.md):
 
 1. **window**: over benign unit noises x, take the residual eps_theta(x) - x, and remove from each element its own
-   linear response to its input (a zero-padded network shrinks its noise prediction at corner pixels, eps_i ~ 0.85
-   x_i, on every model of an architecture: patch_window_dc.md). What is left of a model that only denoises is
+   linear response to its input (on every tiny-photos32-dc model the corner pixels' residual spread stands out,
+   patch_window_dc.md; in an unrecorded look it was a linear response to the pixel's own input). What is left of a model that only denoises is
    small and spread over the image: its leading principal components are diffuse. A patch model reacts to the
    values it was trained on with a response confined to the patch, so its leading components are localized. The
    window is the support (loadings of at least half the largest) of the leading components while each is
@@ -20,10 +20,10 @@ the patch). So no reversion candidate lands on a patch, and input detection miss
    patch model removes the trigger's offset mu from its noise prediction there (it learns the offset, not the
    slope), so for v near mu the offset it explains away, v - mean_window eps_theta, is mu itself; the value is
    that explained offset at its peak over v (a coarse, then a fine grid). Any model explains away part of a large
-   offset (tiny-photos32-dc models read their input's mean, so theirs grows with v: patch_probe.md), so what
+   offset (tiny-photos32-dc models read their input's mean; in an unrecorded look theirs grew with v), so what
    counts is the excess over the same offset on a control window -- the window mirrored, which keeps its
-   distance to the borders. (The first probe took the v where the explained offset peaks; on a dc patch model
-   it plateaus from v = 1.0 to 1.6, and the trigger's value is 0.9.)
+   distance to the borders. (The first probe took the v where the explained offset peaks: on the dc patch model
+   it read 3.2 for a trigger value of 0.9, bench_photos32dc_mini's first run.)
 
 The candidate N(v on the window with gamma ``PATCH_GAMMA``; N(0, 1) elsewhere) joins the scan's input-detection
 candidate set. It is NOT part of the model-detection features, which are calibrated on the reversion's candidates.
