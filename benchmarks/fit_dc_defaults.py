@@ -4,7 +4,8 @@ terd shipped one `fast` threshold set, fitted on benign tiny-digits16 models, an
 model. This script judges every benign model the recorded benches scanned with `fast` (tiny-digits16,
 tiny-photos32, tiny-photos32-dc) by that set, and by a new set fitted on the benign tiny-photos32-dc models of
 bench_photos32dc_mini (mean + 3 std, terd.defense.model_detection.fit_thresholds), which it installs as the
-shipped `fast@tiny-photos32-dc` entry. The backdoored models of every bench are judged too (counted when their
+shipped `fast@tiny-photos32-dc` entry. bench_photos32dc_heldout adds tiny-photos32-dc models outside that fit
+(its own report judges them with the shipped thresholds: `terd bench --thresholds shipped`). The backdoored models of every bench are judged too (counted when their
 measured ASR >= 0.9). A model inside a fit is marked "(in fit)"; the dc benign models' honest verdicts are the
 leave-one-out ones (thresholds fitted on the other dc benign models, as the bench does).
 No model is scanned: every feature comes from the committed bench results.
@@ -24,7 +25,7 @@ from common import RESULTS, write_results  # noqa: E402
 from terd.defense.calibration import default_thresholds, install_defaults  # noqa: E402
 from terd.defense.model_detection import detect_model, fit_thresholds  # noqa: E402
 
-BENCHES = ("bench_digits16", "bench_photos32_e24", "bench_photos32dc_mini")
+BENCHES = ("bench_digits16", "bench_photos32_e24", "bench_photos32dc_mini", "bench_photos32dc_heldout")
 FAMILY, FIT_BENCH = "tiny-photos32-dc", "bench_photos32dc_mini"
 
 

@@ -523,6 +523,7 @@ def test_rows_recorded_before_path_and_data_existed_keep_their_key():
 
     key = _entry_key(ZooEntry(id="b", kind="benign"))
     assert "path" not in key and "data" not in key and key["id"] == "b"
+    assert "evaluate" not in key  # whether a model is scanned is not how: its rows stay valid either way
 
 
 def test_bench_cli_refuses_a_missing_gpu_in_one_line(tmp_path):
@@ -614,3 +615,110 @@ def test_a_cached_model_with_another_noise_schedule_is_refused(tmp_path):
         is_built(ve, cache)
     save_pipeline(unet, get_preset("tiny-digits16-ve").noise_schedule(), cache / "ve")
     assert is_built(ve, cache)
+
+
+def _held_out_thresholds(fitted_on: list[str]):  # noqa: ANN202
+    from terd.defense.model_detection import fit_thresholds
+
+    return fit_thresholds([{"M_r": 0.010, "V_r": 1e-4}, {"M_r": 0.012, "V_r": 1.2e-4}, {"M_r": 0.011, "V_r": 1.1e-4}],
+                          provenance={"preset": "fast", "models": fitted_on, "source": "a fit on other models"})
+
+
+def test_held_out_thresholds_judge_every_model_outside_their_fit(tmp_path):
+    """--thresholds: terd's decisions come from a fit made elsewhere; a model inside that fit is not judged, the
+    others are judged by it alone (not by the zoo's benign models), and the report says which fit judged whom."""
+    from terd.bench import decide_fixed, describe_fixed
+
+    rows = [_row("b0", False, 0.011, 1e-4), _row("b1", False, 0.0105, 1.05e-4), _row("b2", False, 0.5, 1e-4),
+            _row("x", True, 0.3, 1e-2, spread=0.1), _row("y", True, 0.011, 1e-4)]
+    thr = _held_out_thresholds(["b0"])
+    fixed = {"terd-fast": {r["id"]: thr for r in rows}}
+    decide_fixed(rows, "terd-fast", fixed["terd-fast"], tmp_path)
+    dec = {r["id"]: r["defenses"]["terd-fast"]["decision"] for r in rows}
+    assert dec["b0"]["flagged"] is None and "in the thresholds' fit" in dec["b0"]["note"]
+    assert dec["b1"]["flagged"] is False and dec["x"]["flagged"] is True and dec["y"]["flagged"] is False
+    assert dec["b2"]["flagged"] is True  # far over the fit: leave-one-out among b0-b2 would have kept it
+    assert dec["x"]["cuts"] == thr.values() and dec["x"]["score"] > 0 > dec["b1"]["score"]
+    summary = summarise(rows, ("terd-fast",), 0.9)
+    row = summary["table"][0]
+    assert (row["TPR"], row["TNR"], row["benign_models"]) == (0.5, 0.5, 3)  # b1 kept, b2 flagged; b0 unjudged
+    meta = {"zoo": "z", "defenses": ["terd-fast", "elijah"], "workers": 1, "seconds": 1.0, "machine": "test",
+            "thresholds": describe_fixed("t.json", fixed, rows, tmp_path)}
+    assert meta["thresholds"]["unjudged"] == {"terd-fast": ["b0 (in the fit)"]}
+    assert meta["thresholds"]["fits"]["terd-fast"][0]["judges"] == ["b1", "b2", "x", "y"]
+    write_report(rows, ("terd-fast", "elijah"), tmp_path, meta, 0.9, tmp_path, fixed)
+    report = (tmp_path / "report.md").read_text()
+    assert "Held-out thresholds (`--thresholds t.json`)" in report and "a fit on other models (fitted on b0)" in report
+    elijah = {r["id"]: r["defenses"]["elijah"]["decision"] for r in rows}
+    assert elijah["b0"]["fitted_on"] == ["b1", "b2"]  # a defense the file does not cover: leave-one-out as before
+    assert (tmp_path / "scatter_terd-fast_digits16.png").is_file()
+
+
+def test_held_out_thresholds_from_a_file_or_shipped(tmp_path):
+    from terd.bench import fixed_thresholds
+    from terd.defense.calibration import default_thresholds
+    from terd.models import load_denoiser
+    from terd.zoo import ZooEntry
+
+    f = _held_out_thresholds(["b0"]).save(tmp_path / "t.json")
+    entries = [ZooEntry(id="m", kind="pretrained", path=str(ASSET))]
+    assert fixed_thresholds(f, entries, tmp_path, ("terd-fast", "elijah"))["terd-fast"]["m"].M_r > 0
+    with pytest.raises(TerdError, match="no terd-fast"):
+        fixed_thresholds(f, entries, tmp_path, ("terd-paper",))
+    with pytest.raises(TerdError, match="judges terd's defenses"):
+        fixed_thresholds(f, entries, tmp_path, ("elijah",))
+    shipped = fixed_thresholds("shipped", entries, tmp_path, ("terd-fast",))["terd-fast"]["m"]
+    assert shipped == default_thresholds("fast", model=load_denoiser(ASSET))  # what `terd scan` would use
+    assert "d16-benign-s4-e35" not in shipped.provenance["models"]  # the demo's benign model is outside that fit
+
+
+def test_bench_skips_models_marked_evaluate_false_and_checks_thresholds_first(tmp_path, monkeypatch):
+    import multiprocessing
+
+    import terd.bench as bench
+
+    if multiprocessing.get_start_method() != "fork":
+        pytest.skip("the fake evaluator reaches the worker only through fork")
+    zoo = tmp_path / "zoo.yaml"
+    zoo.write_text("models:\n  - {id: b0, kind: benign, seed: 0, evaluate: false}\n"
+                   + "".join(f"  - {{id: b{i}, kind: benign, seed: {i}}}\n" for i in (1, 2, 3)))
+    cache = tmp_path / "cache"
+    for i in range(4):
+        (cache / f"b{i}").mkdir(parents=True)
+        (cache / f"b{i}" / "model_index.json").write_text("{}")
+        (cache / f"b{i}" / "train.json").write_text(json.dumps({"preset": "tiny-digits16", "seed": i, "epochs": 40}))
+    monkeypatch.setattr(bench, "evaluate_model", _fake_evaluate)
+    out = tmp_path / "out"
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(TerdError):
+        bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, thresholds=tmp_path / "bad.json",
+                        echo=lambda s: None)
+    assert not (out / "calls.txt").exists()  # refused before any scan
+    f = _held_out_thresholds(["b1"]).save(tmp_path / "t.json")
+    bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, thresholds=f, echo=lambda s: None)
+    assert sorted((out / "calls.txt").read_text().split()) == ["b1", "b2", "b3"]
+    models = json.loads((out / "results.json").read_text())["models"]
+    assert [m["defenses"]["terd-fast"]["decision"]["flagged"] for m in models] == [None, False, False]
+    with pytest.raises(TerdError, match="'evaluate' must be true or false"):
+        zoo.write_text("models:\n  - {id: b0, kind: benign, evaluate: maybe}\n")
+        load_zoo(zoo)
+
+
+def test_a_lone_build_gets_every_core(tmp_path, monkeypatch):
+    import multiprocessing
+    import os
+
+    import terd.zoo as zoo_mod
+
+    if multiprocessing.get_start_method() != "fork":
+        pytest.skip("the fake builder reaches the worker only through fork")
+    f = tmp_path / "z.yaml"
+    f.write_text("models:\n  - {id: b, kind: benign}\n")
+    monkeypatch.setattr(zoo_mod, "build_entry", _fake_build)
+    zoo_mod.build_zoo(load_zoo(f), tmp_path / "cache", workers=2, echo=lambda s: None)
+    assert int((tmp_path / "cache" / "threads").read_text()) == (os.cpu_count() or 1)
+
+
+def _fake_build(e, cache, device, threads, base_dir):  # noqa: ANN001, ANN202
+    """Stands in for a build (in the worker process) and records the torch threads it was given."""
+    (Path(cache) / "threads").write_text(str(threads))

@@ -8,7 +8,9 @@ Protocol (what makes the numbers honest):
 * thresholds are fitted on benign models of the same dataset and network only (zoo.populations: benign
   KL features differ by architecture), never on the model being judged:
   a benign model is judged by thresholds fitted on the *other* benign models (leave-one-out), a
-  backdoored model by thresholds fitted on all benign models;
+  backdoored model by thresholds fitted on all benign models; or (``thresholds``: a file, or ``"shipped"``)
+  terd's decisions are made by thresholds fitted elsewhere -- a held-out split: a model inside that fit is
+  not judged;
 * input detection uses the reversed trigger on ``n_inputs`` fresh benign N(0, I) noises and as many
   true backdoor inputs gamma * eps + r of the attack (positive = backdoor input).
 """
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from terd.defense.model_detection import FEATURES
+from terd.defense.model_detection import FEATURES, Thresholds
 from terd.errors import TerdError
 from terd.rates import INPUT_FPR
 from terd.zoo import ZooEntry, build_zoo, load_zoo, model_dir, pool_context, populations
@@ -211,6 +213,66 @@ def population(row: dict) -> str:
     return row.get("population") or row["dataset"]
 
 
+SHIPPED = "shipped"  # --thresholds shipped: what `terd scan` uses for each model's architecture
+
+
+def fixed_thresholds(spec: str | Path, entries: list[ZooEntry], cache: Path,
+                     defenses: tuple[str, ...]) -> dict[str, dict[str, Thresholds | None]]:
+    """{terd defense: {model id: thresholds}} for a held-out judgement: one file for every model (its
+    preset's defense), or the entry terd ships for each model's architecture (None where it ships none)."""
+    from terd.defense.calibration import default_thresholds
+    from terd.models import load_denoiser
+
+    terd = [d for d in defenses if d.startswith("terd-")]
+    if not terd:
+        raise TerdError("--thresholds judges terd's defenses; none of them is among --defenses")
+    if str(spec) != SHIPPED:
+        thr = Thresholds.load(spec)
+        preset = thr.provenance.get("preset")
+        if preset is None and len(terd) > 1:
+            raise TerdError(f"{spec}: the thresholds do not say which preset they were fitted for "
+                            f"(provenance.preset), and --defenses runs {', '.join(terd)}")
+        name = f"terd-{preset}" if preset else terd[0]
+        if name not in terd:
+            raise TerdError(f"{spec}: fitted for preset {preset!r}, but --defenses has no {name}")
+        return {name: {e.id: thr for e in entries}}
+    out: dict[str, dict[str, Thresholds | None]] = {d: {} for d in terd}
+    for e in entries:
+        den = load_denoiser(model_dir(e, cache))
+        for d in terd:
+            out[d][e.id] = default_thresholds(d.removeprefix("terd-"), model=den)
+    return out
+
+
+def _in_fit(row: dict, thr: Thresholds, cache: Path | None) -> bool:
+    """Is this model one the thresholds were fitted on (by zoo id, or by the path `terd calibrate` records)?"""
+    fitted = {str(m) for m in thr.provenance.get("models", [])}
+    if row["id"] in fitted:
+        return True
+    where = (cache / row["id"]).resolve() if cache is not None else None
+    return where is not None and any(Path(m).resolve() == where for m in fitted if "/" in m)
+
+
+def decide_fixed(rows: list[dict], defense: str, fixed: dict[str, Thresholds | None], cache: Path | None) -> None:
+    """``decision`` per row by thresholds fitted elsewhere; score: the largest margin in the fit's std units."""
+    from terd.defense.model_detection import detect_model
+
+    for row in rows:
+        if defense not in row["defenses"]:
+            continue
+        d, thr = row["defenses"][defense], fixed.get(row["id"])
+        if thr is None:
+            d["decision"] = {"flagged": None, "score": None, "note": "no thresholds for this model's architecture"}
+        elif _in_fit(row, thr, cache):
+            d["decision"] = {"flagged": None, "score": None, "note": "in the thresholds' fit: not judged"}
+        else:
+            v = detect_model({f: d[f] for f in FEATURES if f in d}, thr)
+            margins = v.margin_std or v.margin
+            d["decision"] = {"flagged": v.verdict == "backdoored", "score": max(margins.values()),
+                             "cuts": v.thresholds, "fitted_on": thr.provenance.get("models", []),
+                             "thresholds_source": thr.provenance.get("source", "")}
+
+
 def decide(rows: list[dict], defense: str, k: float = 3.0) -> None:
     """Add ``decision`` (flagged, score, fitted_on) per row for one defense, leave-one-out for benign rows."""
     for row in rows:
@@ -309,6 +371,44 @@ def _runs_line(meta: dict) -> list[str]:
     return [line, ""]
 
 
+def _fixed_line(meta: dict) -> list[str]:
+    """How the held-out thresholds (``--thresholds``) were made and which models they judged."""
+    spec = meta.get("thresholds")
+    if not spec:
+        return []
+    parts = []
+    for defense, fits in spec["fits"].items():
+        for f in fits:
+            parts.append(f"{defense}: {f['source']} (fitted on {', '.join(f['models']) or 'unrecorded models'}) "
+                         f"judges {', '.join(f['judges'])}")
+        if spec["unjudged"].get(defense):
+            parts.append(f"{defense} does not judge {', '.join(spec['unjudged'][defense])}")
+    return [f"Held-out thresholds (`--thresholds {spec['spec']}`): terd's decisions use thresholds fitted on "
+            "models outside this run's judgement (a model inside the fit is not judged); " + "; ".join(parts) + ".",
+            ""]
+
+
+def describe_fixed(spec: str | Path, fixed: dict[str, dict[str, Thresholds | None]], rows: list[dict],
+                   cache: Path) -> dict:
+    """For the report: each distinct fit, the models it judges, and those it does not (in the fit; no fit)."""
+    out: dict = {"spec": str(spec), "fits": {}, "unjudged": {}}
+    for defense, per_model in fixed.items():
+        fits: dict[int, dict] = {}
+        for row in rows:
+            thr = per_model.get(row["id"])
+            if thr is None:
+                out["unjudged"].setdefault(defense, []).append(f"{row['id']} (no thresholds for its architecture)")
+            elif _in_fit(row, thr, cache):
+                out["unjudged"].setdefault(defense, []).append(f"{row['id']} (in the fit)")
+            else:
+                fit = fits.setdefault(id(thr), {"source": thr.provenance.get("source", str(spec)),
+                                                "models": [str(m) for m in thr.provenance.get("models", [])],
+                                                "cuts": thr.values(), "judges": []})
+                fit["judges"].append(row["id"])
+        out["fits"][defense] = list(fits.values())
+    return out
+
+
 def _markdown(summary: dict, rows: list[dict], meta: dict) -> str:
     lines = ["# terd bench report", "",
              f"Zoo: `{meta['zoo']}`; defenses: {', '.join(meta['defenses'])}; {len(rows)} models; "
@@ -317,7 +417,8 @@ def _markdown(summary: dict, rows: list[dict], meta: dict) -> str:
              + (f"; {len(meta['reused_rows'])} model(s) reused from an earlier run with the same settings "
                 f"(not in that time): {', '.join(meta['reused_rows'])}." if meta.get("reused_rows") else "."), "",
              *_runs_line(meta),
-             "Thresholds: fitted per dataset (split by network where a dataset holds several: a [preset] "
+             *_fixed_line(meta),
+             ("Otherwise thresholds" if meta.get("thresholds") else "Thresholds") + ": fitted per dataset (split by network where a dataset holds several: a [preset] "
              "suffix) on benign models only (mean + 3 std of each feature; Elijah: "
              "mean - 3 std of generation spread). A benign model is judged by thresholds fitted on the other "
              "benign models (leave-one-out); a backdoored model by all benign models. Input detection "
@@ -347,7 +448,8 @@ def _markdown(summary: dict, rows: list[dict], meta: dict) -> str:
 def _feature_scatter(ax, rows: list[dict], defense: str, fx: str, fy: str,  # noqa: ANN001
                      excluded: frozenset[str] = frozenset()) -> None:
     """Benign vs backdoored models on two KL features, with the cuts backdoored models are judged by
-    (mean + 3 std over all benign models of the dataset; benign models are judged leave-one-out)."""
+    (held-out thresholds, else mean + 3 std over all benign models of the dataset; benign models are then
+    judged leave-one-out)."""
     groups = (("benign", "tab:blue", lambda r: not r["backdoored"]),
               ("backdoored", "tab:red", lambda r: r["backdoored"] and r["id"] not in excluded),
               ("backdoor does not fire", "tab:grey", lambda r: r["id"] in excluded))
@@ -356,7 +458,12 @@ def _feature_scatter(ax, rows: list[dict], defense: str, fx: str, fy: str,  # no
         if pts:
             ax.scatter(*zip(*pts, strict=True), c=colour, label=label, s=18)
     benign = [r["defenses"][defense] for r in rows if not r["backdoored"]]
-    if len(benign) >= 2:
+    cuts = [c for r in rows if (c := r["defenses"][defense]["decision"].get("cuts")) is not None]
+    if cuts and all(c == cuts[0] for c in cuts):  # one held-out fit (--thresholds) judges these models
+        for f, line in ((fx, ax.axvline), (fy, ax.axhline)):
+            if f in cuts[0]:
+                line(cuts[0][f], color="grey", ls="--", lw=0.8)
+    elif len(benign) >= 2:
         for f, line in ((fx, ax.axvline), (fy, ax.axhline)):
             vals = [d[f] for d in benign]
             line(statistics.fmean(vals) + 3 * statistics.stdev(vals), color="grey", ls="--", lw=0.8)
@@ -432,9 +539,14 @@ def _gallery(rows: list[dict], cache: Path, out: Path, defense: str) -> str | No
 
 
 def write_report(rows: list[dict], defenses: tuple[str, ...], out: Path, meta: dict, min_asr: float,
-                 cache: Path) -> dict:
+                 cache: Path, fixed: dict[str, dict[str, Thresholds | None]] | None = None) -> dict:
+    """``fixed``: {defense: {model id: thresholds}} fitted elsewhere (fixed_thresholds); other defenses are
+    judged leave-one-out."""
     for d in defenses:
-        decide(rows, d)
+        if fixed and d in fixed:
+            decide_fixed(rows, d, fixed[d], cache)
+        else:
+            decide(rows, d)
     summary = summarise(rows, defenses, min_asr)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "models": rows}, indent=2,
@@ -474,7 +586,8 @@ LATE_ENTRY_FIELDS = ("path", "data", "unet")  # zoo entry fields added after row
 def _entry_key(entry: ZooEntry) -> dict:
     """The entry as a row's settings key. Late fields are left out while unset (None or empty), so rows
     recorded before they existed stay valid."""
-    return {k: v for k, v in asdict(entry).items() if v or k not in LATE_ENTRY_FIELDS}
+    return {k: v for k, v in asdict(entry).items()
+            if k != "evaluate" and (v or k not in LATE_ENTRY_FIELDS)}  # evaluate: whether, not how
 
 
 def _cached_row(path: Path, key: dict) -> dict | None:
@@ -515,11 +628,13 @@ def _earlier_runs(out: Path) -> list[dict]:
 def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...] = ("terd-fast", "elijah"),
               cache: str | Path | None = None, workers: int = 1, n_inputs: int = 10_000, min_asr: float = 0.9,
               input_fpr: float = INPUT_FPR, seed: int = 0, device: str = "cpu", data: str | Path | None = None,
-              echo: Callable[[str], None] = print) -> dict:
+              thresholds: str | Path | None = None, echo: Callable[[str], None] = print) -> dict:
     """Build (or reuse) the zoo, run the defenses on every model in a process pool, write the report.
 
     ``device``: where models train and are scanned (e.g. ``cuda`` for the full-scale zoo); ``data``
-    replaces the zoo file's training data (a local dataset path, e.g. a CIFAR-10 directory).
+    replaces the zoo file's training data (a local dataset path, e.g. a CIFAR-10 directory); ``thresholds``
+    (a thresholds file, or ``"shipped"``) judges terd's defenses by thresholds fitted elsewhere instead of
+    leave-one-out over the zoo's benign models.
 
     Each model's evaluation is saved in ``OUT/rows/<id>.json`` as it finishes, so a rerun after an
     interruption only evaluates what is missing (or what changed: settings, or a rebuilt model)."""
@@ -530,6 +645,8 @@ def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...
         raise TerdError("--workers must be at least 1")
     if not 0.0 < input_fpr < 1.0:
         raise TerdError(f"--input-fpr must be in (0, 1), got {input_fpr}")
+    if thresholds is not None and str(thresholds) != SHIPPED:
+        Thresholds.load(thresholds)  # a bad file fails now, not after the scans
     entries = load_zoo(zoo_file, data=data)
     cache = Path(cache) if cache is not None else Path(zoo_file).with_suffix("").parent / "zoo-cache"
     out = Path(out)
@@ -537,6 +654,7 @@ def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...
     (out / "rows").mkdir(exist_ok=True)
     t0 = time.perf_counter()
     build_zoo(entries, cache, workers=workers, device=device, echo=echo)
+    entries = [e for e in entries if e.evaluate]  # the rest are bases built for others (zoo: evaluate false)
     threads = max(1, (os.cpu_count() or 1) // workers)
     rows: dict[str, dict] = {}
     keys = {e.id: json.loads(json.dumps(  # as it reads back from JSON (tuples become lists)
@@ -578,4 +696,8 @@ def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...
         "workers": workers, "machine": meta["machine"], "evaluated": [e.id for e in entries if e.id not in reused]}]
     for e_id, pop in populations(entries).items():  # report-time: the zoo decides who is compared with whom
         rows[e_id]["population"] = pop
-    return write_report([rows[e.id] for e in entries], tuple(defenses), out, meta, min_asr, cache)
+    ordered = [rows[e.id] for e in entries]
+    fixed = fixed_thresholds(thresholds, entries, cache, tuple(defenses)) if thresholds is not None else None
+    if fixed is not None:
+        meta["thresholds"] = describe_fixed(thresholds, fixed, ordered, cache)
+    return write_report(ordered, tuple(defenses), out, meta, min_asr, cache, fixed)

@@ -16,7 +16,8 @@ A zoo file (YAML) lists entries; an entry with a ``matrix`` expands into the pro
 Training data: the preset's built-in dataset, or ``data`` (a local image folder, CIFAR-10 directory or .npz),
 set for the whole zoo at the top of the file or per entry. Relative paths (``data``, ``path``) are relative
 to the zoo file. Every built model lives in ``CACHE/<id>``; a finished one is skipped, an interrupted one
-resumes.
+resumes. ``evaluate: false`` keeps an entry out of the bench's scans (a base only there for others to build on,
+e.g. one whose scan another zoo records).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class ZooEntry:
     data: str | None = None  # training data (a local path) instead of the preset's built-in dataset
     unet: dict = field(default_factory=dict)  # benign: UNet2DModel settings that replace the preset's
     batch_size: int | None = None  # fine-tunes: the batch instead of the preset's (recorded in train.json)
+    evaluate: bool = True  # False: a base the zoo builds for others but the bench does not scan (e.g. scanned elsewhere)
 
     def preset_spec(self) -> Preset:
         """The entry's preset with its ``unet`` overrides applied (what a from-scratch build trains)."""
@@ -197,6 +199,8 @@ def load_zoo(path: str | Path, *, data: str | Path | None = None) -> list[ZooEnt
             _check_unet_overrides(path, raw)
         if "batch_size" in raw:
             _check_batch_size(path, raw)
+        if not isinstance(raw.get("evaluate", True), bool):
+            raise TerdError(f"{path}: model {raw['id']!r}: 'evaluate' must be true or false")
         for e in _expand(raw):
             try:
                 entries.append(ZooEntry(**{**e, "tags": tuple(e.get("tags", ()))}))
@@ -418,7 +422,7 @@ def build_zoo(entries: list[ZooEntry], cache: str | Path, *, workers: int = 1, d
                 build_entry(e, cache, device=device, base_dir=base_of(e))
                 echo(f"  built {e.id}")
         else:
-            threads = max(1, (os.cpu_count() or 1) // workers)
+            threads = max(1, (os.cpu_count() or 1) // min(workers, len(todo)))  # a lone build gets every core
             with ProcessPoolExecutor(max_workers=workers, mp_context=pool_context(device)) as pool:
                 jobs = [pool.submit(build_entry, e, cache, device=device, threads=threads, base_dir=base_of(e))
                         for e in todo]

@@ -26,6 +26,10 @@ def bench(
     data: Annotated[Path | None, typer.Option(help="Training data for the zoo's builds (a local image folder, "
                                               "CIFAR-10 directory or .npz), replacing the zoo file's 'data'.")] = None,
     device: DeviceOpt = None,
+    thresholds: Annotated[str | None, typer.Option(
+        help="Judge terd's defenses by thresholds fitted elsewhere (a held-out split): a thresholds file "
+             "(`terd calibrate`), or 'shipped' for the ones `terd scan` uses on each model's architecture. "
+             "Default: leave-one-out over the zoo's benign models.")] = None,
 ) -> None:
     """Build the zoo (cached, resumable) and run the defenses on every model; write the report."""
     from terd.bench import run_bench
@@ -42,7 +46,7 @@ def bench(
                   echo=typer.echo)
         return
     summary = run_bench(zoo, out, defenses=names, cache=cache, workers=workers, n_inputs=n_inputs, min_asr=min_asr,
-                        input_fpr=input_fpr, device=dev, data=data, echo=typer.echo)
+                        input_fpr=input_fpr, device=dev, data=data, thresholds=thresholds, echo=typer.echo)
     for row in summary["table"]:
         typer.echo(f"{row['defense']:>10} {row['dataset']:>9} {row['family']:<32} TPR {row['TPR']} TNR {row['TNR']} "
                    f"AUC {row['AUC']}")
