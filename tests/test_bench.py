@@ -631,8 +631,11 @@ def test_held_out_thresholds_judge_every_model_outside_their_fit(tmp_path):
 
     rows = [_row("b0", False, 0.011, 1e-4), _row("b1", False, 0.0105, 1.05e-4), _row("b2", False, 0.5, 1e-4),
             _row("x", True, 0.3, 1e-2, spread=0.1), _row("y", True, 0.011, 1e-4)]
+    from terd.defense.model_detection import Thresholds
+
     thr = _held_out_thresholds(["b0"])
-    fixed = {"terd-fast": {r["id"]: thr for r in rows}}
+    same = Thresholds.from_dict(thr.to_dict())  # `shipped` loads the one fit anew for every model
+    fixed = {"terd-fast": {r["id"]: same if r["id"] == "y" else thr for r in rows}}
     decide_fixed(rows, "terd-fast", fixed["terd-fast"], tmp_path)
     dec = {r["id"]: r["defenses"]["terd-fast"]["decision"] for r in rows}
     assert dec["b0"]["flagged"] is None and "in the thresholds' fit" in dec["b0"]["note"]

@@ -393,7 +393,7 @@ def describe_fixed(spec: str | Path, fixed: dict[str, dict[str, Thresholds | Non
     """For the report: each distinct fit, the models it judges, and those it does not (in the fit; no fit)."""
     out: dict = {"spec": str(spec), "fits": {}, "unjudged": {}}
     for defense, per_model in fixed.items():
-        fits: dict[int, dict] = {}
+        fits: dict[str, dict] = {}
         for row in rows:
             thr = per_model.get(row["id"])
             if thr is None:
@@ -401,7 +401,8 @@ def describe_fixed(spec: str | Path, fixed: dict[str, dict[str, Thresholds | Non
             elif _in_fit(row, thr, cache):
                 out["unjudged"].setdefault(defense, []).append(f"{row['id']} (in the fit)")
             else:
-                fit = fits.setdefault(id(thr), {"source": thr.provenance.get("source", str(spec)),
+                same = json.dumps(thr.to_dict(), sort_keys=True, default=str)  # shipped: loaded once per model
+                fit = fits.setdefault(same, {"source": thr.provenance.get("source", str(spec)),
                                                 "models": [str(m) for m in thr.provenance.get("models", [])],
                                                 "cuts": thr.values(), "judges": []})
                 fit["judges"].append(row["id"])
