@@ -2,13 +2,17 @@
 
 terd shipped one `fast` threshold set, fitted on benign tiny-digits16 models, and `terd scan` applied it to any VP
 model. This script judges every benign model the recorded benches scanned with `fast` (tiny-digits16,
-tiny-photos32, tiny-photos32-dc) by that set, and by a new set fitted on the benign tiny-photos32-dc models of
-bench_photos32dc_mini (mean + 3 std, terd.defense.model_detection.fit_thresholds), which it installs as the
-shipped `fast@tiny-photos32-dc` entry. bench_photos32dc_heldout adds tiny-photos32-dc models outside that fit
-(its own report judges them with the shipped thresholds: `terd bench --thresholds shipped`). The backdoored models of every bench are judged too (counted when their
-measured ASR >= 0.9). A model inside a fit is marked "(in fit)"; the dc benign models' honest verdicts are the
-leave-one-out ones (thresholds fitted on the other dc benign models, as the bench does).
-No model is scanned: every feature comes from the committed bench results.
+tiny-photos32, tiny-photos32-dc) by that set and by two tiny-photos32-dc fits (mean + 3 std,
+terd.defense.model_detection.fit_thresholds):
+
+* the first fit, on the six benign models of bench_photos32dc_mini, shipped until bench_photos32dc_heldout judged
+  it on tiny-photos32-dc models outside it (`terd bench --thresholds shipped`; its report keeps those verdicts);
+* the fit on every benign tiny-photos32-dc model of both dc benches, which this script installs as the shipped
+  `fast@tiny-photos32-dc` entry. No benign dc model is left outside it: its benign verdicts here are
+  leave-one-out (thresholds fitted on the other dc benign models, as the bench does).
+
+The backdoored models of every bench are judged too (counted when their measured ASR >= 0.9). A model inside a
+fit is marked "(in fit)". No model is scanned: every feature comes from the committed bench results.
 
 Run: .venv/bin/python benchmarks/fit_dc_defaults.py → threshold_scope.md / .json
 """
@@ -26,7 +30,8 @@ from terd.defense.calibration import default_thresholds, install_defaults  # noq
 from terd.defense.model_detection import detect_model, fit_thresholds  # noqa: E402
 
 BENCHES = ("bench_digits16", "bench_photos32_e24", "bench_photos32dc_mini", "bench_photos32dc_heldout")
-FAMILY, FIT_BENCH = "tiny-photos32-dc", "bench_photos32dc_mini"
+FAMILY, FIRST_FIT_BENCH, FIT_BENCHES = "tiny-photos32-dc", "bench_photos32dc_mini", ("bench_photos32dc_mini",
+                                                                               "bench_photos32dc_heldout")
 
 
 def bench_rows() -> list[dict]:
@@ -44,12 +49,19 @@ def main() -> None:
     rows = bench_rows()
     digits = default_thresholds("fast")
     digits_ids = set(digits.provenance["models"])
-    fit_rows = [r for r in rows if r["bench"] == FIT_BENCH and not r["backdoored"]]
+    first_rows = [r for r in rows if r["bench"] == FIRST_FIT_BENCH and not r["backdoored"]]
+    first_ids = {r["id"] for r in first_rows}
+    first = fit_thresholds([r["defenses"]["terd-fast"] for r in first_rows])
+    fit_rows = [r for r in rows if r["bench"] in FIT_BENCHES and not r["backdoored"]]
     fit_ids = {r["id"] for r in fit_rows}
+    held_out = [r for r in fit_rows if r["id"] not in first_ids]
+    kept = sum(detect_model(r["defenses"]["terd-fast"], first).verdict == "benign" for r in held_out)
     thr = fit_thresholds([r["defenses"]["terd-fast"] for r in fit_rows], provenance={
         "preset": "fast", "seed": 0, "models": sorted(fit_ids),
-        "source": f"benchmarks/fit_dc_defaults.py: terd-fast rows of benchmarks/results/{FIT_BENCH} "
-                  f"(every benign {FAMILY} model: bases of seeds 0-2 and three clean fine-tunes of seed 0)"})
+        "source": f"benchmarks/fit_dc_defaults.py: terd-fast rows of benchmarks/results/{' and '.join(FIT_BENCHES)} "
+                  f"(every benign {FAMILY} model scanned: bases of seeds 0-3 and clean fine-tunes of seeds 0-2); "
+                  f"the first fit, on the {len(first_rows)} of {FIRST_FIT_BENCH}, kept {kept} of the {len(held_out)} "
+                  "benign models outside it"})
     install_defaults(thr, f"fast@{FAMILY}", family=FAMILY)
     out = []
     for r in rows:
@@ -63,6 +75,7 @@ def main() -> None:
                     "counted": (not r["backdoored"]) or (r.get("asr") or 0) >= 0.9,
                     **{f: round(feats[f], 5) for f in ("M_r", "V_r", "P_r")},
                     "verdict_digits16_fit": "(in fit)" if r["id"] in digits_ids else detect_model(feats, digits).verdict,
+                    "verdict_dc_first_fit": "(in fit)" if r["id"] in first_ids else detect_model(feats, first).verdict,
                     "verdict_dc_fit": "(in fit)" if r["id"] in fit_ids else detect_model(feats, thr).verdict,
                     "verdict_dc_leave_one_out": loo})
         print(out[-1], flush=True)
@@ -80,15 +93,21 @@ def main() -> None:
 
     summary = "; ".join(
         f"{p}: benign kept {tally(p, 'benign', 'verdict_digits16_fit')} by the digits16 fit, "
-        f"{tally(p, 'benign', 'verdict_dc_fit')} by the dc fit; backdoors flagged "
-        f"{tally(p, 'backdoored', 'verdict_digits16_fit')} / {tally(p, 'backdoored', 'verdict_dc_fit')}"
+        f"{tally(p, 'benign', 'verdict_dc_first_fit')} by the first dc fit, {tally(p, 'benign', 'verdict_dc_fit')} "
+        f"by the dc fit; backdoors flagged {tally(p, 'backdoored', 'verdict_digits16_fit')} / "
+        f"{tally(p, 'backdoored', 'verdict_dc_first_fit')} / {tally(p, 'backdoored', 'verdict_dc_fit')}"
         for p in ("tiny-digits16", "tiny-photos32", FAMILY))
+
+    def cuts(t) -> str:  # noqa: ANN001
+        return f"M_r > {t.M_r:.4f}, V_r > {t.V_r:.5f}, P_r > {t.P_r:.4f}"
+
     write_results("threshold_scope", out, list(out[0]), notes=(
-        f"Thresholds: the shipped digits16 `fast` fit (M_r > {digits.M_r:.4f}, V_r > {digits.V_r:.5f}, P_r > "
-        f"{digits.P_r:.4f}; {digits.provenance['n_models']} benign tiny-digits16 models) and the {FAMILY} fit "
-        f"installed here (M_r > {thr.M_r:.4f}, V_r > {thr.V_r:.5f}, P_r > {thr.P_r:.4f}; mean + 3 std over "
-        f"{len(fit_rows)} benign models: {', '.join(sorted(fit_ids))}). Judged (benign: models outside the fit; "
-        f"backdoors: ASR >= 0.9): {summary}. The dc benign models' own verdicts are leave-one-out "
+        f"Thresholds: the shipped digits16 `fast` fit ({cuts(digits)}; {digits.provenance['n_models']} benign "
+        f"tiny-digits16 models); the first {FAMILY} fit ({cuts(first)}; mean + 3 std over the {len(first_rows)} "
+        f"benign models of {FIRST_FIT_BENCH}: {', '.join(sorted(first_ids))}), shipped until the held-out check; and "
+        f"the {FAMILY} fit installed here ({cuts(thr)}; mean + 3 std over {len(fit_rows)} benign models: "
+        f"{', '.join(sorted(fit_ids))}). Judged (benign: models outside the fit; backdoors: ASR >= 0.9): {summary}. "
+        f"The dc benign models' verdicts by the installed fit are leave-one-out "
         f"({tally(FAMILY, 'benign', 'verdict_dc_leave_one_out')} kept). Features: the benches' terd-fast scans "
         f"({', '.join(BENCHES)}); a model's training preset from its bench's zoo entry."))
 

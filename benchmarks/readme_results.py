@@ -2,7 +2,8 @@
 
 Reads ``benchmarks/results/<bench>/results.json`` of each bench listed in ``BENCHES`` (what ``terd bench`` wrote)
 and renders one markdown table: per zoo, defense and attack family, the counted backdoors, model-detection
-TPR / TNR / AUC with the bench's own leave-one-out thresholds, input detection (worst model) next to its
+TPR / TNR / AUC with the bench's own leave-one-out thresholds (or, for a held-out run, the thresholds it was
+given), input detection (worst model) next to its
 Neyman-Pearson ceiling, and the cost. The block sits in README.md between the two ``results`` markers.
 
 Run: .venv/bin/python benchmarks/readme_results.py          (rewrite the block in README.md)
@@ -30,6 +31,7 @@ BENCHES = (
     ("photos32 (VP DDPM)", "bench_photos32_e24"),
     ("photos32 (VP DDPM)", "bench_photos32_elijah"),
     ("photos32, tiny-photos32-dc base (VP DDPM)", "bench_photos32dc_mini"),
+    ("photos32, tiny-photos32-dc, held out (shipped thresholds)", "bench_photos32dc_heldout"),
     ("digits16 VE, EDM-preconditioned", "bench_digits16_ve"),
     ("digits16 VE, NCSN score network", "bench_digits16_ncsn"),
 )
@@ -84,7 +86,8 @@ def render(results_dir: Path = RESULTS) -> str:
                      + ".")
     lines += ["", "TPR over the counted backdoors (ASR ≥ 0.9, measured by the bench), TNR over the zoo's benign "
               "models, each judged by thresholds fitted on benign models only (a benign model by the others: "
-              "leave-one-out). Input detection: 10,000 benign + 10,000 backdoor noises per model at an FPR budget "
+              "leave-one-out; a held-out row: by the thresholds `terd scan` shipped then, fitted on another zoo's "
+              "benign models, `terd bench --thresholds shipped`). Input detection: 10,000 benign + 10,000 backdoor noises per model at an FPR budget "
               "of 0.05%; a ceiling is shown where even the true trigger's own likelihood-ratio test (the most "
               "powerful detector of x_T, closed form) cannot reach 99.95%.", "", *notes, "", END]
     return "\n".join(lines)
