@@ -216,7 +216,7 @@ def population(row: dict) -> str:
 SHIPPED = "shipped"  # --thresholds shipped: what `terd scan` uses for each model's architecture
 
 
-def fixed_thresholds(spec: str | Path, entries: list[ZooEntry], cache: Path,
+def fixed_thresholds(spec: str | Path | Thresholds, entries: list[ZooEntry], cache: Path,
                      defenses: tuple[str, ...]) -> dict[str, dict[str, Thresholds | None]]:
     """{terd defense: {model id: thresholds}} for a held-out judgement: one file for every model (its
     preset's defense), or the entry terd ships for each model's architecture (None where it ships none)."""
@@ -226,8 +226,8 @@ def fixed_thresholds(spec: str | Path, entries: list[ZooEntry], cache: Path,
     terd = [d for d in defenses if d.startswith("terd-")]
     if not terd:
         raise TerdError("--thresholds judges terd's defenses; none of them is among --defenses")
-    if str(spec) != SHIPPED:
-        thr = Thresholds.load(spec)
+    if isinstance(spec, Thresholds) or str(spec) != SHIPPED:
+        thr = spec if isinstance(spec, Thresholds) else Thresholds.load(spec)
         preset = thr.provenance.get("preset")
         if preset is None and len(terd) > 1:
             raise TerdError(f"{spec}: the thresholds do not say which preset they were fitted for "
@@ -244,13 +244,16 @@ def fixed_thresholds(spec: str | Path, entries: list[ZooEntry], cache: Path,
     return out
 
 
-def _in_fit(row: dict, thr: Thresholds, cache: Path | None) -> bool:
-    """Is this model one the thresholds were fitted on (by zoo id, or by the path `terd calibrate` records)?"""
+def _not_judged(row: dict, thr: Thresholds | None, cache: Path | None) -> str | None:
+    """Why these thresholds cannot judge this model (none for its architecture; it is in their fit, by zoo id
+    or by the path `terd calibrate` records), or None when they can."""
+    if thr is None:
+        return "no thresholds for its architecture"
     fitted = {str(m) for m in thr.provenance.get("models", [])}
-    if row["id"] in fitted:
-        return True
     where = (cache / row["id"]).resolve() if cache is not None else None
-    return where is not None and any(Path(m).resolve() == where for m in fitted if "/" in m)
+    if row["id"] in fitted or (where is not None and any(Path(m).resolve() == where for m in fitted if "/" in m)):
+        return "in the fit"
+    return None
 
 
 def decide_fixed(rows: list[dict], defense: str, fixed: dict[str, Thresholds | None], cache: Path | None) -> None:
@@ -261,10 +264,8 @@ def decide_fixed(rows: list[dict], defense: str, fixed: dict[str, Thresholds | N
         if defense not in row["defenses"]:
             continue
         d, thr = row["defenses"][defense], fixed.get(row["id"])
-        if thr is None:
-            d["decision"] = {"flagged": None, "score": None, "note": "no thresholds for this model's architecture"}
-        elif _in_fit(row, thr, cache):
-            d["decision"] = {"flagged": None, "score": None, "note": "in the thresholds' fit: not judged"}
+        if why := _not_judged(row, thr, cache):
+            d["decision"] = {"flagged": None, "score": None, "note": f"not judged: {why}"}
         else:
             v = detect_model({f: d[f] for f in FEATURES if f in d}, thr)
             margins = v.margin_std or v.margin
@@ -396,10 +397,8 @@ def describe_fixed(spec: str | Path, fixed: dict[str, dict[str, Thresholds | Non
         fits: dict[str, dict] = {}
         for row in rows:
             thr = per_model.get(row["id"])
-            if thr is None:
-                out["unjudged"].setdefault(defense, []).append(f"{row['id']} (no thresholds for its architecture)")
-            elif _in_fit(row, thr, cache):
-                out["unjudged"].setdefault(defense, []).append(f"{row['id']} (in the fit)")
+            if why := _not_judged(row, thr, cache):
+                out["unjudged"].setdefault(defense, []).append(f"{row['id']} ({why})")
             else:
                 same = json.dumps(thr.to_dict(), sort_keys=True, default=str)  # shipped: loaded once per model
                 fit = fits.setdefault(same, {"source": thr.provenance.get("source", str(spec)),
@@ -646,8 +645,9 @@ def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...
         raise TerdError("--workers must be at least 1")
     if not 0.0 < input_fpr < 1.0:
         raise TerdError(f"--input-fpr must be in (0, 1), got {input_fpr}")
+    given = thresholds  # a file is read once, now: a bad one fails before the scans
     if thresholds is not None and str(thresholds) != SHIPPED:
-        Thresholds.load(thresholds)  # a bad file fails now, not after the scans
+        given = Thresholds.load(thresholds)
     entries = load_zoo(zoo_file, data=data)
     cache = Path(cache) if cache is not None else Path(zoo_file).with_suffix("").parent / "zoo-cache"
     out = Path(out)
@@ -698,7 +698,7 @@ def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...
     for e_id, pop in populations(entries).items():  # report-time: the zoo decides who is compared with whom
         rows[e_id]["population"] = pop
     ordered = [rows[e.id] for e in entries]
-    fixed = fixed_thresholds(thresholds, entries, cache, tuple(defenses)) if thresholds is not None else None
+    fixed = fixed_thresholds(given, entries, cache, tuple(defenses)) if given is not None else None
     if fixed is not None:
         meta["thresholds"] = describe_fixed(thresholds, fixed, ordered, cache)
     return write_report(ordered, tuple(defenses), out, meta, min_asr, cache, fixed)
