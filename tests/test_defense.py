@@ -207,6 +207,39 @@ def test_line_search_start_lands_in_the_trojan_valley(schedule):
     assert cfg.network_evaluations_bound() == replace(cfg, starts=()).network_evaluations_bound() + search
 
 
+def test_descent_start_reaches_the_valley_without_line_points(schedule):
+    """With no line radii the only points are r = 0 and the fixed-gamma descent's end, which must beat r = 0.
+
+    (Whether descent reaches a trojan valley depends on the trained network: on the exact mixture oracle it walks
+    away from mu, as on tiny-digits models; on the tiny-photos32-dc blend model it walks in. That is measured by
+    benchmarks/bench_descent_start.py, not here.)
+    """
+    from dataclasses import replace
+
+    cfg = replace(SMALL, starts=("reference", "line-search"), search_radii=(), search_gammas=(0.5,),
+                  descent_iters=30, descent_lr=0.05, stage1_iters=1, stage2_iters=1)
+    res = reverse_trigger(_mixture(schedule, 0.6), cfg, seed=0)
+    (start,) = res.history["start"]
+    assert start["rule"] == "descent" and start["gamma"] == 0.5 and start["r_l2"] > 0
+    assert res.network_evaluations == cfg.network_evaluations_bound()  # descent + its shared-batch check counted
+    k, b = cfg.noises_per_x0, cfg.batch_size
+    assert cfg.network_evaluations_bound() == replace(cfg, descent_iters=0).network_evaluations_bound() + 31 * k * b
+
+
+def test_a_losing_descent_leaves_the_run_bit_identical(schedule):
+    """When a line point beats the descent, the descent's own draws change nothing that follows."""
+    from dataclasses import replace
+
+    cfg = replace(SMALL, starts=("reference", "line-search"), stage1_iters=5, stage2_iters=2)
+    den = _mixture(schedule, 0.6)
+    plain = reverse_trigger(den, cfg, seed=0)
+    tried = reverse_trigger(den, replace(cfg, descent_iters=2, descent_lr=1e-4), seed=0)
+    assert tried.history["start"][0]["rule"] == "line"
+    for a, b in zip(plain.candidate_triggers, tried.candidate_triggers, strict=True):
+        assert torch.equal(a.r, b.r) and torch.equal(a.gamma, b.gamma)
+    assert tried.network_evaluations - plain.network_evaluations == 3 * cfg.noises_per_x0 * cfg.batch_size
+
+
 def test_adam_resume_equals_uninterrupted(schedule, tmp_path):
     den = _mixture(schedule, 0.6)
     cfg = ReversionConfig(stage1_iters=12, stage2_iters=4, batch_size=4, noises_per_x0=3, clip_scale=10,
