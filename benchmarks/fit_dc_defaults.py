@@ -29,7 +29,8 @@ from common import RESULTS, write_results  # noqa: E402
 from terd.defense.calibration import default_thresholds, install_defaults  # noqa: E402
 from terd.defense.model_detection import detect_model, fit_thresholds  # noqa: E402
 
-BENCHES = ("bench_digits16", "bench_photos32_e24", "bench_photos32dc_mini", "bench_photos32dc_heldout")
+BENCHES = ("bench_digits16", "bench_photos32_e24", "bench_photos32dc_mini", "bench_photos32dc_heldout",
+           "bench_photos32dc_descent")  # in run order: a model scanned again by a later bench counts by its later row
 FAMILY, FIRST_FIT_BENCH, FIT_BENCHES = "tiny-photos32-dc", "bench_photos32dc_mini", ("bench_photos32dc_mini",
                                                                                "bench_photos32dc_heldout")
 
@@ -79,11 +80,8 @@ def main() -> None:
                     "verdict_dc_fit": "(in fit)" if r["id"] in fit_ids else detect_model(feats, thr).verdict,
                     "verdict_dc_leave_one_out": loo})
         print(out[-1], flush=True)
-    seen, unique = set(), []
-    for o in out:  # bench_digits16 rows appear once; a model scanned by two benches would be counted once
-        if (o["preset"], o["model"]) not in seen:
-            seen.add((o["preset"], o["model"]))
-            unique.append(o)
+    latest = {(o["preset"], o["model"]): o for o in out}  # a model scanned by two benches counts once, by the later
+    unique = list(latest.values())
 
     def tally(preset: str, truth: str, col: str) -> str:
         judged = [o for o in unique if o["preset"] == preset and o["truth"] == truth and o["counted"]
@@ -109,7 +107,8 @@ def main() -> None:
         f"{', '.join(sorted(fit_ids))}). Judged (benign: models outside the fit; backdoors: ASR >= 0.9): {summary}. "
         f"The dc benign models' verdicts by the installed fit are leave-one-out "
         f"({tally(FAMILY, 'benign', 'verdict_dc_leave_one_out')} kept). Features: the benches' terd-fast scans "
-        f"({', '.join(BENCHES)}); a model's training preset from its bench's zoo entry."))
+        f"({', '.join(BENCHES)}); a model's training preset from its bench's zoo entry. A model listed twice (the dc TrojDiff blend, rescanned "
+        "by bench_photos32dc_descent after the descent start was added) counts once, by its later row."))
 
 
 if __name__ == "__main__":
