@@ -1,14 +1,17 @@
-"""Refit terd's shipped ``fast`` thresholds on the benign tiny-digits16 models of the headline bench.
+"""Refit terd's shipped ``fast`` thresholds on benign tiny-digits16 models, and judge every other model by them.
 
-The first shipped fit (benchmarks/bench_detection.py) used three benign models, and a std from three values
-is rough. The headline bench (benchmarks/results/bench_digits16/) has scanned seven benign digits16 models with
-the same ``fast`` schedule and seed (its seeds 1-3 rows carry exactly the features of that first fit). This
-script fits mean + 3 std on them, minus the one whose weights are the demo's benign model (d16-benign-s4-e35
-= src/terd/assets/models/demo-benign): the demo must be judged by thresholds it did not help make.
+History: the first shipped fit (benchmarks/bench_detection.py) used three benign models; the second, six benign
+models of the headline bench (benchmarks/results/bench_digits16/: seeds 0, 1, 2, 3, 5 and a clean fine-tune of
+seed 0, minus the seed-4 model whose weights are the demo's benign model: the demo must be judged by thresholds it
+did not help make). Judged on benign bases outside it (bench_digits16_lengths, `terd bench --thresholds shipped`)
+that six-model fit flagged a 20-epoch base, so this script now fits on twelve: those six, the three length bases
+(10, 20, 40 epochs) and three of the six bases of bench_digits16_benign_more (seeds 23, 25, 27; the split was fixed
+in its zoo file before any was scanned). Seeds 24, 26, 28 and the demo's benign model stay outside the fit and are
+judged by it, with every backdoor of the headline bench. The six-model fit's verdicts are shown beside.
 
-It then judges, with the new thresholds, every bench model that is not in the fit (the demo's two models,
-whose weights equal bench rows, are among them) and installs the fit as the shipped ``fast`` default.
-No model is scanned: every feature comes from the committed bench results.
+No model is scanned: every feature comes from committed bench results. The scans behind them ran before and after
+the `fast` descent start (reversion._fixed_gamma_descent); on every digits16 model checked the line point won
+(benchmarks/results/descent_start.md), which leaves a scan bit-identical, so the features are comparable.
 
 Run: .venv/bin/python benchmarks/fit_fast_defaults.py → fast_defaults.md / .json
 """
@@ -28,6 +31,8 @@ from terd.defense.model_detection import detect_model, fit_thresholds  # noqa: E
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = RESULTS / "bench_digits16" / "results.json"
+MORE_BENCHES = ("bench_digits16_lengths", "bench_digits16_benign_more")  # benign bases judged held out, then fitted
+HELD_OUT = {"d16-benign-s24-e16", "d16-benign-s26-e30", "d16-benign-s28-e36"}  # fixed before they were scanned
 ASSETS = ROOT / "src/terd/assets/models"
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 DEMO = {"demo-benign": "d16-benign-s4-e35", "demo-trojdiff": "d16-troj-d2i-blend-e12"}  # same weights
@@ -46,40 +51,54 @@ def check_demo_twins(cache: Path) -> dict[str, bool]:
     return out
 
 
+def _fit(rows: list[dict], what: str) -> object:
+    return fit_thresholds([r["defenses"]["terd-fast"] for r in rows], provenance={
+        "preset": "fast", "seed": 0, "models": [r["id"] for r in rows],
+        "source": f"benchmarks/fit_fast_defaults.py: terd-fast rows of {what} "
+                  "(benign tiny-digits16 models; the demo's benign model and three held-out bases left out)"})
+
+
 def main() -> None:
     bench = json.loads(BENCH.read_text())
     twins = check_demo_twins(ROOT / bench["meta"]["cache"])
     if not all(twins.values()):
         raise SystemExit(f"demo models differ from their bench twins: {twins}")
     rows = [r for r in bench["models"] if r["dataset"] == "digits16" and "terd-fast" in r["defenses"]]
-    calib = [r for r in rows if not r["backdoored"] and r["id"] not in DEMO.values()]
+    six = [r for r in rows if not r["backdoored"] and r["id"] not in DEMO.values()]
+    for name in MORE_BENCHES:
+        rows += [r for r in json.loads((RESULTS / name / "results.json").read_text())["models"]
+                 if "terd-fast" in r["defenses"]]
+    calib = [r for r in rows if not r["backdoored"] and r["id"] not in DEMO.values() and r["id"] not in HELD_OUT]
     calib_ids = {r["id"] for r in calib}
-    thr = fit_thresholds([r["defenses"]["terd-fast"] for r in calib], provenance={
-        "preset": "fast", "seed": 0, "models": [r["id"] for r in calib],
-        "source": "benchmarks/fit_fast_defaults.py: terd-fast rows of benchmarks/results/bench_digits16 "
-                  "(benign tiny-digits16 models; the demo's benign model left out)"})
+    before = _fit(six, "benchmarks/results/bench_digits16")
+    thr = _fit(calib, "benchmarks/results/" + ", ".join(("bench_digits16", *MORE_BENCHES)))
     install_defaults(thr, "fast", family="tiny-digits16")
     demo_of = {row: demo for demo, row in DEMO.items()}
     out = []
     for r in rows:
         feats = r["defenses"]["terd-fast"]
-        verdict = detect_model(feats, thr)
+        verdict, old = detect_model(feats, thr), detect_model(feats, before)
         out.append({"model": r["id"], "demo_model": demo_of.get(r["id"], ""), "truth": "backdoored" if r["backdoored"] else "benign",
                     "asr": r.get("asr"), "counted": (not r["backdoored"]) or (r.get("asr") or 0) >= 0.9,
                     "tags": ",".join(r.get("tags", [])),
                     **{f: round(feats[f], 5) for f in ("M_r", "V_r", "P_r")},
+                    "six_model_fit": "(in fit)" if r["id"] in {c["id"] for c in six} else old.verdict,
                     "verdict": "(fits thresholds)" if r["id"] in calib_ids else verdict.verdict,
                     "flagged_by": "" if r["id"] in calib_ids else ",".join(verdict.flagged_by)})
         print(out[-1], flush=True)
     judged = [o for o in out if o["verdict"] != "(fits thresholds)" and o["counted"]]
     right = sum(o["verdict"] == o["truth"] for o in judged)
-    cols = ["model", "demo_model", "truth", "asr", "counted", "tags", "M_r", "V_r", "P_r", "verdict", "flagged_by"]
+    benign = [o for o in judged if o["truth"] == "benign"]
+    cols = ["model", "demo_model", "truth", "asr", "counted", "tags", "M_r", "V_r", "P_r", "six_model_fit", "verdict",
+            "flagged_by"]
     write_results("fast_defaults", out, cols, notes=(
         f"Shipped `fast` thresholds refitted (mean + 3 std over {len(calib)} benign models: "
-        f"{', '.join(r['id'] for r in calib)}): M_r > {thr.M_r:.4f} or V_r > {thr.V_r:.5f} or P_r > {thr.P_r:.4f}. "
-        f"Every other bench model judged by them: {right}/{len(judged)} right among those counted (benign, or an attack "
-        "that fires: ASR >= 0.9). Features: the bench's terd-fast scans (no model rescanned). The demo's models have the "
-        f"weights of the rows marked demo_model (sha256 checked: {twins})."))
+        f"{', '.join(r['id'] for r in calib)}): M_r > {thr.M_r:.4f} or V_r > {thr.V_r:.5f} or P_r > {thr.P_r:.4f} "
+        f"(the six-model fit: {before.M_r:.4f} / {before.V_r:.5f} / {before.P_r:.4f}). Every other model judged by "
+        f"them: {right}/{len(judged)} right among those counted (benign, or an attack that fires: ASR >= 0.9), "
+        f"{sum(o['verdict'] == 'benign' for o in benign)}/{len(benign)} benign models outside the fit kept. "
+        "Features: the benches' terd-fast scans (no model rescanned). The demo's models have the weights of the "
+        f"rows marked demo_model (sha256 checked: {twins})."))
 
 
 if __name__ == "__main__":
