@@ -36,8 +36,8 @@ ZOO = ROOT / "runs" / "zoo-cache"
 QUICK = ROOT / "runs" / "quick32" / "p32dc-s0-e20"
 MODELS = [  # (population, model directory)
     *[("tiny-photos32-dc", p) for p in sorted(ZOO.glob("p32dc-*"))],
-    *[("tiny-photos32-dc", QUICK / n) for n in ("troj-in-d2d-b16-e3-np", "troj-out-d2d-b16-e3-np",
-                                                 "troj-out-d2d-b16-e6-np")],
+    *[("tiny-photos32-dc", QUICK / n) for n in ("troj-out-d2d-b16-e3-np", "troj-out-d2d-b16-e6-np")],  # In-D2D:
+    # its copy in the zoo cache is p32dc-troj-in-d2d-blend
     *[("tiny-digits16", p) for p in sorted(ZOO.glob("d16-benign-*"))],
     *[("tiny-digits16", ROOT / "src" / "terd" / "assets" / "models" / n)
       for n in ("demo-benign", "digits-benign", "demo-trojdiff")],

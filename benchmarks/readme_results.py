@@ -32,6 +32,8 @@ BENCHES = (
     ("photos32 (VP DDPM)", "bench_photos32_elijah"),
     ("photos32, tiny-photos32-dc base (VP DDPM)", "bench_photos32dc_mini"),
     ("photos32, tiny-photos32-dc, held out (shipped thresholds)", "bench_photos32dc_heldout"),
+    ("photos32, tiny-photos32-dc, TrojDiff blends with the descent start (shipped thresholds)",
+     "bench_photos32dc_descent"),
     ("digits16 VE, EDM-preconditioned", "bench_digits16_ve"),
     ("digits16 VE, NCSN score network", "bench_digits16_ncsn"),
 )
