@@ -158,6 +158,13 @@ def test_bench_resumes_from_saved_rows(tmp_path, monkeypatch):
     bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, input_fpr=1e-3, echo=lambda s: None)
     assert len((out / "calls.txt").read_text().split()) == 7  # other settings: all evaluated anew
     assert summary["table"] == [] and json.loads((out / "results.json").read_text())["meta"]["input_fpr"] == 1e-3
+    from dataclasses import replace
+
+    import terd.defense.reversion as rev
+
+    monkeypatch.setitem(rev.PRESETS, "fast", replace(rev.PRESETS["fast"], descent_iters=0))  # another `fast`
+    bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, input_fpr=1e-3, echo=lambda s: None)
+    assert len((out / "calls.txt").read_text().split()) == 10  # rows made by another preset version: not reused
 
 
 def test_matrix_over_entry_fields_sets_the_field_not_an_attack_argument(tmp_path):

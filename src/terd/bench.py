@@ -590,6 +590,13 @@ def _entry_key(entry: ZooEntry) -> dict:
             if k != "evaluate" and (v or k not in LATE_ENTRY_FIELDS)}  # evaluate: whether, not how
 
 
+def _reversion_configs(defenses) -> dict:  # noqa: ANN001
+    """Every terd defense's full reversion settings: a row made by another version of a preset is not reused."""
+    from terd.defense.reversion import get_config
+
+    return {d: asdict(get_config(d.removeprefix("terd-"))) for d in defenses if d.startswith("terd-")}
+
+
 def _cached_row(path: Path, key: dict) -> dict | None:
     """A model's earlier evaluation, if it was made with the same settings on the same model."""
     try:
@@ -660,7 +667,8 @@ def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...
     rows: dict[str, dict] = {}
     keys = {e.id: json.loads(json.dumps(  # as it reads back from JSON (tuples become lists)
         {"defenses": list(defenses), "features": list(FEATURES), "n_inputs": n_inputs, "input_fpr": input_fpr, "seed": seed, "entry": _entry_key(e),
-         "model": _model_fingerprint(model_dir(e, cache))}, default=str)) for e in entries}
+         "model": _model_fingerprint(model_dir(e, cache)), "reversion": _reversion_configs(defenses)},
+        default=str)) for e in entries}
     for e in entries:
         if (row := _cached_row(out / "rows" / f"{e.id}.json", keys[e.id])) is not None:
             rows[e.id] = row
