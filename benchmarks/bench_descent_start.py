@@ -13,10 +13,13 @@ recorded scan of such a model, and every threshold fitted on such benign models,
 
 Needs the model caches in runs/ (built by the zoo runs named in the table; gitignored) and the demo assets.
 Run: .venv/bin/python benchmarks/bench_descent_start.py   (about 15 minutes on 2 cores)
+     .venv/bin/python benchmarks/bench_descent_start.py --only POPULATION=DIR ...   (add or redo those models'
+     rows in the recorded table, e.g. tiny-photos32-dc=runs/gamma/p32dc-troj-d2i-blend-g08)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -25,9 +28,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import RESULTS, write_results  # noqa: E402
 
 from terd.attacks import load_true_trigger  # noqa: E402
+from terd.attacks.trojdiff import DEFAULT_GAMMA  # noqa: E402
 from terd.defense import reversion as rev  # noqa: E402
 from terd.models.loading import load_denoiser  # noqa: E402
 
@@ -54,13 +58,31 @@ def _attack(model: Path) -> str:
     if not f.is_file():
         return "benign"
     a = json.loads(f.read_text())
-    return f"{a['attack']} {a.get('setting', '')} {a.get('trigger', '')}".strip()
+    label = f"{a['attack']} {a.get('setting', '')} {a.get('trigger', '')}".strip()
+    if a.get("gamma_a") is not None and a["gamma_a"] != DEFAULT_GAMMA.get(a.get("trigger")):
+        label += f" (gamma_a {a['gamma_a']})"
+    return label
+
+
+def _models(only: list[str]) -> list[tuple[str, Path]]:
+    if not only:
+        return MODELS
+    out = []
+    for item in only:
+        population, sep, path = item.partition("=")
+        if not sep or not (Path(path) / "model_index.json").is_file():
+            raise SystemExit(f"--only takes POPULATION=MODEL_DIR with a model in it, got {item!r}")
+        out.append((population, Path(path).resolve()))
+    return out
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", nargs="*", default=[], help="POPULATION=MODEL_DIR: merge these rows into the table")
+    args = ap.parse_args()
     cfg = rev.get_config("fast")
     rows = []
-    for population, model in MODELS:
+    for population, model in _models(args.only):
         if not (model / "model_index.json").is_file():
             print(f"skip (not on disk): {model}", flush=True)
             continue
@@ -80,6 +102,10 @@ def main() -> None:
             row |= {"cos_start_true": _cos(r, r_true), "cos_descent_true": _cos(r_d, r_true)}
         rows.append(row)
         print(row, flush=True)
+    if args.only:  # keep every other recorded row; a model measured again replaces its old row
+        redone = {r["model"] for r in rows}
+        recorded = json.loads((RESULTS / "descent_start.json").read_text())["rows"]
+        rows = [r for r in recorded if r["model"] not in redone] + rows
     write_results("descent_start", rows, ["model", "population", "attack", "rule", "line_objective",
                                           "descent_objective", "start_gamma", "start_r_rms", "cos_start_true",
                                           "cos_descent_true", "seconds"],
