@@ -33,6 +33,7 @@ from common import RESULTS, write_results  # noqa: E402
 from terd.attacks import load_true_trigger  # noqa: E402
 from terd.attacks.trojdiff import DEFAULT_GAMMA  # noqa: E402
 from terd.defense import reversion as rev  # noqa: E402
+from terd.errors import TerdError  # noqa: E402
 from terd.models.loading import load_denoiser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +65,11 @@ def _attack(model: Path) -> str:
     return label
 
 
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def _models(only: list[str]) -> list[tuple[str, Path]]:
     if not only:
         return MODELS
@@ -71,7 +77,7 @@ def _models(only: list[str]) -> list[tuple[str, Path]]:
     for item in only:
         population, sep, path = item.partition("=")
         if not sep or not (Path(path) / "model_index.json").is_file():
-            raise SystemExit(f"--only takes POPULATION=MODEL_DIR with a model in it, got {item!r}")
+            _fail(f"--only takes POPULATION=MODEL_DIR with a model in it, got {item!r}")
         out.append((population, Path(path).resolve()))
     return out
 
@@ -86,7 +92,10 @@ def main() -> None:
         if not (model / "model_index.json").is_file():
             print(f"skip (not on disk): {model}", flush=True)
             continue
-        den = load_denoiser(model).freeze()
+        try:
+            den = load_denoiser(model).freeze()
+        except TerdError as err:
+            _fail(f"{model}: {err}")
         counted = rev.CountingDenoiser(den)
         lam = cfg.resolved_l1(den.image_shape)
         t0 = time.perf_counter()

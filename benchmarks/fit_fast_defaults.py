@@ -74,6 +74,7 @@ def main() -> None:
     thr = _fit(calib, "benchmarks/results/" + ", ".join(("bench_digits16", *MORE_BENCHES)))
     install_defaults(thr, "fast", family="tiny-digits16")
     demo_of = {row: demo for demo, row in DEMO.items()}
+    six_ids = {r["id"] for r in six}
     out = []
     for r in rows:
         feats = r["defenses"]["terd-fast"]
@@ -82,7 +83,7 @@ def main() -> None:
                     "asr": r.get("asr"), "counted": (not r["backdoored"]) or (r.get("asr") or 0) >= 0.9,
                     "tags": ",".join(r.get("tags", [])),
                     **{f: round(feats[f], 5) for f in ("M_r", "V_r", "P_r")},
-                    "six_model_fit": "(in fit)" if r["id"] in {c["id"] for c in six} else old.verdict,
+                    "six_model_fit": "(in fit)" if r["id"] in six_ids else old.verdict,
                     "verdict": "(fits thresholds)" if r["id"] in calib_ids else verdict.verdict,
                     "flagged_by": "" if r["id"] in calib_ids else ",".join(verdict.flagged_by)})
         print(out[-1], flush=True)

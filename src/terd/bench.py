@@ -665,9 +665,10 @@ def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...
     entries = [e for e in entries if e.evaluate]  # the rest are bases built for others (zoo: evaluate false)
     threads = max(1, (os.cpu_count() or 1) // workers)
     rows: dict[str, dict] = {}
+    reversion = _reversion_configs(defenses)
     keys = {e.id: json.loads(json.dumps(  # as it reads back from JSON (tuples become lists)
         {"defenses": list(defenses), "features": list(FEATURES), "n_inputs": n_inputs, "input_fpr": input_fpr, "seed": seed, "entry": _entry_key(e),
-         "model": _model_fingerprint(model_dir(e, cache)), "reversion": _reversion_configs(defenses)},
+         "model": _model_fingerprint(model_dir(e, cache)), "reversion": reversion},
         default=str)) for e in entries}
     for e in entries:
         if (row := _cached_row(out / "rows" / f"{e.id}.json", keys[e.id])) is not None:

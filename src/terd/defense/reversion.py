@@ -133,10 +133,11 @@ class ReversionConfig:
         per1 = self.noises_per_x0 * self.batch_size
         per2 = self.ddim_steps * self.batch_size + 2 * self.noises_per_x0 * self.batch_size
         m = len(self.gamma_inits())
-        gammas = sum(len(v) for v in self.searched_gammas().values())
+        searched = self.searched_gammas()
+        gammas = sum(len(v) for v in searched.values())
         k = max(self.noises_per_x0, 2)
         search = gammas * (1 + 2 * len(self.search_radii)) * k * self.batch_size
-        descents = len(self.searched_gammas()) * (self.descent_iters * k * self.batch_size + k * self.batch_size
+        descents = len(searched) * (self.descent_iters * k * self.batch_size + k * self.batch_size
                                                   if self.descent_iters else 0)
         return m * (self.stage1_iters * per1 + self.stage2_iters * per2) + search + descents
 
@@ -359,7 +360,7 @@ def _fixed_gamma_descent(counted: CountingDenoiser, cfg: ReversionConfig, seed: 
     """``cfg.descent_iters`` Adam steps on r alone (stage-1 objective, gamma held at ``gamma_value``) from r = 0.
 
     Why: the gradient at r = 0 does not always point at the trigger. On a tiny-photos32-dc TrojDiff blend model
-    it had cosine -0.1 to -0.3 with the true mu at gamma 0.4-0.7, so no line point came near the valley and the
+    it pointed away from the true mu (an unrecorded look), so no line point came near the valley and the
     candidate ended benign-like; plain descent at gamma 0.5 from r = 0 walked into it (benchmarks/
     bench_descent_start.py). On the tiny-digits models it is the other way round (the line search finds the valley,
     descent walks away from the barrier), so both are tried and the lower objective on the shared batch wins. Its
