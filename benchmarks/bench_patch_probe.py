@@ -37,18 +37,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_results  # noqa: E402
+from common import RESULTS, measured_success, write_results  # noqa: E402
 
 from terd.attacks import load_true_trigger  # noqa: E402
-from terd.bench import (  # noqa: E402
-    ATTACK_N,
-    INPUT_FPR,
-    attack_success,
-    input_detection_report,
-    input_tpr_bound,
-    stored_success,
-    success_key,
-)
+from terd.bench import INPUT_FPR, input_detection_report, input_tpr_bound  # noqa: E402
 from terd.defense.model_detection import kl_features  # noqa: E402
 from terd.defense.patch_probe import probe_patch  # noqa: E402
 from terd.defense.reversion import CountingDenoiser, get_config, reverse_trigger  # noqa: E402
@@ -78,13 +70,6 @@ def recorded_candidates(path: Path) -> tuple[list, int] | None:
     probe_index = json.loads(row_file.read_text())["row"]["defenses"]["terd-fast"]["patch_probe"]["candidate_index"]
     cands = load_candidates(file)[:probe_index]
     return cands, max(range(len(cands)), key=lambda i: kl_features(cands[i])["M_r"])
-
-
-def measured_success(path: Path) -> dict:
-    """Attack success, reusing the dc bench's stored measurement of this build when there is one."""
-    key = success_key(path, ATTACK_N, 0, "cpu")  # attack_success's defaults
-    measured = stored_success(DC_CACHE, path.name, key) if path.parent == DC_CACHE else {}
-    return attack_success(path, measured=measured)
 
 
 def main() -> None:

@@ -65,6 +65,37 @@ def write_results(name: str, rows: list[dict], columns: list[str], notes: str = 
     return RESULTS / f"{name}.md"
 
 
+def fast_features(row: dict, localization: dict[str, float]) -> dict:
+    """A bench row's terd-fast features with L_p: the row's own, else from the probe support it recorded, else the
+    value bench_localization.py recomputed for the model with this id (rows made before the support was recorded)."""
+    from terd.defense.reversion import probe_features
+
+    d = row["defenses"]["terd-fast"]
+    if "L_p" in d:
+        return d
+    probe = d.get("patch_probe") or {}
+    if probe.get("leading_support") is not None and "elements" in probe:
+        return {**d, **probe_features(probe)}
+    return {**d, "L_p": localization[row["id"]]} if row["id"] in localization else d
+
+
+def recomputed_localization() -> dict[str, float]:
+    """{model id: L_p} from benchmarks/results/localization.json (bench_localization.py)."""
+    rows = json.loads((RESULTS / "localization.json").read_text())["rows"]
+    return {r["model"]: r["L_p"] for r in rows if r["L_p"] is not None}
+
+
+def measured_success(path: Path, cache: Path | None = None) -> dict:
+    """Attack success of a model dir (terd.bench.attack_success at its defaults), reusing the measurement a zoo
+    bench stored for this build when ``path`` lies in that bench's ``cache`` (default: runs/zoo-cache)."""
+    from terd.bench import ATTACK_N, attack_success, stored_success, success_key
+
+    cache = cache or Path(__file__).resolve().parents[1] / "runs/zoo-cache"
+    key = success_key(path, ATTACK_N, 0, "cpu")  # attack_success's defaults
+    measured = stored_success(cache, path.name, key) if path.parent == cache else {}
+    return attack_success(path, measured=measured)
+
+
 def build_attack_model(name: str, out: Path, kind: str, options: dict, shape: tuple, data_name: str, base: Path,
                        epochs: int | None, retrain: bool, **finetune: object) -> float | None:
     """Fine-tune ``base`` with one attack into ``out`` unless a finished model is there (or ``retrain``).

@@ -9,6 +9,11 @@ that six-model fit flagged a 20-epoch base, so this script now fits on twelve: t
 in its zoo file before any was scanned). Seeds 24, 26, 28 and the demo's benign model stay outside the fit and are
 judged by it, with every backdoor of the headline bench. The six-model fit's verdicts are shown beside.
 
+L_p (the patch probe's localization) exists only for models whose probe support was recorded or can be recomputed:
+the six of the twelve still on disk (the headline bench's are not), so it is fitted on those six
+(model_detection.refit_feature; its stats name them), from bench rows or localization.json (bench_localization.py;
+the demo's models by their own weights). The six-model column shows that fit as shipped (KL features only).
+
 No model is scanned: every feature comes from committed bench results. The scans behind them ran before and after
 the `fast` descent start (reversion._fixed_gamma_descent); on every digits16 model checked the line point won
 (benchmarks/results/descent_start.md), which leaves a scan bit-identical, so the features are comparable.
@@ -24,10 +29,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_results  # noqa: E402
+from common import RESULTS, fast_features, recomputed_localization, write_results  # noqa: E402
 
 from terd.defense.calibration import install_defaults  # noqa: E402
-from terd.defense.model_detection import detect_model, fit_thresholds  # noqa: E402
+from terd.defense.model_detection import detect_model, fit_thresholds, refit_feature  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = RESULTS / "bench_digits16" / "results.json"
@@ -63,26 +68,31 @@ def main() -> None:
     twins = check_demo_twins(ROOT / bench["meta"]["cache"])
     if not all(twins.values()):
         raise SystemExit(f"demo models differ from their bench twins: {twins}")
+    lp = recomputed_localization()
+    lp |= {row: lp[demo] for demo, row in DEMO.items() if demo in lp}  # the demo's models: their twins' weights
     rows = [r for r in bench["models"] if r["dataset"] == "digits16" and "terd-fast" in r["defenses"]]
     six = [r for r in rows if not r["backdoored"] and r["id"] not in DEMO.values()]
     for name in MORE_BENCHES:
         rows += [r for r in json.loads((RESULTS / name / "results.json").read_text())["models"]
                  if "terd-fast" in r["defenses"]]
+    rows = [{**r, "feats": fast_features(r, lp)} for r in rows]
     calib = [r for r in rows if not r["backdoored"] and r["id"] not in DEMO.values() and r["id"] not in HELD_OUT]
     calib_ids = {r["id"] for r in calib}
     before = _fit(six, "benchmarks/results/bench_digits16")
     thr = _fit(calib, "benchmarks/results/" + ", ".join(("bench_digits16", *MORE_BENCHES)))
+    with_lp = [r for r in calib if "L_p" in r["feats"]]
+    thr = refit_feature(thr, "L_p", [r["feats"]["L_p"] for r in with_lp], [r["id"] for r in with_lp])
     install_defaults(thr, "fast", family="tiny-digits16")
     demo_of = {row: demo for demo, row in DEMO.items()}
     six_ids = {r["id"] for r in six}
     out = []
     for r in rows:
-        feats = r["defenses"]["terd-fast"]
+        feats = r["feats"]
         verdict, old = detect_model(feats, thr), detect_model(feats, before)
         out.append({"model": r["id"], "demo_model": demo_of.get(r["id"], ""), "truth": "backdoored" if r["backdoored"] else "benign",
                     "asr": r.get("asr"), "counted": (not r["backdoored"]) or (r.get("asr") or 0) >= 0.9,
                     "tags": ",".join(r.get("tags", [])),
-                    **{f: round(feats[f], 5) for f in ("M_r", "V_r", "P_r")},
+                    **{f: round(feats[f], 5) if f in feats else None for f in ("M_r", "V_r", "P_r", "L_p")},
                     "six_model_fit": "(in fit)" if r["id"] in six_ids else old.verdict,
                     "verdict": "(fits thresholds)" if r["id"] in calib_ids else verdict.verdict,
                     "flagged_by": "" if r["id"] in calib_ids else ",".join(verdict.flagged_by)})
@@ -90,16 +100,19 @@ def main() -> None:
     judged = [o for o in out if o["verdict"] != "(fits thresholds)" and o["counted"]]
     right = sum(o["verdict"] == o["truth"] for o in judged)
     benign = [o for o in judged if o["truth"] == "benign"]
-    cols = ["model", "demo_model", "truth", "asr", "counted", "tags", "M_r", "V_r", "P_r", "six_model_fit", "verdict",
+    cols = ["model", "demo_model", "truth", "asr", "counted", "tags", "M_r", "V_r", "P_r", "L_p", "six_model_fit", "verdict",
             "flagged_by"]
     write_results("fast_defaults", out, cols, notes=(
         f"Shipped `fast` thresholds refitted (mean + 3 std over {len(calib)} benign models: "
-        f"{', '.join(r['id'] for r in calib)}): M_r > {thr.M_r:.4f} or V_r > {thr.V_r:.5f} or P_r > {thr.P_r:.4f} "
+        f"{', '.join(r['id'] for r in calib)}): M_r > {thr.M_r:.4f} or V_r > {thr.V_r:.5f} or P_r > {thr.P_r:.4f}, "
+        f"or L_p > {thr.L_p:.3f} (mean + 3 std over the {len(with_lp)} of them whose probe support exists: "
+        f"{', '.join(r['id'] for r in with_lp)}) "
         f"(the six-model fit: {before.M_r:.4f} / {before.V_r:.5f} / {before.P_r:.4f}). Every other model judged by "
         f"them: {right}/{len(judged)} right among those counted (benign, or an attack that fires: ASR >= 0.9), "
         f"{sum(o['verdict'] == 'benign' for o in benign)}/{len(benign)} benign models outside the fit kept. "
         "Features: the benches' terd-fast scans (no model rescanned). The demo's models have the weights of the "
-        f"rows marked demo_model (sha256 checked: {twins})."))
+        "rows marked demo_model (" + (f"sha256 checked: {twins}" if twins else "not re-checked here: the headline "
+                                      "bench's cache is not on disk") + ")."))
 
 
 if __name__ == "__main__":

@@ -78,6 +78,15 @@ def test_leave_one_out_thresholds_and_rates():
     assert row["TPR"] == 1.0 and row["TNR"] == 1.0 and row["AUC"] == 1.0 and row["models"] == 1
 
 
+def test_a_zoo_of_benign_models_only_reports_its_tnr():
+    """A held-out benign check (no backdoored model in the zoo) still gets a summary row: its TNR is the result."""
+    rows = [_row(f"b{i}", False, m, 1e-4) for i, m in enumerate((0.010, 0.012, 0.011, 0.013, 0.5))]
+    decide(rows, "terd-fast")
+    (row,) = summarise(rows, ("terd-fast",), min_asr=0.9)["table"]
+    assert row["family"] == "(benign models only)" and row["benign_models"] == 5 and row["TNR"] == 0.8
+    assert row["TPR"] is None and row["models"] == 0 and row["evals"] is not None
+
+
 def test_thresholds_are_fitted_per_network_where_a_dataset_holds_several(tmp_path):
     """Benign tiny-photos32 and tiny-photos32-dc models' KL features differ (threshold_scope.md): where one dataset
     holds several networks, each model is judged against benign models of its own network only."""
@@ -100,7 +109,7 @@ def test_thresholds_are_fitted_per_network_where_a_dataset_holds_several(tmp_pat
     assert rows[0]["defenses"]["terd-fast"]["decision"]["fitted_on"] == ["a1", "a2"]
     assert not any(r["defenses"]["terd-fast"]["decision"]["flagged"] for r in rows[:6])
     assert rows[-1]["defenses"]["terd-fast"]["decision"]["flagged"] is True  # judged among the a's
-    assert {(t["dataset"], t["TPR"]) for t in summarise(rows, ("terd-fast",), 0.9)["table"]} == {("a", 1.0)}
+    assert {(t["dataset"], t["TPR"]) for t in summarise(rows, ("terd-fast",), 0.9)["table"]} == {("a", 1.0), ("b", None)}
     pooled = [{k: v for k, v in r.items() if k != "population"} for r in rows]
     decide(pooled, "terd-fast")  # pooled (one dataset), the spread of both networks hides the backdoor
     assert pooled[-1]["defenses"]["terd-fast"]["decision"]["flagged"] is False
@@ -157,7 +166,8 @@ def test_bench_resumes_from_saved_rows(tmp_path, monkeypatch):
     assert (out / "calls.txt").read_text().split()[3:] == ["b1"]  # only the rebuilt model again
     bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, input_fpr=1e-3, echo=lambda s: None)
     assert len((out / "calls.txt").read_text().split()) == 7  # other settings: all evaluated anew
-    assert summary["table"] == [] and json.loads((out / "results.json").read_text())["meta"]["input_fpr"] == 1e-3
+    assert [t["family"] for t in summary["table"]] == ["(benign models only)"]  # three benign models: their TNR
+    assert json.loads((out / "results.json").read_text())["meta"]["input_fpr"] == 1e-3
     from dataclasses import replace
 
     import terd.defense.reversion as rev
@@ -732,3 +742,29 @@ def test_a_lone_build_gets_every_core(tmp_path, monkeypatch):
 def _fake_build(e, cache, device, threads, base_dir):  # noqa: ANN001, ANN202
     """Stands in for a build (in the worker process) and records the torch threads it was given."""
     (Path(cache) / "threads").write_text(str(threads))
+
+
+def test_rows_recorded_before_L_p_get_it_from_their_probe_summary(tmp_path, tiny_unet, schedule):
+    """A row made before L_p existed holds the probe's summary (support, no element count): the bench fills L_p
+    in from it, reading the image size from the model, and leaves rows without a recorded response alone."""
+    from terd.bench import with_localization
+    from terd.models import save_pipeline
+
+    save_pipeline(tiny_unet, schedule, tmp_path / "m")
+    old = {"defenses": {"terd-fast": {"M_r": 0.1, "patch_probe": {"leading_support": 4.0}},
+                        "terd-paper": {"M_r": 0.1, "patch_probe": {"leading_support": None}},
+                        "elijah": {"spread": 0.2}}}
+    assert with_localization(old, tmp_path / "m")
+    elements = tiny_unet.config.in_channels * tiny_unet.config.sample_size ** 2
+    assert old["defenses"]["terd-fast"]["L_p"] == elements / 4 and old["defenses"]["terd-fast"]["patch_probe"]["elements"] == elements
+    assert "L_p" not in old["defenses"]["terd-paper"] and "L_p" not in old["defenses"]["elijah"]
+    assert not with_localization(old, tmp_path / "missing")  # already filled in: the model is not read again
+
+
+def test_a_model_in_a_feature_s_own_fit_is_not_judged_by_it(tmp_path):
+    from terd.bench import _not_judged
+    from terd.defense.model_detection import refit_feature
+
+    thr = refit_feature(_held_out_thresholds(["b0"]), "L_p", [1.0, 2.0], ["b1", "b2"])
+    assert _not_judged({"id": "b1"}, thr, tmp_path) == "in the fit"
+    assert _not_judged({"id": "b0"}, thr, tmp_path) == "in the fit" and _not_judged({"id": "x"}, thr, tmp_path) is None

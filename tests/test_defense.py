@@ -38,7 +38,7 @@ from terd.defense.model_detection import (
     kl_per_dim,
     peak_local_kl,
 )
-from terd.defense.reversion import ReversionConfig, reverse_trigger
+from terd.defense.reversion import ReversionConfig, probe_features, reverse_trigger
 from terd.defense.trigger import Trigger, load_candidates
 from terd.errors import TerdError
 from terd.models import NoiseSchedule, save_pipeline
@@ -171,7 +171,8 @@ def test_reversion_recovers_trigger_of_backdoored_gaussian_oracle(schedule, gamm
         SMALL.ddim_steps * 8 + 2 * 4 * 8) * res.iterations["stage2"])
     assert res.network_evaluations == SMALL.network_evaluations_bound()
     assert [c["gamma_init"] for c in res.candidates] == [1.0, 0.5] and sum(c["reported"] for c in res.candidates) == 1
-    assert res.features == {f: max(c[f] for c in res.candidates) for f in ("M_r", "V_r", "P_r")}
+    assert res.features == {**{f: max(c[f] for c in res.candidates) for f in ("M_r", "V_r", "P_r")},
+                            "L_p": 64 / res.patch_probe["leading_support"]}  # + the model's own, from the probe (8 x 8)
     assert kl_features(res.trigger)["M_r"] == pytest.approx(res.features["M_r"])  # the most anomalous is reported
 
 
@@ -395,6 +396,29 @@ def test_thresholds_fit_save_load_and_verdict(tmp_path):
         Thresholds.load(tmp_path / "bad.json")
 
 
+def test_L_p_fitted_on_its_own_benign_models_flags_alone_and_round_trips(tmp_path):
+    """L_p (the patch probe's localization) can be fitted on other benign models than the KL features -- those whose
+    probe was recorded -- and the fit names them; it decides like any feature."""
+    from terd.defense.model_detection import refit_feature
+
+    base = fit_thresholds([{"M_r": 0.1, "V_r": 0.01, "P_r": 0.1}, {"M_r": 0.2, "V_r": 0.03, "P_r": 0.12},
+                           {"M_r": 0.15, "V_r": 0.02, "P_r": 0.14}], provenance={"models": ["a", "b", "c"]})
+    assert base.L_p is None
+    thr = refit_feature(base, "L_p", [1.0, 2.0, 3.0], ["b", "d", "e"])
+    assert math.isclose(thr.L_p, 2.0 + 3 * 1.0) and thr.provenance["stats"]["L_p"]["models"] == ["b", "d", "e"]
+    assert (thr.M_r, thr.V_r, thr.P_r) == (base.M_r, base.V_r, base.P_r) and thr.provenance["models"] == ["a", "b", "c"]
+    again = Thresholds.load(thr.save(tmp_path / "l.json"))
+    assert again.L_p == thr.L_p
+    v = detect_model({"M_r": 0.1, "V_r": 0.01, "P_r": 0.1, "L_p": 30.0}, again)
+    assert v.verdict == "backdoored" and v.flagged_by == ["L_p"] and math.isclose(v.margin_std["L_p"], 25.0)
+    v = detect_model({"M_r": 0.1, "V_r": 0.01, "P_r": 0.1}, again)  # a scan without the probe: L_p not judged
+    assert v.verdict == "benign" and v.unscored == ["L_p"]
+    with pytest.raises(TerdError, match="optional feature"):
+        refit_feature(base, "M_r", [1.0, 2.0], ["x", "y"])
+    with pytest.raises(TerdError, match="one value per model"):
+        refit_feature(base, "L_p", [1.0, 2.0], ["x"])
+
+
 def test_default_thresholds_need_three_benign_models(tmp_path):
     from terd.defense.calibration import default_thresholds, install_defaults
 
@@ -417,7 +441,8 @@ def test_shipped_thresholds_were_not_fitted_on_the_demo_models():
 
     twins = ("demo-benign", "demo-trojdiff", "s4-e35", "d2i-blend-e12")
     for preset in ("fast", "paper"):
-        models = default_thresholds(preset).provenance["models"]
+        prov = default_thresholds(preset).provenance
+        models = prov["models"] + [m for st in prov["stats"].values() for m in st.get("models", [])]  # + L_p's fit
         assert models and not [m for m in models for twin in twins if twin in m], (preset, models)
 
 
@@ -799,7 +824,8 @@ def test_cli_scan_end_to_end_with_thresholds_and_resume(tmp_path, tiny_unet, sch
     cands = load_candidates(out / rep["candidates_file"])  # the reversion's candidates, then the probe's (if any)
     assert len(cands) == len(rep["candidates"]) + rep["patch_probe"]["candidate"]
     reversion = cands[:len(rep["candidates"])]  # the scores can be recomputed without a rescan
-    assert candidate_features([kl_features(c) for c in reversion]) == pytest.approx(rep["scores"])
+    assert {**candidate_features([kl_features(c) for c in reversion]), **probe_features(rep["patch_probe"])} == \
+        pytest.approx(rep["scores"])  # KL features from the candidates, L_p from the probe's summary
     assert rep["input_detection"]["rule"] == "any candidate flags"
     assert len(rep["input_detection"]["candidates"]) == len(cands) and rep["input_detection"]["fpr_bound"] <= 1e-3 + 1e-9  # Imhof tail: ~1e-9 absolute
     peak = rep["kl_peak"]

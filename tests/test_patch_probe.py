@@ -157,3 +157,34 @@ def test_scan_report_and_candidates_file_carry_the_patch_candidate(schedule, tmp
     cands = load_candidates(tmp_path / "scan" / rep["candidates_file"])
     assert len(cands) == len(rep["candidates"]) + 1 and torch.equal(cands[-1].r != 0, w)
     assert rep["network_evaluations"] == sum(rep["network_evaluations_detail"].values())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_localization_is_high_on_a_patch_response_and_about_3_on_an_image_wide_one(schedule, seed):
+    """L_p = elements / effective support of the leading response component. A response confined to a 2 x 2 patch
+    puts that component on at most 4 elements (L_p >= 256 / 4); independent responses everywhere leave a near-random
+    direction in 256 dimensions, whose effective support 1 / sum v^4 is about d / 3 (L_p about 3)."""
+    from terd.defense.model_detection import localization
+
+    patch = pp.probe_patch(oracle_denoiser(PatchOracle(_window(), 0.9), schedule, SHAPE), seed=seed)
+    wide = pp.probe_patch(oracle_denoiser(PatchOracle(torch.ones(SHAPE, dtype=torch.bool), 0.9), schedule, SHAPE), seed=seed)
+    assert localization(patch.leading_support, 256) >= 64
+    assert 1.5 < localization(wide.leading_support, 256) < 6
+    assert localization(None, 256) is None and localization(0.0, 256) is None  # no response: no feature
+
+
+def test_reversion_reports_L_p_from_the_probe_summary_and_none_without_a_response(schedule):
+    from terd.defense.reversion import probe_features
+
+    cfg = ReversionConfig(stage1_iters=2, stage2_iters=1, batch_size=2, ddim_steps=2)
+    res = reverse_trigger(oracle_denoiser(PatchOracle(_window(), 0.9), schedule, SHAPE), cfg, seed=0)
+    assert res.patch_probe["elements"] == 256
+    assert res.features["L_p"] == pytest.approx(256 / res.patch_probe["leading_support"]) and res.features["L_p"] >= 64
+    assert probe_features(res.patch_probe) == {"L_p": res.features["L_p"]}  # what the bench recomputes from rows
+    plain = reverse_trigger(oracle_denoiser(PatchOracle(torch.zeros(SHAPE, dtype=torch.bool), 0.9), schedule, SHAPE),
+                            cfg, seed=0)
+    assert "L_p" not in plain.features and set(plain.features) == {"M_r", "V_r", "P_r"}  # the probe saw nothing
+    off = reverse_trigger(oracle_denoiser(PatchOracle(_window(), 0.9), schedule, SHAPE),
+                          ReversionConfig(stage1_iters=2, stage2_iters=1, batch_size=2, ddim_steps=2, patch_probe=False), seed=0)
+    assert "L_p" not in off.features
+    assert probe_features({"leading_support": 3.0}) == {}  # a summary recorded before `elements`: see bench

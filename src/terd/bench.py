@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from terd.defense.model_detection import FEATURES, Thresholds
+from terd.defense.model_detection import FEATURES, KL_FEATURES, Thresholds
 from terd.errors import TerdError
 from terd.rates import INPUT_FPR
 from terd.zoo import ZooEntry, build_zoo, load_zoo, model_dir, pool_context, populations
@@ -199,6 +199,25 @@ def evaluate_model(entry: ZooEntry, cache: str, defenses: tuple[str, ...], out: 
     return row
 
 
+def with_localization(row: dict, where: Path) -> bool:
+    """Give each terd defense of a row its L_p from the patch-probe summary it recorded (rows from before L_p
+    existed hold the summary, not the feature; the probe is unchanged since); True when the row changed."""
+    from terd.defense.reversion import probe_features
+
+    changed = False
+    for d in row["defenses"].values():
+        probe = d.get("patch_probe")
+        if "L_p" in d or not probe or probe.get("leading_support") is None:
+            continue
+        if "elements" not in probe:
+            from terd.models import load_denoiser
+
+            probe["elements"] = math.prod(load_denoiser(where).image_shape)
+        d.update(probe_features(probe))
+        changed = True
+    return changed
+
+
 # --------------------------------------------------------------------------------------------------
 # Decisions with honest thresholds, and metrics
 # --------------------------------------------------------------------------------------------------
@@ -249,7 +268,8 @@ def _not_judged(row: dict, thr: Thresholds | None, cache: Path | None) -> str | 
     or by the path `terd calibrate` records), or None when they can."""
     if thr is None:
         return "no thresholds for its architecture"
-    fitted = {str(m) for m in thr.provenance.get("models", [])}
+    fitted = {str(m) for m in thr.provenance.get("models", [])}  # and any feature fitted on other models:
+    fitted |= {str(m) for st in thr.provenance.get("stats", {}).values() for m in st.get("models", [])}
     where = (cache / row["id"]).resolve() if cache is not None else None
     if row["id"] in fitted or (where is not None and any(Path(m).resolve() == where for m in fitted if "/" in m)):
         return "in the fit"
@@ -347,6 +367,13 @@ def summarise(rows: list[dict], defenses: tuple[str, ...], min_asr: float) -> di
                     "evals": round(statistics.fmean(d["network_evaluations"] for d in ds)) if ds else None,
                     "seconds": round(statistics.fmean(d["seconds"] for d in ds), 1) if ds else None,
                 })
+            ds = [r["defenses"][defense] for r in benign if defense in r["defenses"]]
+            if not groups and ds:  # a zoo of benign models only (a held-out check): its TNR is the result
+                table.append({c: None for c in TABLE_COLUMNS} | {
+                    "defense": defense, "dataset": dataset, "family": "(benign models only)", "models": 0,
+                    "benign_models": len(benign), "TNR": tnr,
+                    "evals": round(statistics.fmean(d["network_evaluations"] for d in ds)),
+                    "seconds": round(statistics.fmean(d["seconds"] for d in ds), 1)})
     return {"excluded_attacks_that_do_not_fire": excluded, "min_asr": min_asr, "table": table}
 
 
@@ -553,13 +580,13 @@ def write_report(rows: list[dict], defenses: tuple[str, ...], out: Path, meta: d
                                                  default=str))
     with (out / "results.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["id", "dataset", "family", "backdoored", "asr", "defense", "M_r", "V_r", "P_r", "spread", "flagged",
+        w.writerow(["id", "dataset", "family", "backdoored", "asr", "defense", "M_r", "V_r", "P_r", "L_p", "spread", "flagged",
                     "score", "trigger_l2", "input_tpr", "input_tnr", "input_tpr_reported_candidate", "input_tpr_bound", "evals", "seconds", "peak_rss_mb"])
         for r in rows:
             for name, d in r["defenses"].items():
                 dec, inp = d.get("decision", {}), d.get("input_detection", {})
                 w.writerow([r["id"], r["dataset"], r["family"], r["backdoored"], r.get("asr"), name, d.get("M_r"),
-                            d.get("V_r"), d.get("P_r"), d.get("spread"), dec.get("flagged"), dec.get("score"), d.get("trigger_l2"),
+                            d.get("V_r"), d.get("P_r"), d.get("L_p"), d.get("spread"), dec.get("flagged"), dec.get("score"), d.get("trigger_l2"),
                             inp.get("tpr"), inp.get("tnr"), inp.get("tpr_reported_candidate"), r.get("input_tpr_bound"),
                             d["network_evaluations"], d["seconds"], r["peak_rss_mb"]])
     (out / "report.md").write_text(_markdown(summary, rows, meta))
@@ -667,7 +694,8 @@ def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...
     rows: dict[str, dict] = {}
     reversion = _reversion_configs(defenses)
     keys = {e.id: json.loads(json.dumps(  # as it reads back from JSON (tuples become lists)
-        {"defenses": list(defenses), "features": list(FEATURES), "n_inputs": n_inputs, "input_fpr": input_fpr, "seed": seed, "entry": _entry_key(e),
+        # the reversion's features; L_p is recomputed from the probe summary a row records (with_localization)
+        {"defenses": list(defenses), "features": list(KL_FEATURES), "n_inputs": n_inputs, "input_fpr": input_fpr, "seed": seed, "entry": _entry_key(e),
          "model": _model_fingerprint(model_dir(e, cache)), "reversion": reversion},
         default=str)) for e in entries}
     for e in entries:
@@ -693,9 +721,12 @@ def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...
             rows[e.id] = f.result()
             _save_row(out, keys[e.id], rows[e.id])
             echo(f"  evaluated {e.id}")
-    for e in entries:  # closed form, no network: also filled in on rows recorded before it existed
+    for e in entries:  # closed form / recorded, no network: also filled in on rows recorded before they existed
+        changed = with_localization(rows[e.id], model_dir(e, cache))
         if rows[e.id]["backdoored"] and "input_tpr_bound" not in rows[e.id]:
             rows[e.id]["input_tpr_bound"] = input_tpr_bound(model_dir(e, cache), input_fpr)
+            changed = True
+        if changed:
             _save_row(out, keys[e.id], rows[e.id])
     meta = {"zoo": str(zoo_file), "defenses": list(defenses), "workers": workers, "cache": str(cache),
             "seconds": round(time.perf_counter() - t0, 1), "n_inputs": n_inputs, "input_fpr": input_fpr,

@@ -86,6 +86,10 @@ def scan(
             pk = report["kl_peak"]
             typer.echo(f"  local anomaly (P_r) at rows {pk['row']}-{pk['row'] + pk['size'] - 1}, "
                        f"cols {pk['col']}-{pk['col'] + pk['size'] - 1}")
+        if "L_p" in over:
+            pp = report["patch_probe"]
+            typer.echo(f"  localized response (L_p): the model's reaction to noise concentrates on about "
+                       f"{pp['leading_support']:.0f} of {pp['elements']} elements, as a patch trigger's does")
         if report.get("thresholds_warning"):
             typer.echo(f"  thresholds warning: {report['thresholds_warning']}")
     if report.get("coverage_warning"):
@@ -110,7 +114,7 @@ def calibrate(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: DeviceOpt = None,
 ) -> None:
-    """Fit model-detection thresholds (mean + 3 std of M_r, V_r, P_r) on benign models."""
+    """Fit model-detection thresholds (mean + 3 std of M_r, V_r, P_r, L_p) on benign models."""
     from terd.defense.calibration import calibrate as run_calibrate
     from terd.defense.model_detection import FEATURES, THRESHOLDS_FORMAT
     from terd.defense.reversion import get_config

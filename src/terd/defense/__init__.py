@@ -3,7 +3,7 @@
 - :mod:`~terd.defense.loss`: the attack-agnostic reversed loss (noise-difference form).
 - :mod:`~terd.defense.reversion`: two-stage trigger reversion, presets ``fast`` and ``paper``, resumable.
 - :mod:`~terd.defense.trigger`: the reversed trigger (r, gamma): backdoor inputs are gamma * eps + r.
-- :mod:`~terd.defense.model_detection`: KL features M_r, V_r, P_r and the benign-only threshold rule.
+- :mod:`~terd.defense.model_detection`: KL features M_r, V_r, P_r, the patch probe's L_p, and the benign-only threshold rule.
 - :mod:`~terd.defense.input_detection`: likelihood-ratio input detector with exact false-positive control,
   over one trigger or over every candidate of a scan, and a guard that screens initial noise before generation.
 - :mod:`~terd.defense.calibration`: fitting thresholds on benign models; the shipped defaults.

@@ -5,10 +5,17 @@ features M_r = mean_i KL_i and V_r = var_i KL_i (the paper's), and P_r, the peak
 of KL over a 2 x 2 pixel window (all channels). Why P_r: M_r and V_r average over the whole image, so a
 trigger confined to a few pixels barely moves them (a working 2 x 2 TrojDiff patch on 16 x 16 digits:
 4 of 256 dimensions, scored benign, measured); a 2 x 2 window is the smallest that asks for spatial
-coherence, which single-pixel noise in a benign model's reversed trigger does not have. The decision is the
-paper's benign-only rule: thresholds = mean + 3 std of each feature over benign reference models; a model
-is flagged when any feature exceeds its threshold. Thresholds are a JSON file that says how they were made;
-a file without a P_r threshold (made before it existed) decides on M_r and V_r alone.
+coherence, which single-pixel noise in a benign model's reversed trigger does not have.
+
+One feature is the model's, not a candidate's: L_p, how localized the model's own response to noise is
+(patch_probe.py): the image's element count over the effective support of the leading principal component of its
+residual at t = T - 1. Why: TERD's loss cancels constant offsets, which is what a TrojDiff patch model learns, so
+no candidate lands on the patch and a 3 x 3 patch at 32 px passed M_r, V_r and P_r (bench_photos32dc_heldout);
+but its response is confined to the patch (support 33-34 of 3,072 elements, benign 957-2,563: patch_probe.md).
+
+The decision is the paper's benign-only rule: thresholds = mean + 3 std of each feature over benign reference
+models; a model is flagged when any feature exceeds its threshold. Thresholds are a JSON file that says how they
+were made; a file without a P_r or L_p threshold (made before it existed) decides without it.
 """
 
 from __future__ import annotations
@@ -26,8 +33,10 @@ from terd.defense.trigger import GAMMA_FLOOR, Trigger
 from terd.errors import TerdError
 from terd.models.safe_io import read_json
 
-FEATURES = ("M_r", "V_r", "P_r")
-REQUIRED_FEATURES = ("M_r", "V_r")  # a thresholds file may lack P_r (older files)
+KL_FEATURES = ("M_r", "V_r", "P_r")  # per reversion candidate: the scan statistic is each one's maximum
+MODEL_FEATURES = ("L_p",)  # one per model: the patch probe's localization
+FEATURES = KL_FEATURES + MODEL_FEATURES
+REQUIRED_FEATURES = ("M_r", "V_r")  # a thresholds file may lack P_r and L_p (older files)
 PEAK_WINDOW = 2
 THRESHOLDS_FORMAT = "terd-thresholds/1"
 # Measured on digits16 (bench_digits16_core): leave-one-out thresholds fitted on 4 benign models flagged 1 of 5
@@ -65,6 +74,14 @@ def kl_features(trigger: Trigger) -> dict[str, float]:
     return {"M_r": float(flat.mean()), "V_r": float(flat.var(unbiased=False)), "P_r": peak_local_kl(kl)}
 
 
+def localization(leading_support: float | None, elements: int) -> float | None:
+    """L_p: ``elements`` over the effective support of the model's leading response component (None: the probe saw
+    no response, or did not run). 1 = spread evenly over the image; a random direction gives about 3."""
+    if leading_support is None or leading_support <= 0:
+        return None
+    return float(elements) / float(leading_support)
+
+
 def candidate_features(per_candidate: list[dict[str, float]]) -> dict[str, float]:
     """The scan statistic: each feature's maximum over the reversion candidates (any anomalous candidate counts).
 
@@ -74,7 +91,7 @@ def candidate_features(per_candidate: list[dict[str, float]]) -> dict[str, float
     """
     if not per_candidate:
         raise ValueError("no candidates")
-    return {f: max(float(c[f]) for c in per_candidate) for f in FEATURES if all(f in c for c in per_candidate)}
+    return {f: max(float(c[f]) for c in per_candidate) for f in KL_FEATURES if all(f in c for c in per_candidate)}
 
 
 @dataclass
@@ -84,7 +101,8 @@ class Thresholds:
     M_r: float
     V_r: float
     provenance: dict = field(default_factory=dict)
-    P_r: float | None = None  # None: fitted before P_r existed; the decision then uses M_r and V_r
+    P_r: float | None = None  # None: fitted before P_r existed; the decision then goes without it
+    L_p: float | None = None  # likewise for L_p
 
     def values(self) -> dict[str, float]:
         """The thresholds that take part in the decision, by feature."""
@@ -104,10 +122,10 @@ class Thresholds:
         try:
             vals = {f: float(data[f]) for f in FEATURES if f in REQUIRED_FEATURES or data.get(f) is not None}
         except (KeyError, TypeError, ValueError):
-            raise TerdError(f"{where}: expected numeric 'M_r' and 'V_r' thresholds (and optionally 'P_r')") from None
+            raise TerdError(f"{where}: expected numeric 'M_r' and 'V_r' thresholds (and optionally 'P_r', 'L_p')") from None
         if not all(math.isfinite(v) for v in vals.values()):
             raise TerdError(f"{where}: thresholds must be finite")
-        return cls(vals["M_r"], vals["V_r"], dict(data.get("provenance") or {}), vals.get("P_r"))
+        return cls(vals["M_r"], vals["V_r"], dict(data.get("provenance") or {}), vals.get("P_r"), vals.get("L_p"))
 
     @classmethod
     def load(cls, path: str | Path) -> Thresholds:
@@ -126,7 +144,7 @@ def fit_thresholds(features_of_benign_models: list[dict[str, float]], *, k: floa
     out, stats = {}, {}
     for f in FEATURES:
         if f not in REQUIRED_FEATURES and not all(f in x for x in features_of_benign_models):
-            continue  # features from scans made before P_r existed
+            continue  # features from scans made before P_r / L_p existed (or with the probe off)
         vals = [float(x[f]) for x in features_of_benign_models]
         mean, std = statistics.fmean(vals), statistics.stdev(vals)
         out[f] = mean + k * std
@@ -136,7 +154,23 @@ def fit_thresholds(features_of_benign_models: list[dict[str, float]], *, k: floa
     if n < FEW_BENIGN_MODELS:
         prov["warning"] = (f"fitted on {n} benign models (fewer than {FEW_BENIGN_MODELS}): the std estimate is "
                            "unreliable and benign models may be flagged")
-    return Thresholds(out["M_r"], out["V_r"], prov, out.get("P_r"))
+    return Thresholds(out["M_r"], out["V_r"], prov, out.get("P_r"), out.get("L_p"))
+
+
+def refit_feature(thresholds: Thresholds, feature: str, values: list[float], models: list[str], *,
+                  k: float = 3.0) -> Thresholds:
+    """``thresholds`` with one feature fitted (mean + k * std) on another set of benign models, named in its
+    stats: for a feature whose values exist for only some of the fit's models (L_p, from the patch probe, for models
+    scanned before it was recorded and no longer on disk)."""
+    if feature not in FEATURES or feature in REQUIRED_FEATURES:
+        raise TerdError(f"only an optional feature can be fitted apart ({', '.join(f for f in FEATURES if f not in REQUIRED_FEATURES)})")
+    if len(values) != len(models) or len(values) < 2:
+        raise TerdError(f"fitting {feature} needs one value per model and at least 2 models, got {len(values)}")
+    mean, std = statistics.fmean(values), statistics.stdev(values)
+    stats = {**thresholds.provenance.get("stats", {}), feature: {"mean": mean, "std": std, "values": list(values),
+                                                                  "models": list(models)}}
+    vals = {**thresholds.values(), feature: mean + k * std}
+    return Thresholds(vals["M_r"], vals["V_r"], {**thresholds.provenance, "stats": stats}, vals.get("P_r"), vals.get("L_p"))
 
 
 @dataclass
@@ -160,8 +194,8 @@ class ModelVerdict:
 def detect_model(trigger_or_features: Trigger | dict[str, float], thresholds: Thresholds | None) -> ModelVerdict:
     """Apply the decision rule; without thresholds the verdict is "uncalibrated" (scores only).
 
-    Scores must hold the required features; a thresholded optional feature they lack (P_r, for scores from a
-    scan made before it existed) cannot be judged and is listed in ``unscored`` rather than silently skipped."""
+    Scores must hold the required features; a thresholded optional feature they lack (P_r or L_p, for scores
+    from a scan made before it existed or without the probe) cannot be judged and is listed in ``unscored`` rather than silently skipped."""
     scores = kl_features(trigger_or_features) if isinstance(trigger_or_features, Trigger) else dict(trigger_or_features)
     if missing := [f for f in REQUIRED_FEATURES if f not in scores]:
         raise TerdError(f"scores lack {', '.join(missing)} (have: {', '.join(scores) or 'none'})")

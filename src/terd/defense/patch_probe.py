@@ -26,7 +26,9 @@ the patch). So no reversion candidate lands on a patch, and input detection miss
    it read 3.2 for a trigger value of 0.9, bench_photos32dc_mini's first run.)
 
 The candidate N(v on the window with gamma ``PATCH_GAMMA``; N(0, 1) elsewhere) joins the scan's input-detection
-candidate set. It is NOT part of the model-detection features, which are calibrated on the reversion's candidates.
+candidate set. Model detection takes one number from the first look, whether or not a window is found: L_p, the
+image's element count over the leading component's effective support (model_detection.localization), fitted and
+thresholded like the KL features.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class PatchProbe:
 
     def summary(self) -> dict:
         support = None if self.leading_support is None else round(self.leading_support, 1)
-        return {"window_elements": int(self.window.sum()), "leading_support": support,
+        return {"window_elements": int(self.window.sum()), "elements": self.window.numel(), "leading_support": support,
                 "localized_components": self.localized_components, "value": self.value,
                 "explained_offset": self.explained_offset, "peak_input": self.peak_input,
                 "gamma": PATCH_GAMMA if self.candidate is not None else None, "candidate": self.candidate is not None,
@@ -170,11 +172,22 @@ def _peak(grid: tuple[float, ...], values: list[float]) -> tuple[float, float]:
     return grid[best], values[best]
 
 
+def probe_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 7919 + 17)
+
+
+@torch.no_grad()
+def first_look(den, generator: torch.Generator) -> tuple[torch.Tensor, float | None, int]:  # noqa: ANN001
+    """The window (flat), the leading component's effective support (what L_p is read from) and the localized
+    components used: the probe's first look alone, ``RESPONSE_NOISES`` forward passes."""
+    return localized_window(nonlinear_part(*residual_response(den, generator)))
+
+
 @torch.no_grad()
 def probe_patch(den, seed: int = 0) -> PatchProbe:  # noqa: ANN001
     """Look for a small patch trigger (see the module docstring); forward passes only."""
-    gen = torch.Generator().manual_seed(seed * 7919 + 17)
-    flat, support, used = localized_window(nonlinear_part(*residual_response(den, gen)))
+    gen = probe_generator(seed)
+    flat, support, used = first_look(den, gen)
     window = flat.view(den.image_shape)
     if not window.any() or window.sum() > MAX_WINDOW_FRACTION * window.numel():
         return PatchProbe(window, support, used, None, None, None, None)

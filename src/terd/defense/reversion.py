@@ -49,7 +49,7 @@ import torch
 from safetensors.torch import save_file
 
 from terd.defense.loss import BEGINNING, ENDING, reversed_losses, term_timesteps
-from terd.defense.model_detection import candidate_features, kl_features
+from terd.defense.model_detection import candidate_features, kl_features, localization
 from terd.defense.patch_probe import probe_patch
 from terd.defense.trigger import Trigger
 from terd.errors import TerdError
@@ -551,15 +551,25 @@ def reverse_trigger(
     probe, probed = None, CountingDenoiser(den)
     if cfg.patch_probe:
         probe = probe_patch(probed, seed=seed)
+    probe_seen = None if probe is None else {**probe.summary(),
+                                             "candidate_index": len(triggers) if probe.candidate else None}
     return ReversionResult(trigger=triggers[best], network_evaluations=st.evaluations, network_calls=st.calls,
                            seconds=round(st.seconds, 3), iterations=dict(st.iterations),
                            stopped_early=dict(st.stopped_early), history=st.history, config=asdict(cfg),
                            resumed_from=resumed, candidates=candidates, candidate_triggers=triggers,
-                           features=candidate_features(feats),
-                           patch_probe=None if probe is None else {
-                               **probe.summary(), "candidate_index": len(triggers) if probe.candidate else None},
+                           features={**candidate_features(feats), **probe_features(probe_seen)},
+                           patch_probe=probe_seen,
                            patch_candidate=probe.candidate if probe is not None else None,
                            probe_evaluations=probed.evaluations)
+
+
+def probe_features(probe_summary: dict | None) -> dict[str, float]:
+    """The model-level feature a patch probe's summary gives (L_p), when it ran and saw a response; from the
+    recorded (rounded) support, so a report's L_p and one recomputed from it agree."""
+    if not probe_summary or "elements" not in probe_summary:
+        return {}
+    value = localization(probe_summary.get("leading_support"), probe_summary["elements"])
+    return {} if value is None else {"L_p": value}
 
 
 def _start_of(cfg: ReversionConfig, i: int) -> str:
