@@ -34,6 +34,7 @@ BENCHES = (
     ("photos32, tiny-photos32-dc, held out (shipped thresholds)", "bench_photos32dc_heldout"),
     ("photos32, tiny-photos32-dc, TrojDiff blends with the descent start (shipped thresholds)",
      "bench_photos32dc_descent"),
+    ("photos32, tiny-photos32-dc, two held-out benign fine-tunes (shipped thresholds)", "bench_photos32dc_benign_more"),
     ("digits16 VE, EDM-preconditioned", "bench_digits16_ve"),
     ("digits16 VE, NCSN score network", "bench_digits16_ncsn"),
 )
