@@ -266,6 +266,42 @@ def test_a_zoo_fine_tune_trains_at_its_batch_size_and_a_cache_at_another_is_refu
         is_built(ft, tmp_path / "cache")
 
 
+def test_two_runs_sharing_a_cache_build_a_model_once(tmp_path, monkeypatch):
+    """A build that finds the model's lock held (another run building it) waits and then takes the finished model
+    instead of training it a second time into the same directory."""
+    import threading
+
+    from filelock import FileLock
+
+    import terd.train
+    from terd.zoo import build_entry
+
+    f = tmp_path / "z.yaml"
+    f.write_text("models:\n  - {id: b, kind: benign, epochs: 3}\n")
+    (entry,) = load_zoo(f)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    trained = []
+    monkeypatch.setattr(terd.train, "train", lambda *a, **k: trained.append(a))
+    other_run = FileLock(str(cache / ".b.lock"))
+    other_run.acquire()
+    waiting = threading.Thread(target=build_entry, args=(entry, cache))
+    waiting.start()
+    waiting.join(timeout=1.0)
+    assert waiting.is_alive()  # blocked on the other run's lock
+    (cache / "b").mkdir()  # the other run finishes the model, then lets go
+    (cache / "b" / "model_index.json").write_text("{}")
+    (cache / "b" / "train.json").write_text(json.dumps({"preset": entry.preset, "seed": 0, "epochs": 3}))
+    other_run.release()
+    waiting.join(timeout=30)
+    assert not waiting.is_alive() and trained == []
+
+    f.write_text("models:\n  - {id: c, kind: benign, epochs: 3}\n")
+    (unclaimed,) = load_zoo(f)
+    build_entry(unclaimed, cache)  # nobody else building it: this run trains it
+    assert len(trained) == 1
+
+
 def test_a_cached_model_of_another_architecture_is_refused_and_unet_overrides_build_variants(tmp_path):
     """A preset's network may change between releases: a model cached under another one is refused, not
     reused; a benign entry's ``unet`` builds (and pins) a variant of the preset's network."""

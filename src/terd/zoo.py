@@ -333,7 +333,25 @@ def build_entry(entry: ZooEntry, cache: str | Path, *, device: str = "cpu", prog
     ``base_dir``: where the base model is (default ``CACHE/<base>``; a ``pretrained`` base lives elsewhere).
 
     ``threads``: torch threads for this build (parallel builds share the cores; oversubscribed, each runs
-    several times slower)."""
+    several times slower).
+
+    Two runs that share a cache (two zoos with a common base) build a model once: the build holds
+    ``CACHE/.<id>.lock``, and a run that finds it held waits, then takes the finished model."""
+    from filelock import FileLock
+
+    cache = Path(cache)
+    out = model_dir(entry, cache)
+    if is_built(entry, cache):
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache / f".{entry.id}.lock")):
+        if not is_built(entry, cache):  # another run may have finished it while this one waited
+            _build(entry, cache, out, device=device, progress=progress, threads=threads, base_dir=base_dir)
+    return out
+
+
+def _build(entry: ZooEntry, cache: Path, out: Path, *, device: str, progress: bool, threads: int | None,
+           base_dir: str | Path | None) -> None:
     import dataclasses
 
     import torch
@@ -343,17 +361,13 @@ def build_entry(entry: ZooEntry, cache: str | Path, *, device: str = "cpu", prog
     from terd.models import load_denoiser
     from terd.train import train
 
-    cache = Path(cache)
-    out = model_dir(entry, cache)
-    if is_built(entry, cache):
-        return out
     if threads:
         torch.set_num_threads(threads)
     preset = entry.preset_spec()
     if entry.kind == "benign":
         ds = load_dataset(entry.source, channels=preset.channels, size=preset.size)
         train(preset, ds, out, epochs=_expected_epochs(entry), seed=entry.seed, device=device, progress=progress)
-        return out
+        return
     base_dir = Path(base_dir) if base_dir is not None else cache / entry.base
     base = load_denoiser(base_dir, device=device)
     if entry.kind == "benign-finetune":
@@ -362,13 +376,12 @@ def build_entry(entry: ZooEntry, cache: str | Path, *, device: str = "cpu", prog
             preset = dataclasses.replace(preset, batch_size=entry.batch_size)
         train(preset, ds, out, epochs=_expected_epochs(entry), seed=entry.seed, base=base, device=device, progress=progress,
               grid_size=16)  # the preview the attacks save (a 64-image DDPM grid costs ~10 min at 32 px)
-        return out
+        return
     attack = build_attack(entry.attack, base.image_shape, data_name=entry.source, model_kind=base.schedule.kind,
                           **entry.args)
     ds = load_dataset(entry.data, channels=preset.channels, size=preset.size) if entry.data else None
     attack_model(attack, base_dir, out, dataset=ds, epochs=_expected_epochs(entry), seed=entry.seed, device=device,
                  progress=progress, batch_size=entry.batch_size)
-    return out
 
 
 def build_order(entries: list[ZooEntry]) -> list[list[ZooEntry]]:
