@@ -72,6 +72,8 @@ def test_leave_one_out_thresholds_and_rates():
         fitted = r["defenses"]["terd-fast"]["decision"]["fitted_on"]
         assert r["id"] not in fitted and all(not x.startswith(("x", "weak")) for x in fitted)
     assert rows[4]["defenses"]["terd-fast"]["decision"]["flagged"] is True
+    assert rows[4]["defenses"]["terd-fast"]["decision"]["flagged_by"] == ["M_r", "V_r"]
+    assert rows[0]["defenses"]["terd-fast"]["decision"]["flagged_by"] == []
     summary = summarise(rows, ("terd-fast", "elijah"), min_asr=0.9)
     assert summary["excluded_attacks_that_do_not_fire"] == ["weak"]
     row = next(t for t in summary["table"] if t["defense"] == "terd-fast")
@@ -123,7 +125,15 @@ def test_report_files(tmp_path):
     write_report(rows, ("terd-fast", "elijah"), tmp_path, meta, 0.9, tmp_path)
     for f in ("results.json", "results.csv", "report.md", "roc_digits16.png", "scatter_terd-fast_digits16.png"):
         assert (tmp_path / f).is_file(), f
-    assert "leave-one-out" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "leave-one-out" in report
+    # per model: its features, verdict and the features that flagged it (x: M_r and V_r, far over the b's)
+    assert "| x | backdoored | 1.0 | terd-fast | 0.3 | 0.01 |" in report
+    section = report.split("## Verdicts per model")[1].split("## Attack success")[0]
+    assert sum(" | terd-fast | " in ln for ln in section.splitlines()) == 5  # one line per model, Elijah's apart
+    line = next(ln for ln in report.splitlines() if ln.startswith("| x |"))
+    assert line.endswith("| backdoored | M_r, V_r |")
+    assert next(ln for ln in report.splitlines() if ln.startswith("| b0 |")).endswith("| benign |  |")
 
 
 def _fake_evaluate(entry, cache, defenses, out, n_inputs, attack_n, seed, threads, input_fpr, device):  # noqa: ANN001

@@ -290,7 +290,7 @@ def decide_fixed(rows: list[dict], defense: str, fixed: dict[str, Thresholds | N
             v = detect_model({f: d[f] for f in FEATURES if f in d}, thr)
             margins = v.margin_std or v.margin
             d["decision"] = {"flagged": v.verdict == "backdoored", "score": max(margins.values()),
-                             "cuts": v.thresholds, "fitted_on": thr.provenance.get("models", []),
+                             "flagged_by": v.flagged_by, "cuts": v.thresholds, "fitted_on": thr.provenance.get("models", []),
                              "thresholds_source": thr.provenance.get("source", "")}
 
 
@@ -310,12 +310,14 @@ def decide(rows: list[dict], defense: str, k: float = 3.0) -> None:
             vals = [r["defenses"][defense]["spread"] for r in ref]
             score = -_z(vals, d["spread"])  # low spread = uniform generations = backdoor-like
             flagged = d["spread"] < statistics.fmean(vals) - k * statistics.stdev(vals)
+            by = ["spread"] if flagged else []
         else:
             feats = [f for f in FEATURES if f in d and all(f in r["defenses"][defense] for r in ref)]
             zs = [_z([r["defenses"][defense][f] for r in ref], d[f]) for f in feats]
             score = max(zs)
             flagged = score > k
-        d["decision"] = {"flagged": bool(flagged), "score": score, "fitted_on": [r["id"] for r in ref]}
+            by = [f for f, z in zip(feats, zs, strict=True) if z > k]
+        d["decision"] = {"flagged": bool(flagged), "score": score, "flagged_by": by, "fitted_on": [r["id"] for r in ref]}
 
 
 def _rate(flags: list[bool]) -> float | None:
@@ -462,7 +464,7 @@ def _markdown(summary: dict, rows: list[dict], meta: dict) -> str:
         lines.append("| " + " | ".join("" if t[c] is None else str(t[c]) for c in TABLE_COLUMNS) + " |")
     exc = summary["excluded_attacks_that_do_not_fire"]
     lines += ["", f"Backdoored models excluded because their attack does not fire (ASR < {summary['min_asr']}): "
-              + (", ".join(exc) if exc else "none"), "", "## Attack success", "",
+              + (", ".join(exc) if exc else "none"), "", *_verdict_lines(rows), "## Attack success", "",
               "ASR: the best of the samplers the attack offers (each listed); clean ASR with that sampler.", "",
               "| model | attack | ASR | clean ASR | ASR per sampler |", "|---|---|---|---|---|"]
     for r in rows:
@@ -470,6 +472,24 @@ def _markdown(summary: dict, rows: list[dict], meta: dict) -> str:
             per = ", ".join(f"{k} {v}" for k, v in r.get("asr_by_sampler", {}).items())
             lines.append(f"| {r['id']} | {r.get('attack', '')} | {r.get('asr')} | {r.get('clean_asr')} | {per} |")
     return "\n".join(lines) + "\n"
+
+
+def _verdict_lines(rows: list[dict]) -> list[str]:
+    """Per model and terd defense: its features, the verdict and the features over their cut (which one caught it
+    matters: a patch model caught by L_p alone is not a model the KL features see)."""
+    lines = ["## Verdicts per model", "", "Features of each terd scan; flagged_by: the features over their threshold.",
+             "", "| model | truth | ASR | defense | " + " | ".join(FEATURES) + " | verdict | flagged_by |",
+             "|---|---|---|---|" + "---|" * len(FEATURES) + "---|---|"]
+    for r in rows:
+        for name, d in r["defenses"].items():
+            if "M_r" not in d:
+                continue  # not a terd defense (Elijah's spread is in the table above)
+            dec = d.get("decision", {})
+            verdict = dec.get("note") or {True: "backdoored", False: "benign", None: ""}[dec.get("flagged")]
+            feats = " | ".join("" if d.get(f) is None else f"{d[f]:.4g}" for f in FEATURES)
+            lines.append(f"| {r['id']} | {'backdoored' if r['backdoored'] else 'benign'} | {'' if r.get('asr') is None else r['asr']} | {name} | "
+                         f"{feats} | {verdict} | {', '.join(dec.get('flagged_by', []))} |")
+    return [*lines, ""]
 
 
 def _feature_scatter(ax, rows: list[dict], defense: str, fx: str, fy: str,  # noqa: ANN001
