@@ -35,6 +35,10 @@ BENCHES = (
     ("photos32, tiny-photos32-dc, TrojDiff blends with the descent start (shipped thresholds)",
      "bench_photos32dc_descent"),
     ("photos32, tiny-photos32-dc, two held-out benign fine-tunes (shipped thresholds)", "bench_photos32dc_benign_more"),
+    ("photos32, tiny-photos32-dc, held-out TrojDiff patch models and base (shipped thresholds)",
+     "bench_photos32dc_patch_heldout"),
+    ("digits16, five held-out benign models (shipped thresholds)", "bench_digits16_benign_heldout"),
+    ("digits16, held-out TrojDiff patch models (shipped thresholds)", "bench_digits16_patch_heldout"),
     ("digits16 VE, EDM-preconditioned", "bench_digits16_ve"),
     ("digits16 VE, NCSN score network", "bench_digits16_ncsn"),
 )
