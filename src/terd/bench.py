@@ -315,8 +315,8 @@ def decide(rows: list[dict], defense: str, k: float = 3.0) -> None:
             feats = [f for f in FEATURES if f in d and all(f in r["defenses"][defense] for r in ref)]
             zs = [_z([r["defenses"][defense][f] for r in ref], d[f]) for f in feats]
             score = max(zs)
-            flagged = score > k
             by = [f for f, z in zip(feats, zs, strict=True) if z > k]
+            flagged = bool(by)  # the largest z over k
         d["decision"] = {"flagged": bool(flagged), "score": score, "flagged_by": by, "fitted_on": [r["id"] for r in ref]}
 
 
@@ -482,8 +482,8 @@ def _verdict_lines(rows: list[dict]) -> list[str]:
              "|---|---|---|---|" + "---|" * len(FEATURES) + "---|---|"]
     for r in rows:
         for name, d in r["defenses"].items():
-            if "M_r" not in d:
-                continue  # not a terd defense (Elijah's spread is in the table above)
+            if not name.startswith("terd-"):
+                continue  # Elijah's spread is in the table above
             dec = d.get("decision", {})
             verdict = dec.get("note") or {True: "backdoored", False: "benign", None: ""}[dec.get("flagged")]
             feats = " | ".join("" if d.get(f) is None else f"{d[f]:.4g}" for f in FEATURES)
