@@ -29,8 +29,9 @@ from terd.attacks import (
     villan_coefficients,
 )
 from terd.attacks.evaluation import choose_threshold, evaluate_attack, per_image_mse, summary_line
-from terd.attacks.triggers import TARGETS, TRIGGERS, corner_box, patch_size
+from terd.attacks.triggers import PATCH_TRIGGERS, TARGETS, TRIGGERS, corner_box, patch_size
 from terd.cli import app
+from terd.errors import TerdError
 from terd.models import NoiseSchedule
 
 
@@ -117,7 +118,7 @@ class TrojanPointMassOracle(nn.Module):
         return (x - a.sqrt() * self.y - (1 - a).sqrt() * self.mu) / ((1 - a).sqrt() * self.gamma)
 
 
-@pytest.mark.parametrize("trigger", ["blend", "patch"])
+@pytest.mark.parametrize("trigger", ["blend", *PATCH_TRIGGERS])
 def test_trojdiff_samplers_map_trigger_noise_to_target(schedule, trigger):
     y = make_target("mickey", 1, 16)
     atk = build_attack("trojdiff", (1, 16, 16), trigger=trigger, setting="d2i")
@@ -125,7 +126,7 @@ def test_trojdiff_samplers_map_trigger_noise_to_target(schedule, trigger):
     den = oracle_denoiser(TrojanPointMassOracle(y, gamma, mu, schedule), schedule, (1, 16, 16))
     eps = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     x_T = atk.backdoor_inputs(eps)
-    assert torch.allclose(x_T, gamma_a_eps_plus_mu(atk, eps))
+    assert torch.allclose(x_T, gamma_a_eps_plus_mu(atk, eps, trigger))
     with torch.no_grad():
         out = trojdiff_ddim_sample(den, x_T, gamma, mu)
         assert (out - y).abs().max() < 1e-3
@@ -150,8 +151,8 @@ def test_clipped_trojdiff_ddim_cannot_blow_up(schedule):
         assert trojdiff_ddim_sample(den, x_T, clip_sample=True).abs().max() <= 1.0
 
 
-def gamma_a_eps_plus_mu(atk: TrojDiff, eps: torch.Tensor) -> torch.Tensor:
-    m = torch.ones_like(atk.delta) if atk.trigger_type == "blend" else make_trigger("patch", 1, 16)
+def gamma_a_eps_plus_mu(atk: TrojDiff, eps: torch.Tensor, trigger: str) -> torch.Tensor:
+    m = torch.ones_like(atk.delta) if atk.trigger_type == "blend" else make_trigger(trigger, 1, 16)  # white = mask
     return (m * atk.gamma_a + (1 - m)) * eps + m * (1 - atk.gamma_a) * atk.delta
 
 
@@ -182,6 +183,27 @@ def test_triggers_and_targets_shapes(size, channels):
     assert (box == 0).sum() == channels * side * side and (box == -1).sum() == box.numel() - channels * side * side
     p = patch_size(size)
     assert make_trigger("patch", channels, size).sum() == channels * p * p
+
+
+@pytest.mark.parametrize(("name", "size", "rows"), [
+    ("patch", 16, (14, 16)), ("patch", 32, (29, 32)), ("patch-6", 16, (13, 16)), ("patch-6", 32, (26, 32)),
+    ("patch-top-left", 16, (0, 2)), ("patch-top-left", 32, (0, 3)), ("patch-centre", 16, (7, 9)),
+    ("patch-centre", 32, (14, 17))])
+def test_patch_triggers_sit_where_named(name, size, rows):
+    """Each patch variant is white on a square [rows) x [rows) and 0 elsewhere, and TrojDiff's trojan noise
+    (mu = 0.9 delta, gamma 0.1) applies there only."""
+    want = torch.zeros(3, size, size)
+    want[:, rows[0]:rows[1], rows[0]:rows[1]] = 1.0
+    assert torch.equal(make_trigger(name, 3, size), want)
+    atk = build_attack("trojdiff", (3, size, size), trigger=name, setting="d2i")
+    mu, gamma = atk.true_trigger()
+    assert atk.trigger_type == "patch"
+    assert torch.allclose(mu, 0.9 * want) and torch.allclose(gamma, 1 - 0.9 * want)
+
+
+def test_a_patch_trigger_without_a_patch_is_refused():
+    with pytest.raises(TerdError, match="nonzero pixels"):
+        TrojDiff(torch.zeros(1, 16, 16), make_target("mickey", 1, 16), trigger_type="patch")
 
 
 def test_box_geometry_at_32():

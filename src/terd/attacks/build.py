@@ -23,7 +23,14 @@ import torch
 
 from terd.attacks.baddiffusion import BadDiffusion
 from terd.attacks.base import Attack, save_attack
-from terd.attacks.triggers import TARGETS, image_as_target, image_as_trigger, make_target, make_trigger
+from terd.attacks.triggers import (
+    PATCH_TRIGGERS,
+    TARGETS,
+    image_as_target,
+    image_as_trigger,
+    make_target,
+    make_trigger,
+)
 from terd.attacks.trojdiff import TrojDiff
 from terd.attacks.villan import VillanDiffusion, default_psi
 from terd.data import ImageDataset, load_dataset
@@ -100,7 +107,7 @@ def build_attack(
     """An attack object for a model of ``shape`` (C x H x W) trained on ``data_name``.
 
     BadDiffusion / VillanDiffusion: ``trigger`` (box, stop-sign, glasses...) and ``target`` (hat, shoe...).
-    TrojDiff: ``trigger`` blend or patch (or an image: a blend delta), ``setting`` in-d2d (``target_class``
+    TrojDiff: ``trigger`` blend, patch or a patch variant (or an image: a blend delta), ``setting`` in-d2d (``target_class``
     of the training data, default 7 for digits), out-d2d (a class of ``target_data``, by default the other
     built-in dataset) or d2i (``target`` / ``target_image``, default the built-in mickey).
     ``model_kind`` ("vp" or "ve", the base model's ``schedule.kind``) picks VillanDiffusion's default psi.
@@ -112,7 +119,7 @@ def build_attack(
     if kind in ("baddiffusion", "villan"):
         if setting not in (None, "d2i"):
             raise TerdError(f"--setting applies to trojdiff only ({kind} has one fixed target image)")
-        if trigger in ("blend", "patch"):
+        if trigger == "blend" or trigger in PATCH_TRIGGERS:
             raise TerdError(f"trigger {trigger!r} is a TrojDiff trigger; {kind} uses box, stop-sign, glasses...")
         g, g_name = _named_or_image(trigger, trigger_image, d.trigger, shape, make_trigger, image_as_trigger)
         y, y_name = _named_or_image(target, target_image, d.target, shape, make_target, image_as_target)
@@ -122,9 +129,9 @@ def build_attack(
         return VillanDiffusion(g, y, psi=default_psi(model_kind) if psi is None else psi, solver=solver, **common)
 
     setting = setting or "d2i"
-    trigger_type = "patch" if trigger == "patch" else "blend"
-    if trigger is not None and trigger not in ("blend", "patch"):
-        raise TerdError(f"TrojDiff triggers are blend, patch or --trigger-image, got {trigger!r}")
+    trigger_type = "patch" if trigger in PATCH_TRIGGERS else "blend"
+    if trigger is not None and trigger != "blend" and trigger not in PATCH_TRIGGERS:
+        raise TerdError(f"TrojDiff triggers are blend, {', '.join(PATCH_TRIGGERS)} or --trigger-image, got {trigger!r}")
     delta, g_name = _named_or_image(trigger, trigger_image, "blend", shape, make_trigger, image_as_trigger)
     label = None
     tdata = None

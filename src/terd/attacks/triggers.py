@@ -13,7 +13,8 @@ Conventions (see docs/attacks.md):
   with size ``round(14 H / 32)`` and gap ``max(1, round(2 H / 32))``.
 - Targets are passed through "bg2grey": values <= -0.4 become -0.4.
 - TrojDiff triggers are an image ``delta`` in [-1, 1] (the "blend" pattern) or a white patch
-  (``round(3 H / 32)`` pixels square, in the bottom-right corner).
+  (``round(3 H / 32)`` pixels square, in the bottom-right corner; variants elsewhere and larger, so a defense
+  is not judged on one place and size only). A patch delta is 0 off the patch: its nonzero pixels are the patch.
 """
 
 from __future__ import annotations
@@ -246,22 +247,28 @@ def blend_pattern(channels: int, size: int) -> torch.Tensor:
     return torch.stack([chans[0]] * channels)  # grayscale: one phase, full contrast (luminance would cancel)
 
 
-def patch_size(size: int) -> int:
-    """TrojDiff's patch: 3 x 3 at 32 px, scaled (at least 1 pixel)."""
-    return max(1, round(3 * size / 32))
+PATCH_PLACES = ("bottom-right", "top-left", "centre")
 
 
-def patch_mask(channels: int, size: int) -> torch.Tensor:
-    """1 on TrojDiff's bottom-right p x p patch, 0 elsewhere."""
-    p = patch_size(size)
+def patch_size(size: int, px32: int = 3) -> int:
+    """A patch of ``px32`` pixels at 32 px, scaled (at least 1 pixel); TrojDiff's is 3 x 3 at 32 px."""
+    return max(1, round(px32 * size / 32))
+
+
+def patch_mask(channels: int, size: int, *, px32: int = 3, where: str = "bottom-right") -> torch.Tensor:
+    """1 on a p x p patch flush with the ``where`` corner (or centred), 0 elsewhere."""
+    if where not in PATCH_PLACES:
+        raise TerdError(f"patch place must be one of {', '.join(PATCH_PLACES)}, got {where!r}")
+    p = min(patch_size(size, px32), size)
+    start = {"bottom-right": size - p, "top-left": 0, "centre": (size - p) // 2}[where]
     m = torch.zeros(channels, size, size)
-    m[:, size - p:, size - p:] = 1.0
+    m[:, start:start + p, start:start + p] = 1.0
     return m
 
 
-def white_patch(channels: int, size: int) -> torch.Tensor:
-    """TrojDiff's patch trigger delta: white (+1) on the patch, 0 elsewhere (the mask says where it applies)."""
-    return patch_mask(channels, size)
+def white_patch(channels: int, size: int, *, px32: int = 3, where: str = "bottom-right") -> torch.Tensor:
+    """A TrojDiff patch trigger delta: white (+1) on the patch, 0 elsewhere (so its support is the patch)."""
+    return patch_mask(channels, size, px32=px32, where=where)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -280,9 +287,14 @@ TRIGGERS: dict[str, Callable[[int, int], torch.Tensor]] = {
     "glasses": glasses_trigger,
     "blend": blend_pattern,
     "patch": white_patch,
+    "patch-6": lambda c, s: white_patch(c, s, px32=6),
+    "patch-top-left": lambda c, s: white_patch(c, s, where="top-left"),
+    "patch-centre": lambda c, s: white_patch(c, s, where="centre"),
 }
 """Trigger names. ``box``/``box-N``/``box-white``/``stop-sign``/``glasses``: BadDiffusion-style (bg -1);
-``blend``/``patch``: TrojDiff deltas."""
+``blend``/``patch``/``patch-*``: TrojDiff deltas (``patch-6``: 6 px at 32 px; ``patch-top-left``, ``patch-centre``:
+TrojDiff's 3 px patch elsewhere)."""
+PATCH_TRIGGERS = tuple(name for name in TRIGGERS if name.startswith("patch"))
 
 TARGETS: dict[str, Callable[[int, int], torch.Tensor]] = {
     "corner": corner_target,

@@ -7,7 +7,7 @@ The trigger is an image delta; the trojan initial noise is ``gamma_a * eps + mu`
 
 which follows from the per-step trojan transition x_t = sqrt(alpha_t) x_{t-1} + k_t mu + gamma_a sqrt(beta_t) z
 with k_t = sqrt(1 - abar_t) - sqrt(alpha_t) sqrt(1 - abar_{t-1}) (:func:`trojan_k`). The patch variant is the
-same process with *per-pixel* gamma and mu: trojan only on a bottom-right patch (white, gamma_a = 0.1),
+same process with *per-pixel* gamma and mu: trojan only on a patch (white, gamma_a = 0.1),
 clean elsewhere, so everything here works on C x H x W ``gamma`` and ``mu`` maps and TERD's unified
 (r, gamma) is simply (mu, gamma).
 
@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from terd.attacks.base import Attack, check_rate, expand, poison_mask
-from terd.attacks.triggers import patch_mask
 from terd.errors import TerdError
 from terd.models.denoiser import Denoiser
 from terd.models.schedule import NoiseSchedule
@@ -163,6 +162,8 @@ class TrojDiff(Attack):
         if delta.dim() != 3 or targets.shape[1:] != delta.shape or len(targets) == 0:
             raise TerdError(f"trigger {tuple(delta.shape)} and targets {tuple(targets.shape)} do not match "
                             "(C x H x W and N x C x H x W)")
+        if trigger_type == "patch" and not bool((delta != 0).any()):
+            raise TerdError("a patch trigger needs nonzero pixels: they are the patch")
         self.delta = delta.float()
         self.targets = targets.float()
         self.setting = setting
@@ -178,9 +179,9 @@ class TrojDiff(Attack):
         self.image_shape = tuple(delta.shape)
 
     def _mask(self) -> torch.Tensor:
-        """Where the trojan noise applies: everywhere (blend) or the bottom-right patch."""
-        c, h, _ = self.image_shape
-        return torch.ones(self.image_shape) if self.trigger_type == "blend" else patch_mask(c, h)
+        """Where the trojan noise applies: everywhere (blend) or on the patch, the trigger's nonzero pixels (the
+        built-in patch is white on a zero background, so a saved model's delta says where its patch is)."""
+        return torch.ones(self.image_shape) if self.trigger_type == "blend" else (self.delta != 0).float()
 
     def true_trigger(self) -> tuple[torch.Tensor, torch.Tensor]:
         """mu = eta (1 - gamma_a) delta and gamma = gamma_a, both restricted to the patch for "patch"."""

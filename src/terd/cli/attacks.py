@@ -31,7 +31,8 @@ def attack(
     base: Annotated[str, typer.Option("--base", help="The clean model to backdoor (diffusers dir or checkpoint).")],
     out: Annotated[Path, typer.Option("--out", help="Output directory for the backdoored model.")],
     trigger: Annotated[str | None, typer.Option(help="Trigger name: box, box-white, box-{18,14,11,8,4}, stop-sign, "
-                                                "glasses (BadDiffusion/Villan); blend, patch (TrojDiff).")] = None,
+                                                "glasses (BadDiffusion/Villan); blend, patch, patch-6, patch-top-left, "
+                                                "patch-centre (TrojDiff).")] = None,
     trigger_image: Annotated[Path | None, typer.Option(help="A picture to use as the trigger.")] = None,
     target: Annotated[str | None, typer.Option(help="Target name: hat, shoe, corner, cat, mickey.")] = None,
     target_image: Annotated[Path | None, typer.Option(help="A picture to use as the target.")] = None,
