@@ -39,6 +39,9 @@ BENCHES = (
      "bench_photos32dc_patch_heldout"),
     ("digits16, five held-out benign models (shipped thresholds)", "bench_digits16_benign_heldout"),
     ("digits16, held-out TrojDiff patch models (shipped thresholds)", "bench_digits16_patch_heldout"),
+    ("digits16, held-out TrojDiff patches of other places and sizes (shipped thresholds)", "bench_digits16_patch_shapes"),
+    ("photos32, tiny-photos32-dc, held-out TrojDiff patches of another place and size (shipped thresholds)",
+     "bench_photos32dc_patch_shapes"),
     ("digits16 VE, EDM-preconditioned", "bench_digits16_ve"),
     ("digits16 VE, NCSN score network", "bench_digits16_ncsn"),
 )
