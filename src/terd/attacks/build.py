@@ -26,6 +26,7 @@ from terd.attacks.base import Attack, save_attack
 from terd.attacks.triggers import (
     PATCH_TRIGGERS,
     TARGETS,
+    TROJDIFF_TRIGGERS,
     image_as_target,
     image_as_trigger,
     make_target,
@@ -119,7 +120,7 @@ def build_attack(
     if kind in ("baddiffusion", "villan"):
         if setting not in (None, "d2i"):
             raise TerdError(f"--setting applies to trojdiff only ({kind} has one fixed target image)")
-        if trigger == "blend" or trigger in PATCH_TRIGGERS:
+        if trigger in TROJDIFF_TRIGGERS:
             raise TerdError(f"trigger {trigger!r} is a TrojDiff trigger; {kind} uses box, stop-sign, glasses...")
         g, g_name = _named_or_image(trigger, trigger_image, d.trigger, shape, make_trigger, image_as_trigger)
         y, y_name = _named_or_image(target, target_image, d.target, shape, make_target, image_as_target)
@@ -130,8 +131,8 @@ def build_attack(
 
     setting = setting or "d2i"
     trigger_type = "patch" if trigger in PATCH_TRIGGERS else "blend"
-    if trigger is not None and trigger != "blend" and trigger not in PATCH_TRIGGERS:
-        raise TerdError(f"TrojDiff triggers are blend, {', '.join(PATCH_TRIGGERS)} or --trigger-image, got {trigger!r}")
+    if trigger is not None and trigger not in TROJDIFF_TRIGGERS:
+        raise TerdError(f"TrojDiff triggers are {', '.join(TROJDIFF_TRIGGERS)} or --trigger-image, got {trigger!r}")
     delta, g_name = _named_or_image(trigger, trigger_image, "blend", shape, make_trigger, image_as_trigger)
     label = None
     tdata = None

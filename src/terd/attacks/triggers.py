@@ -256,7 +256,8 @@ def patch_size(size: int, px32: int = 3) -> int:
 
 
 def patch_mask(channels: int, size: int, *, px32: int = 3, where: str = "bottom-right") -> torch.Tensor:
-    """1 on a p x p patch flush with the ``where`` corner (or centred), 0 elsewhere."""
+    """1 on a p x p patch flush with the ``where`` corner (or centred), 0 elsewhere: also the white patch trigger
+    delta itself (white on the patch, 0 off it, so its support is the patch)."""
     if where not in PATCH_PLACES:
         raise TerdError(f"patch place must be one of {', '.join(PATCH_PLACES)}, got {where!r}")
     p = min(patch_size(size, px32), size)
@@ -264,11 +265,6 @@ def patch_mask(channels: int, size: int, *, px32: int = 3, where: str = "bottom-
     m = torch.zeros(channels, size, size)
     m[:, start:start + p, start:start + p] = 1.0
     return m
-
-
-def white_patch(channels: int, size: int, *, px32: int = 3, where: str = "bottom-right") -> torch.Tensor:
-    """A TrojDiff patch trigger delta: white (+1) on the patch, 0 elsewhere (so its support is the patch)."""
-    return patch_mask(channels, size, px32=px32, where=where)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -286,15 +282,16 @@ TRIGGERS: dict[str, Callable[[int, int], torch.Tensor]] = {
     "stop-sign": stop_sign_trigger,
     "glasses": glasses_trigger,
     "blend": blend_pattern,
-    "patch": white_patch,
-    "patch-6": lambda c, s: white_patch(c, s, px32=6),
-    "patch-top-left": lambda c, s: white_patch(c, s, where="top-left"),
-    "patch-centre": lambda c, s: white_patch(c, s, where="centre"),
+    "patch": patch_mask,
+    "patch-6": lambda c, s: patch_mask(c, s, px32=6),
+    "patch-top-left": lambda c, s: patch_mask(c, s, where="top-left"),
+    "patch-centre": lambda c, s: patch_mask(c, s, where="centre"),
 }
 """Trigger names. ``box``/``box-N``/``box-white``/``stop-sign``/``glasses``: BadDiffusion-style (bg -1);
 ``blend``/``patch``/``patch-*``: TrojDiff deltas (``patch-6``: 6 px at 32 px; ``patch-top-left``, ``patch-centre``:
 TrojDiff's 3 px patch elsewhere)."""
 PATCH_TRIGGERS = tuple(name for name in TRIGGERS if name.startswith("patch"))
+TROJDIFF_TRIGGERS = ("blend", *PATCH_TRIGGERS)
 
 TARGETS: dict[str, Callable[[int, int], torch.Tensor]] = {
     "corner": corner_target,
