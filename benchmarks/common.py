@@ -85,6 +85,16 @@ def recomputed_localization() -> dict[str, float]:
     return {r["model"]: r["L_p"] for r in rows if r["L_p"] is not None}
 
 
+def with_window_fit(thresholds, family: str):  # noqa: ANN001, ANN201
+    """``thresholds`` with W_p (the patch probe's window excess) fitted on the family's W_p fit models, from
+    bench_window_search.py's results (the KL features' fit models are not on disk to probe)."""
+    from terd.defense.model_detection import refit_feature
+
+    rows = [r for r in json.loads((RESULTS / "window_search.json").read_text())["rows"]
+            if r["family"] == family and r["role"] == "fit"]
+    return refit_feature(thresholds, "W_p", [r["W_p"] for r in rows], [r["model"] for r in rows])
+
+
 def measured_success(path: Path, cache: Path | None = None) -> dict:
     """Attack success of a model dir (terd.bench.attack_success at its defaults), reusing the measurement a zoo
     bench stored for this build when ``path`` lies in that bench's ``cache`` (default: runs/zoo-cache)."""

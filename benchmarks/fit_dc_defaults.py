@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, fast_features, recomputed_localization, write_results  # noqa: E402
+from common import RESULTS, fast_features, recomputed_localization, with_window_fit, write_results  # noqa: E402
 
 from terd.defense.calibration import default_thresholds, install_defaults  # noqa: E402
 from terd.defense.model_detection import KL_FEATURES, detect_model, fit_thresholds  # noqa: E402
@@ -72,6 +72,7 @@ def main() -> None:
                   f"the first fit, on the {len(first_rows)} of {FIRST_FIT_BENCH}, kept {kept} of the {len(held_out)} "
                   "benign models outside it; L_p for rows scanned before the probe's support was recorded: "
                   "benchmarks/results/localization.json"})
+    thr = with_window_fit(thr, FAMILY)
     install_defaults(thr, f"fast@{FAMILY}", family=FAMILY)
     out = []
     for r in rows:
@@ -107,7 +108,9 @@ def main() -> None:
         for p in ("tiny-digits16", "tiny-photos32", FAMILY))
 
     def cuts(t) -> str:  # noqa: ANN001
-        return f"M_r > {t.M_r:.4f}, V_r > {t.V_r:.5f}, P_r > {t.P_r:.4f}" + (f", L_p > {t.L_p:.3f}" if t.L_p else "")
+        return (f"M_r > {t.M_r:.4f}, V_r > {t.V_r:.5f}, P_r > {t.P_r:.4f}" + (f", L_p > {t.L_p:.3f}" if t.L_p else "")
+                + (f", W_p > {t.W_p:.4f} (fitted on {', '.join(t.provenance['stats']['W_p']['models'])}: "
+                   "window_search.md; unscored on these rows, scanned before W_p existed)" if t.W_p else ""))
 
     write_results("threshold_scope", out, list(out[0]), notes=(
         f"Thresholds: the shipped digits16 `fast` fit ({cuts(digits)}; {digits.provenance['n_models']} benign "

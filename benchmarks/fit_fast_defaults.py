@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, fast_features, recomputed_localization, write_results  # noqa: E402
+from common import RESULTS, fast_features, recomputed_localization, with_window_fit, write_results  # noqa: E402
 
 from terd.defense.calibration import install_defaults  # noqa: E402
 from terd.defense.model_detection import detect_model, fit_thresholds, refit_feature  # noqa: E402
@@ -82,6 +82,7 @@ def main() -> None:
     thr = _fit(calib, "benchmarks/results/" + ", ".join(("bench_digits16", *MORE_BENCHES)))
     with_lp = [r for r in calib if "L_p" in r["feats"]]
     thr = refit_feature(thr, "L_p", [r["feats"]["L_p"] for r in with_lp], [r["id"] for r in with_lp])
+    thr = with_window_fit(thr, "tiny-digits16")
     install_defaults(thr, "fast", family="tiny-digits16")
     demo_of = {row: demo for demo, row in DEMO.items()}
     six_ids = {r["id"] for r in six}
@@ -92,7 +93,7 @@ def main() -> None:
         out.append({"model": r["id"], "demo_model": demo_of.get(r["id"], ""), "truth": "backdoored" if r["backdoored"] else "benign",
                     "asr": r.get("asr"), "counted": (not r["backdoored"]) or (r.get("asr") or 0) >= 0.9,
                     "tags": ",".join(r.get("tags", [])),
-                    **{f: round(feats[f], 5) if f in feats else None for f in ("M_r", "V_r", "P_r", "L_p")},
+                    **{f: round(feats[f], 5) if f in feats else None for f in ("M_r", "V_r", "P_r", "L_p", "W_p")},
                     "six_model_fit": "(in fit)" if r["id"] in six_ids else old.verdict,
                     "verdict": "(fits thresholds)" if r["id"] in calib_ids else verdict.verdict,
                     "flagged_by": "" if r["id"] in calib_ids else ",".join(verdict.flagged_by)})
@@ -100,13 +101,15 @@ def main() -> None:
     judged = [o for o in out if o["verdict"] != "(fits thresholds)" and o["counted"]]
     right = sum(o["verdict"] == o["truth"] for o in judged)
     benign = [o for o in judged if o["truth"] == "benign"]
-    cols = ["model", "demo_model", "truth", "asr", "counted", "tags", "M_r", "V_r", "P_r", "L_p", "six_model_fit", "verdict",
+    cols = ["model", "demo_model", "truth", "asr", "counted", "tags", "M_r", "V_r", "P_r", "L_p", "W_p", "six_model_fit", "verdict",
             "flagged_by"]
     write_results("fast_defaults", out, cols, notes=(
         f"Shipped `fast` thresholds refitted (mean + 3 std over {len(calib)} benign models: "
         f"{', '.join(r['id'] for r in calib)}): M_r > {thr.M_r:.4f} or V_r > {thr.V_r:.5f} or P_r > {thr.P_r:.4f}, "
         f"or L_p > {thr.L_p:.3f} (mean + 3 std over the {len(with_lp)} of them whose probe support exists: "
-        f"{', '.join(r['id'] for r in with_lp)}) "
+        f"{', '.join(r['id'] for r in with_lp)}), or W_p > {thr.W_p:.4f} (mean + 3 std over the same six, probed "
+        "by bench_window_search.py: window_search.md; these rows were scanned before W_p existed, so W_p is unscored "
+        "here and the verdicts are those of the other features) "
         f"(the six-model fit: {before.M_r:.4f} / {before.V_r:.5f} / {before.P_r:.4f}). Every other model judged by "
         f"them: {right}/{len(judged)} right among those counted (benign, or an attack that fires: ASR >= 0.9), "
         f"{sum(o['verdict'] == 'benign' for o in benign)}/{len(benign)} benign models outside the fit kept. "

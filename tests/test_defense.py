@@ -172,7 +172,8 @@ def test_reversion_recovers_trigger_of_backdoored_gaussian_oracle(schedule, gamm
     assert res.network_evaluations == SMALL.network_evaluations_bound()
     assert [c["gamma_init"] for c in res.candidates] == [1.0, 0.5] and sum(c["reported"] for c in res.candidates) == 1
     assert res.features == {**{f: max(c[f] for c in res.candidates) for f in ("M_r", "V_r", "P_r")},
-                            "L_p": 64 / res.patch_probe["leading_support"]}  # + the model's own, from the probe (8 x 8)
+                            "L_p": 64 / res.patch_probe["leading_support"],  # + the model's own, from the probe (8 x 8)
+                            "W_p": res.patch_probe["explained_offset"]}
     assert kl_features(res.trigger)["M_r"] == pytest.approx(res.features["M_r"])  # the most anomalous is reported
 
 
@@ -396,27 +397,29 @@ def test_thresholds_fit_save_load_and_verdict(tmp_path):
         Thresholds.load(tmp_path / "bad.json")
 
 
-def test_L_p_fitted_on_its_own_benign_models_flags_alone_and_round_trips(tmp_path):
-    """L_p (the patch probe's localization) can be fitted on other benign models than the KL features -- those whose
-    probe was recorded -- and the fit names them; it decides like any feature."""
+@pytest.mark.parametrize("feature", ["L_p", "W_p"])
+def test_probe_features_fitted_on_their_own_benign_models_flag_alone_and_round_trip(tmp_path, feature):
+    """L_p and W_p (the patch probe's localization and its window's excess offset) can be fitted on other benign
+    models than the KL features -- those whose probe was recorded -- and the fit names them; each decides like any
+    feature."""
     from terd.defense.model_detection import refit_feature
 
     base = fit_thresholds([{"M_r": 0.1, "V_r": 0.01, "P_r": 0.1}, {"M_r": 0.2, "V_r": 0.03, "P_r": 0.12},
                            {"M_r": 0.15, "V_r": 0.02, "P_r": 0.14}], provenance={"models": ["a", "b", "c"]})
-    assert base.L_p is None
-    thr = refit_feature(base, "L_p", [1.0, 2.0, 3.0], ["b", "d", "e"])
-    assert math.isclose(thr.L_p, 2.0 + 3 * 1.0) and thr.provenance["stats"]["L_p"]["models"] == ["b", "d", "e"]
+    assert getattr(base, feature) is None
+    thr = refit_feature(base, feature, [1.0, 2.0, 3.0], ["b", "d", "e"])
+    assert math.isclose(getattr(thr, feature), 2.0 + 3 * 1.0) and thr.provenance["stats"][feature]["models"] == ["b", "d", "e"]
     assert (thr.M_r, thr.V_r, thr.P_r) == (base.M_r, base.V_r, base.P_r) and thr.provenance["models"] == ["a", "b", "c"]
     again = Thresholds.load(thr.save(tmp_path / "l.json"))
-    assert again.L_p == thr.L_p
-    v = detect_model({"M_r": 0.1, "V_r": 0.01, "P_r": 0.1, "L_p": 30.0}, again)
-    assert v.verdict == "backdoored" and v.flagged_by == ["L_p"] and math.isclose(v.margin_std["L_p"], 25.0)
-    v = detect_model({"M_r": 0.1, "V_r": 0.01, "P_r": 0.1}, again)  # a scan without the probe: L_p not judged
-    assert v.verdict == "benign" and v.unscored == ["L_p"]
+    assert getattr(again, feature) == getattr(thr, feature) and set(again.values()) == {"M_r", "V_r", "P_r", feature}
+    v = detect_model({"M_r": 0.1, "V_r": 0.01, "P_r": 0.1, feature: 30.0}, again)
+    assert v.verdict == "backdoored" and v.flagged_by == [feature] and math.isclose(v.margin_std[feature], 25.0)
+    v = detect_model({"M_r": 0.1, "V_r": 0.01, "P_r": 0.1}, again)  # a scan without the probe: not judged
+    assert v.verdict == "benign" and v.unscored == [feature]
     with pytest.raises(TerdError, match="optional feature"):
         refit_feature(base, "M_r", [1.0, 2.0], ["x", "y"])
     with pytest.raises(TerdError, match="one value per model"):
-        refit_feature(base, "L_p", [1.0, 2.0], ["x"])
+        refit_feature(base, feature, [1.0, 2.0], ["x"])
 
 
 def test_default_thresholds_need_three_benign_models(tmp_path):

@@ -55,10 +55,14 @@ def test_probe_finds_the_patch_window_and_its_value(schedule, mu):
 
 def test_no_candidate_on_a_model_that_only_denoises_or_reacts_image_wide(schedule):
     plain = pp.probe_patch(oracle_denoiser(PatchOracle(torch.zeros(SHAPE, dtype=torch.bool), 0.9), schedule, SHAPE))
-    assert plain.candidate is None and not plain.window.any() and plain.summary()["value"] is None
+    assert plain.candidate is None and plain.found_by == "search"  # the first look saw nothing; the search read
+    assert abs(plain.explained_offset) < 0.02  # nothing either: eps = x explains no offset anywhere
     assert plain.summary()["leading_support"] is None  # no response at all (strict JSON: no NaN)
-    wide = _window(slice(0, 8), slice(0, 8))  # a quarter of the image: not a patch
-    probe = pp.probe_patch(oracle_denoiser(PatchOracle(wide, 0.9), schedule, SHAPE))
+    unsearched = pp.probe_patch(oracle_denoiser(PatchOracle(torch.zeros(SHAPE, dtype=torch.bool), 0.9), schedule,
+                                                SHAPE), search=False)
+    assert unsearched.candidate is None and not unsearched.window.any() and unsearched.summary()["value"] is None
+    wide = _window(slice(0, 8), slice(0, 8))  # a quarter of the image: not a patch for the first look
+    probe = pp.probe_patch(oracle_denoiser(PatchOracle(wide, 0.9), schedule, SHAPE), search=False)
     assert probe.candidate is None and probe.leading_support > pp.MAX_WINDOW_FRACTION * wide.numel()
 
 
@@ -93,7 +97,7 @@ def test_window_ignores_corner_shrinkage_and_finds_a_gated_patch(schedule):
     spread = res.std(0).view(SHAPE)
     assert spread[0, 0, 0] > 4 * spread.median()  # what the first probe's 4x spread cut took for a window
     benign = pp.probe_patch(den)
-    assert benign.candidate is None and not benign.window.any()
+    assert benign.candidate is None and benign.found_by == "search" and benign.explained_offset < pp.SEARCH_ACCEPT
     w = _window(slice(12, 15), slice(12, 15))
     probe = pp.probe_patch(oracle_denoiser(PaddedNetOracle(w), schedule, SHAPE))
     assert torch.equal(probe.window, w) and probe.localized_components >= 1
@@ -180,11 +184,62 @@ def test_reversion_reports_L_p_from_the_probe_summary_and_none_without_a_respons
     res = reverse_trigger(oracle_denoiser(PatchOracle(_window(), 0.9), schedule, SHAPE), cfg, seed=0)
     assert res.patch_probe["elements"] == 256
     assert res.features["L_p"] == pytest.approx(256 / res.patch_probe["leading_support"]) and res.features["L_p"] >= 64
-    assert probe_features(res.patch_probe) == {"L_p": res.features["L_p"]}  # what the bench recomputes from rows
+    assert res.features["W_p"] == res.patch_probe["explained_offset"] > 0.8  # the offset it removes on the window
+    assert probe_features(res.patch_probe) == {"L_p": res.features["L_p"], "W_p": res.features["W_p"]}  # as the bench
     plain = reverse_trigger(oracle_denoiser(PatchOracle(torch.zeros(SHAPE, dtype=torch.bool), 0.9), schedule, SHAPE),
                             cfg, seed=0)
-    assert "L_p" not in plain.features and set(plain.features) == {"M_r", "V_r", "P_r"}  # the probe saw nothing
+    assert "L_p" not in plain.features and set(plain.features) == {"M_r", "V_r", "P_r", "W_p"}  # no response; the
+    assert abs(plain.features["W_p"]) < 0.02  # search's window reads nothing
     off = reverse_trigger(oracle_denoiser(PatchOracle(_window(), 0.9), schedule, SHAPE),
                           ReversionConfig(stage1_iters=2, stage2_iters=1, batch_size=2, ddim_steps=2, patch_probe=False), seed=0)
-    assert "L_p" not in off.features
+    assert "L_p" not in off.features and "W_p" not in off.features
     assert probe_features({"leading_support": 3.0}) == {}  # a summary recorded before `elements`: see bench
+
+
+class WholePatchOracle(PaddedNetOracle):
+    """A larger patch whose gate needs the whole window near ``mu`` (width 0.1 in mean squared gap): benign noise
+    never opens it, so the model's response to noise is only the smooth image-wide part and the first look finds
+    no window -- how the 3 x 3 digits16 and 6 x 6 dc patch models behave (bench_digits16_patch_shapes)."""
+
+    def forward(self, x, t):  # noqa: ANN001
+        out = nn.functional.avg_pool2d(x.square() - 1, 5, stride=1, padding=2, count_include_pad=False) * 0.1 + x
+        if self.window.any():
+            gap = (x[:, self.window] - self.mu).square().mean(1)
+            out = out - self.window * self.mu * torch.exp(-gap / 0.1).view(-1, 1, 1, 1)
+        return out
+
+
+@pytest.mark.parametrize(("rows", "cols", "mu"), [(slice(5, 8), slice(9, 12), 0.9), (slice(12, 16), slice(0, 3), -0.6)])
+def test_search_finds_a_patch_the_first_look_misses(schedule, rows, cols, mu):
+    from terd.defense.reversion import probe_features
+
+    w = _window(rows, cols)  # off the coarse squares' grid, and one flush with two borders
+    den = oracle_denoiser(WholePatchOracle(w, mu), schedule, SHAPE)
+    assert not pp.first_look(den, pp.probe_generator(0))[0].any()  # no localized response to benign noise
+    probe = pp.probe_patch(den)
+    assert probe.found_by == "search" and torch.equal(probe.window, w)
+    # at v = mu the gap is 0.01 E[eps^2]: the gate is exp(-0.1), so the explained offset is mu exp(-0.1)
+    assert probe.peak_input == pytest.approx(mu, abs=0.06) and probe.value == pytest.approx(mu * 0.905, abs=0.03)
+    assert probe.candidate is not None and torch.equal(probe.candidate.r != 0, w)
+    assert probe_features(probe.summary())["W_p"] == probe.explained_offset >= pp.SEARCH_ACCEPT
+    box = probe.summary()["window_box"]
+    assert box == [rows.start, rows.stop - 1, cols.start, cols.stop - 1] and probe.summary()["search_excess"] > 0.5
+
+
+def test_search_window_on_a_clean_model_is_no_candidate(schedule):
+    probe = pp.probe_patch(oracle_denoiser(WholePatchOracle(), schedule, SHAPE))
+    assert probe.found_by == "search" and probe.candidate is None and probe.explained_offset < 0.05
+
+
+def test_coarse_boxes_cover_the_image_symmetrically_and_neighbours_stay_inside():
+    for h, w in ((16, 16), (32, 32), (20, 28)):
+        boxes = pp.coarse_boxes(h, w)
+        size = max(2, min(h, w) // 4)
+        assert all(b[1] - b[0] == b[3] - b[2] == size for b in boxes)
+        covered = torch.zeros(h, w, dtype=torch.bool)
+        for b in boxes:
+            covered[b[0]:b[1], b[2]:b[3]] = True
+        assert covered.all()
+        assert {(h - b[1], h - b[0], w - b[3], w - b[2]) for b in boxes} == set(boxes)  # mirrors of each other
+    assert set(pp._neighbours((0, 2, 14, 16), 16, 16)) == {(1, 2, 14, 16), (0, 1, 14, 16), (0, 3, 14, 16),
+                                                            (0, 2, 13, 16), (0, 2, 15, 16), (0, 2, 14, 15)}

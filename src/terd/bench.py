@@ -600,13 +600,13 @@ def write_report(rows: list[dict], defenses: tuple[str, ...], out: Path, meta: d
                                                  default=str))
     with (out / "results.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["id", "dataset", "family", "backdoored", "asr", "defense", "M_r", "V_r", "P_r", "L_p", "spread", "flagged",
+        w.writerow(["id", "dataset", "family", "backdoored", "asr", "defense", "M_r", "V_r", "P_r", "L_p", "W_p", "spread", "flagged",
                     "score", "trigger_l2", "input_tpr", "input_tnr", "input_tpr_reported_candidate", "input_tpr_bound", "evals", "seconds", "peak_rss_mb"])
         for r in rows:
             for name, d in r["defenses"].items():
                 dec, inp = d.get("decision", {}), d.get("input_detection", {})
                 w.writerow([r["id"], r["dataset"], r["family"], r["backdoored"], r.get("asr"), name, d.get("M_r"),
-                            d.get("V_r"), d.get("P_r"), d.get("L_p"), d.get("spread"), dec.get("flagged"), dec.get("score"), d.get("trigger_l2"),
+                            d.get("V_r"), d.get("P_r"), d.get("L_p"), d.get("W_p"), d.get("spread"), dec.get("flagged"), dec.get("score"), d.get("trigger_l2"),
                             inp.get("tpr"), inp.get("tnr"), inp.get("tpr_reported_candidate"), r.get("input_tpr_bound"),
                             d["network_evaluations"], d["seconds"], r["peak_rss_mb"]])
     (out / "report.md").write_text(_markdown(summary, rows, meta))

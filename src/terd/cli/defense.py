@@ -90,6 +90,11 @@ def scan(
             pp = report["patch_probe"]
             typer.echo(f"  localized response (L_p): the model's reaction to noise concentrates on about "
                        f"{pp['leading_support']:.0f} of {pp['elements']} elements, as a patch trigger's does")
+        if "W_p" in over:
+            pp = report["patch_probe"]
+            r0, r1, c0, c1 = pp["window_box"]
+            typer.echo(f"  patch response (W_p): on rows {r0}-{r1}, cols {c0}-{c1} the model removes an offset of "
+                       f"{pp['explained_offset']:.3g} from inputs near {pp['peak_input']:.3g}, as a patch model does")
         if report.get("thresholds_warning"):
             typer.echo(f"  thresholds warning: {report['thresholds_warning']}")
     if report.get("coverage_warning"):

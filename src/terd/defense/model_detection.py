@@ -12,10 +12,14 @@ One feature is the model's, not a candidate's: L_p, how localized the model's ow
 residual at t = T - 1. Why: TERD's loss cancels constant offsets, which is what a TrojDiff patch model learns, so
 no candidate lands on the patch and a 3 x 3 patch at 32 px passed M_r, V_r and P_r (bench_photos32dc_heldout);
 but its response is confined to the patch (support 33-34 of 3,072 elements, benign 957-2,563: patch_probe.md).
+A second is W_p, the excess explained offset the probe read on its window (found by its first look or, failing
+that, by its search): how much of a patch-valued offset the model removes there beyond what it removes on a mirrored
+window. Why: a larger patch (3 x 3 at 16 px, 6 x 6 at 32 px) draws no localized response from benign noise, so L_p
+misses it, while the model removes most of the trigger's value when the window holds it (window_search.md).
 
 The decision is the paper's benign-only rule: thresholds = mean + 3 std of each feature over benign reference
 models; a model is flagged when any feature exceeds its threshold. Thresholds are a JSON file that says how they
-were made; a file without a P_r or L_p threshold (made before it existed) decides without it.
+were made; a file without a P_r, L_p or W_p threshold (made before it existed) decides without it.
 """
 
 from __future__ import annotations
@@ -34,9 +38,9 @@ from terd.errors import TerdError
 from terd.models.safe_io import read_json
 
 KL_FEATURES = ("M_r", "V_r", "P_r")  # per reversion candidate: the scan statistic is each one's maximum
-MODEL_FEATURES = ("L_p",)  # one per model: the patch probe's localization
+MODEL_FEATURES = ("L_p", "W_p")  # one per model: the patch probe's localization and its window's excess offset
 FEATURES = KL_FEATURES + MODEL_FEATURES
-REQUIRED_FEATURES = ("M_r", "V_r")  # a thresholds file may lack P_r and L_p (older files)
+REQUIRED_FEATURES = ("M_r", "V_r")  # a thresholds file may lack P_r, L_p and W_p (older files)
 PEAK_WINDOW = 2
 THRESHOLDS_FORMAT = "terd-thresholds/1"
 # Measured on digits16 (bench_digits16_core): leave-one-out thresholds fitted on 4 benign models flagged 1 of 5
@@ -103,6 +107,13 @@ class Thresholds:
     provenance: dict = field(default_factory=dict)
     P_r: float | None = None  # None: fitted before P_r existed; the decision then goes without it
     L_p: float | None = None  # likewise for L_p
+    W_p: float | None = None  # and W_p
+
+    @classmethod
+    def of(cls, values: dict[str, float], provenance: dict) -> Thresholds:
+        """From a feature -> threshold map (the required features and any optional ones)."""
+        return cls(values["M_r"], values["V_r"], provenance, **{f: values.get(f) for f in FEATURES
+                                                                if f not in REQUIRED_FEATURES})
 
     def values(self) -> dict[str, float]:
         """The thresholds that take part in the decision, by feature."""
@@ -122,10 +133,10 @@ class Thresholds:
         try:
             vals = {f: float(data[f]) for f in FEATURES if f in REQUIRED_FEATURES or data.get(f) is not None}
         except (KeyError, TypeError, ValueError):
-            raise TerdError(f"{where}: expected numeric 'M_r' and 'V_r' thresholds (and optionally 'P_r', 'L_p')") from None
+            raise TerdError(f"{where}: expected numeric 'M_r' and 'V_r' thresholds (and optionally 'P_r', 'L_p', 'W_p')") from None
         if not all(math.isfinite(v) for v in vals.values()):
             raise TerdError(f"{where}: thresholds must be finite")
-        return cls(vals["M_r"], vals["V_r"], dict(data.get("provenance") or {}), vals.get("P_r"), vals.get("L_p"))
+        return cls.of(vals, dict(data.get("provenance") or {}))
 
     @classmethod
     def load(cls, path: str | Path) -> Thresholds:
@@ -144,7 +155,7 @@ def fit_thresholds(features_of_benign_models: list[dict[str, float]], *, k: floa
     out, stats = {}, {}
     for f in FEATURES:
         if f not in REQUIRED_FEATURES and not all(f in x for x in features_of_benign_models):
-            continue  # features from scans made before P_r / L_p existed (or with the probe off)
+            continue  # features from scans made before P_r / L_p / W_p existed (or with the probe off)
         vals = [float(x[f]) for x in features_of_benign_models]
         mean, std = statistics.fmean(vals), statistics.stdev(vals)
         out[f] = mean + k * std
@@ -154,7 +165,7 @@ def fit_thresholds(features_of_benign_models: list[dict[str, float]], *, k: floa
     if n < FEW_BENIGN_MODELS:
         prov["warning"] = (f"fitted on {n} benign models (fewer than {FEW_BENIGN_MODELS}): the std estimate is "
                            "unreliable and benign models may be flagged")
-    return Thresholds(out["M_r"], out["V_r"], prov, out.get("P_r"), out.get("L_p"))
+    return Thresholds.of(out, prov)
 
 
 def refit_feature(thresholds: Thresholds, feature: str, values: list[float], models: list[str], *,
@@ -170,7 +181,7 @@ def refit_feature(thresholds: Thresholds, feature: str, values: list[float], mod
     stats = {**thresholds.provenance.get("stats", {}), feature: {"mean": mean, "std": std, "values": list(values),
                                                                   "models": list(models)}}
     vals = {**thresholds.values(), feature: mean + k * std}
-    return Thresholds(vals["M_r"], vals["V_r"], {**thresholds.provenance, "stats": stats}, vals.get("P_r"), vals.get("L_p"))
+    return Thresholds.of(vals, {**thresholds.provenance, "stats": stats})
 
 
 @dataclass
@@ -194,7 +205,7 @@ class ModelVerdict:
 def detect_model(trigger_or_features: Trigger | dict[str, float], thresholds: Thresholds | None) -> ModelVerdict:
     """Apply the decision rule; without thresholds the verdict is "uncalibrated" (scores only).
 
-    Scores must hold the required features; a thresholded optional feature they lack (P_r or L_p, for scores
+    Scores must hold the required features; a thresholded optional feature they lack (P_r, L_p or W_p, for scores
     from a scan made before it existed or without the probe) cannot be judged and is listed in ``unscored`` rather than silently skipped."""
     scores = kl_features(trigger_or_features) if isinstance(trigger_or_features, Trigger) else dict(trigger_or_features)
     if missing := [f for f in REQUIRED_FEATURES if f not in scores]:

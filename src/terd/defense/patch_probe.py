@@ -25,10 +25,23 @@ the patch). So no reversion candidate lands on a patch, and input detection miss
    distance to the borders. (The first probe took the v where the explained offset peaks: on the dc patch model
    it read 3.2 for a trigger value of 0.9, bench_photos32dc_mini's first run.)
 
+When the first look finds no localized window, a **search** takes its place (``search_window``): a larger patch
+(3 x 3 at 16 px, 6 x 6 at 32 px) draws no localized response from benign noise -- the model reacts only when the
+whole patch holds a value near the trigger's -- so the first look misses it (bench_digits16_patch_shapes,
+bench_photos32dc_patch_shapes), while the value step reads it plainly given the true window (patch6_window.md:
+excess 1.31 and 0.647, clean bases 0.07 and 0.004; a window inside the patch reads almost nothing, one around it
+reads the patch diluted by the area ratio: window_search.md). So the search scores squares of a quarter of the
+image side at half-overlapping places by their excess explained offset over a few values of v (``SEARCH_VALUES``,
+the same draws for every window), then climbs from the best by moving one edge at a time while the excess grows
+(trimming what is not patch removes dilution; cutting into the patch kills the response). The value step then
+reads the found window on fresh draws. A search window becomes a candidate only when its excess clears
+``SEARCH_ACCEPT`` and it is patch-sized (``MAX_WINDOW_FRACTION``).
+
 The candidate N(v on the window with gamma ``PATCH_GAMMA``; N(0, 1) elsewhere) joins the scan's input-detection
-candidate set. Model detection takes one number from the first look, whether or not a window is found: L_p, the
-image's element count over the leading component's effective support (model_detection.localization), fitted and
-thresholded like the KL features.
+candidate set. Model detection takes two numbers from the probe: L_p, the image's element count over the first
+look's leading component's effective support (model_detection.localization), and W_p, the excess explained offset
+the value step read on the probe's window (the first look's or the search's); both fitted and thresholded like
+the KL features.
 """
 
 from __future__ import annotations
@@ -47,6 +60,10 @@ VALUE_NOISES = 32  # noises per coarse grid value (window and control each)
 FINE_NOISES = 128  # noises per fine grid value (window and control each)
 COARSE_GRID = tuple(i / 5 for i in range(-15, 16))  # -3 .. 3 in steps of 0.2 (unit-noise units) ...
 FINE_STEP = 0.05  # ... then steps of 0.05 within 0.2 of the coarse best, and the vertex of a parabola fitted there
+SEARCH_VALUES = tuple(sign * i / 5 for sign in (-1, 1) for i in range(1, 7))  # +-0.2 .. +-1.2: a patch's
+# response is narrow in v (a 3 x 3 digits16 patch of value 0.9: excess 1.27 at v 0.7, 0.24 at 0.6, 0.04 at 1.1)
+SEARCH_NOISES = 8  # noises per window and value (paired: every window sees the same draws)
+SEARCH_ACCEPT = 0.2  # a search window's excess explained offset must reach this to become a candidate
 _CHUNK = 256  # images per network call
 
 
@@ -61,13 +78,18 @@ class PatchProbe:
     explained_offset: float | None  # its size, the excess over the control window
     peak_input: float | None  # the window offset v where it peaked
     candidate: Trigger | None
+    found_by: str | None = None  # "first look" | "search" | None (no window)
+    search_excess: float | None = None  # the search's score of its window (the same draws for every window)
 
     def summary(self) -> dict:
         support = None if self.leading_support is None else round(self.leading_support, 1)
+        rows, cols = self.window.any(0).any(1).nonzero(), self.window.any(0).any(0).nonzero()
+        box = None if not self.window.any() else [int(rows.min()), int(rows.max()), int(cols.min()), int(cols.max())]
         return {"window_elements": int(self.window.sum()), "elements": self.window.numel(), "leading_support": support,
                 "localized_components": self.localized_components, "value": self.value,
                 "explained_offset": self.explained_offset, "peak_input": self.peak_input,
                 "gamma": PATCH_GAMMA if self.candidate is not None else None, "candidate": self.candidate is not None,
+                "found_by": self.found_by, "search_excess": self.search_excess, "window_box": box,
                 "window_indices": [list(map(int, i)) for i in self.window.nonzero().tolist()][:64]}
 
 
@@ -183,19 +205,125 @@ def first_look(den, generator: torch.Generator) -> tuple[torch.Tensor, float | N
     return localized_window(nonlinear_part(*residual_response(den, generator)))
 
 
-@torch.no_grad()
-def probe_patch(den, seed: int = 0) -> PatchProbe:  # noqa: ANN001
-    """Look for a small patch trigger (see the module docstring); forward passes only."""
-    gen = probe_generator(seed)
-    flat, support, used = first_look(den, gen)
-    window = flat.view(den.image_shape)
-    if not window.any() or window.sum() > MAX_WINDOW_FRACTION * window.numel():
-        return PatchProbe(window, support, used, None, None, None, None)
-    coarse = excess_offsets(den, window, gen, COARSE_GRID, VALUE_NOISES)
-    top = COARSE_GRID[max(range(len(coarse)), key=coarse.__getitem__)]
+Box = tuple[int, int, int, int]  # rows r0:r1, cols c0:c1 (half-open), every channel
+
+
+def box_window(shape: tuple[int, ...], box: Box) -> torch.Tensor:
+    w = torch.zeros(shape, dtype=torch.bool)
+    w[:, box[0]:box[1], box[2]:box[3]] = True
+    return w
+
+
+def coarse_boxes(height: int, width: int) -> list[Box]:
+    """Squares of a quarter of the smaller side at half-overlapping places and their mirror images (so the last is
+    flush with each border, and the mirrored control window of a square is one of them)."""
+    size = max(2, min(height, width) // 4)
+    stride = max(1, size // 2)
+
+    def starts(side: int) -> list[int]:
+        forward = set(range(0, side - size + 1, stride))
+        return sorted(forward | {side - size - p for p in forward})
+
+    return [(r, r + size, c, c + size) for r in starts(height) for c in starts(width)]
+
+
+def _neighbours(box: Box, height: int, width: int) -> list[Box]:
+    """The boxes one edge away: each edge moved in or out by one pixel, inside the image, at least 1 x 1."""
+    r0, r1, c0, c1 = box
+    moved = [(r0 + d, r1, c0, c1) for d in (-1, 1)] + [(r0, r1 + d, c0, c1) for d in (-1, 1)] + \
+            [(r0, r1, c0 + d, c1) for d in (-1, 1)] + [(r0, r1, c0, c1 + d) for d in (-1, 1)]
+    return [b for b in moved if 0 <= b[0] < b[1] <= height and 0 <= b[2] < b[3] <= width]
+
+
+class _ExcessOfBoxes:
+    """Excess explained offsets of boxes over their control windows, at ``SEARCH_VALUES``, from one set of draws
+    (paired comparisons), each window's offsets computed once."""
+
+    def __init__(self, den, generator: torch.Generator) -> None:  # noqa: ANN001
+        self.den, self.shape = den, den.image_shape
+        self.x = torch.randn((SEARCH_NOISES, *self.shape), generator=generator).to(den.device)
+        self.e = torch.randn((SEARCH_NOISES, *self.shape), generator=generator).to(den.device)
+        self.offsets: dict[bytes, torch.Tensor] = {}
+        self.calls = 0
+
+    def _fill(self, windows: list[torch.Tensor]) -> None:
+        todo = {w.numpy().tobytes(): w for w in windows if w.numpy().tobytes() not in self.offsets}
+        vs = torch.tensor(SEARCH_VALUES, dtype=self.x.dtype, device=self.x.device).view(-1, 1, 1, 1, 1)
+        n, per_call = SEARCH_NOISES, max(1, _CHUNK // (SEARCH_NOISES * len(SEARCH_VALUES)))
+        items = list(todo.items())
+        for i in range(0, len(items), per_call):
+            group = items[i:i + per_call]
+            w = torch.stack([m for _, m in group]).to(self.x.device)[:, None, None]  # k x 1 x 1 x C x H x W
+            xv = torch.where(w, vs + PATCH_GAMMA * self.e, self.x).flatten(0, 2)
+            f = _at_last_t(self.den, xv).view(len(group), len(SEARCH_VALUES), n, *self.shape)
+            self.calls += 1
+            for j, (key, m) in enumerate(group):
+                self.offsets[key] = vs.flatten().cpu() - f[j][:, :, m.to(f.device)].mean(dim=(1, 2)).cpu()
+
+    def __call__(self, boxes: list[Box]) -> list[tuple[float, float]]:
+        """(excess, the v where it peaked) per box: the window's explained offset less its control's, in the
+        direction of v, at its best v."""
+        pairs = [(w, control_window(w)) for w in (box_window(self.shape, b) for b in boxes)]
+        self._fill([w for pair in pairs for w in pair])
+        out = []
+        for w, c in pairs:
+            diff = self.offsets[w.numpy().tobytes()] - self.offsets[c.numpy().tobytes()]
+            signed = torch.where(torch.tensor(SEARCH_VALUES) >= 0, diff, -diff)
+            k = int(signed.argmax())
+            out.append((float(signed[k]), SEARCH_VALUES[k]))
+        return out
+
+
+def search_window(den, generator: torch.Generator) -> tuple[torch.Tensor, float, float]:  # noqa: ANN001
+    """The box with the largest excess explained offset (see the module docstring), that excess and the v where it
+    peaked: the best coarse square, then one edge at a time while the excess grows."""
+    height, width = den.image_shape[-2:]
+    excess = _ExcessOfBoxes(den, generator)
+    boxes = coarse_boxes(height, width)
+    scored = excess(boxes)
+    best = max(range(len(boxes)), key=lambda i: scored[i][0])
+    box, (score, at) = boxes[best], scored[best]
+    for _ in range(height + width):  # each step moves one edge; no box needs more
+        near = _neighbours(box, height, width)
+        near_scored = excess(near)
+        k = max(range(len(near)), key=lambda i: near_scored[i][0])
+        if near_scored[k][0] <= score:
+            break
+        box, (score, at) = near[k], near_scored[k]
+    return box_window(den.image_shape, box), score, at
+
+
+def _read_value(den, window: torch.Tensor, gen: torch.Generator,  # noqa: ANN001
+                top: float | None = None) -> tuple[float, float, float]:
+    """(value, excess explained offset, peak input) of a window: the fine grid around ``top``, else around the
+    coarse grid's best. (A search window comes with its v: over the whole coarse grid a clean model's best reads
+    its drift at large |v|, 0.17 at v 3.2 on a clean digits16 model.)"""
+    if top is None:
+        coarse = excess_offsets(den, window, gen, COARSE_GRID, VALUE_NOISES)
+        top = COARSE_GRID[max(range(len(coarse)), key=coarse.__getitem__)]
     fine_grid = tuple(round(top + FINE_STEP * k, 4) for k in range(-4, 5))
     peak_input, height = _peak(fine_grid, excess_offsets(den, window, gen, fine_grid, FINE_NOISES))
-    value = round(height if peak_input >= 0 else -height, 4)
+    return round(height if peak_input >= 0 else -height, 4), round(height, 4), round(peak_input, 4)
+
+
+def _is_patch_sized(window: torch.Tensor) -> bool:
+    return bool(window.any()) and window.sum() <= MAX_WINDOW_FRACTION * window.numel()
+
+
+@torch.no_grad()
+def probe_patch(den, seed: int = 0, search: bool = True) -> PatchProbe:  # noqa: ANN001
+    """Look for a small patch trigger (see the module docstring); forward passes only. ``search``: when the first
+    look finds no window, search for one."""
+    gen = probe_generator(seed)
+    flat, support, used = first_look(den, gen)
+    window, found_by, search_excess, top = flat.view(den.image_shape), "first look", None, None
+    if not _is_patch_sized(window):
+        if not search:
+            return PatchProbe(window, support, used, None, None, None, None)
+        window, search_excess, top = search_window(den, gen)
+        found_by, search_excess = "search", round(search_excess, 4)
+    value, height, peak_input = _read_value(den, window, gen, top)
+    accepted = found_by == "first look" or (height >= SEARCH_ACCEPT and _is_patch_sized(window))
     candidate = Trigger(window * value, torch.where(window, PATCH_GAMMA, 1.0),
-                        meta={"start": "patch-probe", "gamma_init": PATCH_GAMMA})
-    return PatchProbe(window, support, used, value, round(height, 4), round(peak_input, 4), candidate)
+                        meta={"start": "patch-probe", "gamma_init": PATCH_GAMMA}) if accepted else None
+    return PatchProbe(window, support, used, value, height, peak_input, candidate, found_by, search_excess)

@@ -98,6 +98,7 @@ class ReversionConfig:
     min_iters: int = 0  # never stop a stage before this many iterations
     checkpoint_every: int = 50
     patch_probe: bool = True  # also look for a small patch trigger (patch_probe.py): an input-detection candidate
+    patch_search: bool = True  # ... and when its first look finds no window, search for one (a larger patch)
 
     def resolved_l1(self, image_shape) -> float:  # noqa: ANN001
         return self.l1 if self.l1 is not None else (5e-5 if max(image_shape[1:]) <= 32 else 5e-4)
@@ -550,7 +551,7 @@ def reverse_trigger(
                   for i, tr in enumerate(triggers)]
     probe, probed = None, CountingDenoiser(den)
     if cfg.patch_probe:
-        probe = probe_patch(probed, seed=seed)
+        probe = probe_patch(probed, seed=seed, search=cfg.patch_search)
     probe_seen = None if probe is None else {**probe.summary(),
                                              "candidate_index": len(triggers) if probe.candidate else None}
     return ReversionResult(trigger=triggers[best], network_evaluations=st.evaluations, network_calls=st.calls,
@@ -564,12 +565,16 @@ def reverse_trigger(
 
 
 def probe_features(probe_summary: dict | None) -> dict[str, float]:
-    """The model-level feature a patch probe's summary gives (L_p), when it ran and saw a response; from the
-    recorded (rounded) support, so a report's L_p and one recomputed from it agree."""
+    """The model-level features a patch probe's summary gives: L_p when it ran and saw a response (from the recorded,
+    rounded support, so a report's L_p and one recomputed from it agree), W_p when it read a window's value."""
     if not probe_summary or "elements" not in probe_summary:
         return {}
-    value = localization(probe_summary.get("leading_support"), probe_summary["elements"])
-    return {} if value is None else {"L_p": value}
+    out = {}
+    if (value := localization(probe_summary.get("leading_support"), probe_summary["elements"])) is not None:
+        out["L_p"] = value
+    if probe_summary.get("explained_offset") is not None:
+        out["W_p"] = float(probe_summary["explained_offset"])
+    return out
 
 
 def _start_of(cfg: ReversionConfig, i: int) -> str:
