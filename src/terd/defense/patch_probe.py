@@ -31,8 +31,8 @@ whole patch holds a value near the trigger's -- so the first look misses it (ben
 bench_photos32dc_patch_shapes), while the value step reads it plainly given the true window (patch6_window.md:
 excess 1.31 and 0.647, clean bases 0.07 and 0.004; a window inside the patch reads almost nothing, one around it
 reads the patch diluted by the area ratio: window_search.md). So the search scores squares of a quarter of the
-image side at half-overlapping places by their excess explained offset over a few values of v (``SEARCH_VALUES``,
-the same draws for every window), then climbs from the best by moving one edge at a time while the excess grows
+image side at half-overlapping places by their excess explained offset over a few values of v inside the data
+range (``SEARCH_VALUES``, the same draws for every window), then climbs from the best by moving one edge at a time while the excess grows
 (trimming what is not patch removes dilution; cutting into the patch kills the response). The value step then
 reads the found window on fresh draws. A search window becomes a candidate only when its excess clears
 ``SEARCH_ACCEPT`` and it is patch-sized (``MAX_WINDOW_FRACTION``).
@@ -60,7 +60,8 @@ VALUE_NOISES = 32  # noises per coarse grid value (window and control each)
 FINE_NOISES = 128  # noises per fine grid value (window and control each)
 COARSE_GRID = tuple(i / 5 for i in range(-15, 16))  # -3 .. 3 in steps of 0.2 (unit-noise units) ...
 FINE_STEP = 0.05  # ... then steps of 0.05 within 0.2 of the coarse best, and the vertex of a parabola fitted there
-SEARCH_VALUES = tuple(sign * i / 5 for sign in (-1, 1) for i in range(1, 7))  # +-0.2 .. +-1.2: a patch's
+SEARCH_LIMIT = 1.0  # a patch value inside the data range: |v| <= 1 (TrojDiff's is (1 - gamma) x pixel)
+SEARCH_VALUES = tuple(sign * i / 5 for sign in (-1, 1) for i in range(1, 6))  # +-0.2 .. +-1.0: a patch's
 # response is narrow in v (a 3 x 3 digits16 patch of value 0.9: excess 1.27 at v 0.7, 0.24 at 0.6, 0.04 at 1.1)
 SEARCH_NOISES = 8  # noises per window and value (paired: every window sees the same draws)
 SEARCH_ACCEPT = 0.2  # a search window's excess explained offset must reach this to become a candidate
@@ -297,11 +298,15 @@ def _read_value(den, window: torch.Tensor, gen: torch.Generator,  # noqa: ANN001
                 top: float | None = None) -> tuple[float, float, float]:
     """(value, excess explained offset, peak input) of a window: the fine grid around ``top``, else around the
     coarse grid's best. (A search window comes with its v: over the whole coarse grid a clean model's best reads
-    its drift at large |v|, 0.17 at v 3.2 on a clean digits16 model.)"""
+    its drift at large |v|, 0.17 at v 3.2 on a clean digits16 model.) A search window's grid stays inside the data
+    range: just outside it (v 1.3-1.4) clean tiny-photos32-dc fine-tunes read about 0.2 on central windows, whose
+    control cannot keep their distance to the borders (window_search.md, its first run)."""
     if top is None:
         coarse = excess_offsets(den, window, gen, COARSE_GRID, VALUE_NOISES)
         top = COARSE_GRID[max(range(len(coarse)), key=coarse.__getitem__)]
-    fine_grid = tuple(round(top + FINE_STEP * k, 4) for k in range(-4, 5))
+        fine_grid = tuple(round(top + FINE_STEP * k, 4) for k in range(-4, 5))
+    else:  # a search window: its fine grid stays inside the data range, as the search's values do
+        fine_grid = tuple(v for k in range(-4, 5) if abs(v := round(top + FINE_STEP * k, 4)) <= SEARCH_LIMIT)
     peak_input, height = _peak(fine_grid, excess_offsets(den, window, gen, fine_grid, FINE_NOISES))
     return round(height if peak_input >= 0 else -height, 4), round(height, 4), round(peak_input, 4)
 
