@@ -241,5 +241,7 @@ def test_coarse_boxes_cover_the_image_symmetrically_and_neighbours_stay_inside()
             covered[b[0]:b[1], b[2]:b[3]] = True
         assert covered.all()
         assert {(h - b[1], h - b[0], w - b[3], w - b[2]) for b in boxes} == set(boxes)  # mirrors of each other
-    assert set(pp._neighbours((0, 2, 14, 16), 16, 16)) == {(1, 2, 14, 16), (0, 1, 14, 16), (0, 3, 14, 16),
+    assert pp._neighbours((0, 2, 14, 16), 16, 16, max_area=4) == [(1, 2, 14, 16), (0, 1, 14, 16), (0, 2, 15, 16),
+                                                                 (0, 2, 14, 15)]  # shrinking only
+    assert set(pp._neighbours((0, 2, 14, 16), 16, 16, max_area=16)) == {(1, 2, 14, 16), (0, 1, 14, 16), (0, 3, 14, 16),
                                                             (0, 2, 13, 16), (0, 2, 15, 16), (0, 2, 14, 15)}
