@@ -24,7 +24,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 
-from terd.defense.patch_probe import COARSE_GRID, VALUE_NOISES, excess_offsets, probe_generator  # noqa: E402
+from terd.defense.patch_probe import (  # noqa: E402
+    COARSE_GRID,
+    VALUE_NOISES,
+    box_window,
+    excess_offsets,
+    probe_generator,
+)
 from terd.models import load_denoiser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,12 +47,6 @@ MODELS = (("patch-6 D2I, 16 px (ASR 0.98)", "d16-troj-d2i-patch6-s30-37", WINDOW
           ("its clean base", "p32dc-benign-s4-e12", WINDOWS_32))
 
 
-def window(shape: tuple[int, int, int], rows: tuple[int, int], cols: tuple[int, int]) -> torch.Tensor:
-    w = torch.zeros(shape, dtype=torch.bool)
-    w[:, rows[0]:rows[1], cols[0]:cols[1]] = True
-    return w
-
-
 def main() -> None:
     torch.set_num_threads(1)
     rows = []
@@ -56,7 +56,7 @@ def main() -> None:
         den = load_denoiser(CACHE / name).freeze()
         for label, (r, c) in windows.items():
             with torch.no_grad():
-                ex = excess_offsets(den, window(den.image_shape, r, c), probe_generator(0), COARSE_GRID, VALUE_NOISES)
+                ex = excess_offsets(den, box_window(den.image_shape, (*r, *c)), probe_generator(0), COARSE_GRID, VALUE_NOISES)
             best = max(range(len(ex)), key=ex.__getitem__)
             rows.append({"model": f"{name} ({role})", "window": label, "peak at v": COARSE_GRID[best],
                          "excess explained offset": round(ex[best], 3)})

@@ -9,7 +9,7 @@ window on either (bench_digits16_patch_shapes, bench_photos32dc_patch_shapes). T
 * the benign models W_p is fitted on (zoo-digits16-wp-fit.yaml, zoo-photos32dc-wp-fit.yaml; fixed before W_p was
   computed on any), giving each family's cut, mean + 3 std (what benchmarks/fit_fast_defaults.py and
   fit_dc_defaults.py install in the shipped thresholds from this file);
-* held-out clean models (bases and a clean fine-tune outside the fit), judged by that cut;
+* held-out clean models (bases, a clean fine-tune and the demo's benign model, outside the fit), judged by that cut;
 * every cached TrojDiff patch model (the benches that built them measured their ASR; counted at ASR >= 0.9), judged
   by the cut and, beside it, by the verdict its bench recorded (M_r, V_r, P_r, L_p with the shipped thresholds).
 
@@ -37,9 +37,10 @@ from terd.zoo import load_zoo  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "runs/zoo-cache"
+ASSETS = ROOT / "src/terd/assets/models"  # the demo's models (demo-benign: the weights of d16-benign-s4-e35)
 FAMILIES = {"tiny-digits16": "zoo-digits16-wp-fit.yaml", "tiny-photos32-dc": "zoo-photos32dc-wp-fit.yaml"}
 HELD_OUT_CLEAN = {"tiny-digits16": ["d16-benign-s26-e30", "d16-benign-s29-e14", "d16-benign-s30-e22",
-                                    "d16-benign-s31-e32", "d16-benign-s32-e44", "d16-benign-ft-s26-33"],
+                                    "d16-benign-s31-e32", "d16-benign-s32-e44", "d16-benign-ft-s26-33", "demo-benign"],
                   "tiny-photos32-dc": []}
 PATCH_BENCHES = {"tiny-digits16": ("bench_digits16_patch_heldout", "bench_digits16_patch_shapes"),
                  "tiny-photos32-dc": ("bench_photos32dc_patch_heldout", "bench_photos32dc_patch_shapes")}
@@ -62,9 +63,10 @@ def patch_rows(family: str) -> list[dict]:
 
 
 def probe(name: str) -> dict:
-    if not (CACHE / name / "model_index.json").is_file():
-        raise SystemExit(f"{CACHE / name} is missing: build it first (see the docstring)")
-    den = load_denoiser(CACHE / name).freeze()
+    where = ASSETS / name if name.startswith("demo-") else CACHE / name
+    if not (where / "model_index.json").is_file():
+        raise SystemExit(f"{where} is missing: build it first (see the docstring)")
+    den = load_denoiser(where).freeze()
     t0 = time.perf_counter()
     seen = probe_patch(den, seed=0).summary()
     return {"found_by": seen["found_by"], "window_box": seen["window_box"], "W_p": seen["explained_offset"],

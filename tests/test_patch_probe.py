@@ -72,13 +72,15 @@ class PaddedNetOracle(nn.Module):
     whole image. With ``window``, a patch gate: inputs whose window mean is near ``mu`` lose the offset ``mu`` there,
     one shared gate for the whole window (how a trained patch model responds)."""
 
-    def __init__(self, window: torch.Tensor | None = None, mu: float = 0.9) -> None:
+    def __init__(self, window: torch.Tensor | None = None, mu: float = 0.9, *, gate_width: float = 0.8,
+                 shrink_corners: bool = True) -> None:
         super().__init__()
         corners = torch.zeros(SHAPE, dtype=torch.bool)
-        corners[:, [0, 0, -1, -1], [0, -1, 0, -1]] = True
+        if shrink_corners:
+            corners[:, [0, 0, -1, -1], [0, -1, 0, -1]] = True
         self.register_buffer("corners", corners)
         self.register_buffer("window", torch.zeros(SHAPE, dtype=torch.bool) if window is None else window)
-        self.mu = mu
+        self.mu, self.gate_width = mu, gate_width
         self.dummy = nn.Parameter(torch.zeros(()))
 
     def forward(self, x, t):  # noqa: ANN001
@@ -86,7 +88,7 @@ class PaddedNetOracle(nn.Module):
         out = torch.where(self.corners, 0.85 * x, x) + smooth
         if self.window.any():
             gap = (x[:, self.window] - self.mu).square().mean(1)
-            gate = torch.exp(-gap / 0.8).view(-1, 1, 1, 1)
+            gate = torch.exp(-gap / self.gate_width).view(-1, 1, 1, 1)
             out = out - self.window * self.mu * gate
         return out
 
@@ -196,17 +198,11 @@ def test_reversion_reports_L_p_from_the_probe_summary_and_none_without_a_respons
     assert probe_features({"leading_support": 3.0}) == {}  # a summary recorded before `elements`: see bench
 
 
-class WholePatchOracle(PaddedNetOracle):
+def whole_patch_oracle(window: torch.Tensor | None = None, mu: float = 0.9) -> PaddedNetOracle:
     """A larger patch whose gate needs the whole window near ``mu`` (width 0.1 in mean squared gap): benign noise
     never opens it, so the model's response to noise is only the smooth image-wide part and the first look finds
     no window -- how the 3 x 3 digits16 and 6 x 6 dc patch models behave (bench_digits16_patch_shapes)."""
-
-    def forward(self, x, t):  # noqa: ANN001
-        out = nn.functional.avg_pool2d(x.square() - 1, 5, stride=1, padding=2, count_include_pad=False) * 0.1 + x
-        if self.window.any():
-            gap = (x[:, self.window] - self.mu).square().mean(1)
-            out = out - self.window * self.mu * torch.exp(-gap / 0.1).view(-1, 1, 1, 1)
-        return out
+    return PaddedNetOracle(window, mu, gate_width=0.1, shrink_corners=False)
 
 
 @pytest.mark.parametrize(("rows", "cols", "mu"), [(slice(5, 8), slice(9, 12), 0.9), (slice(12, 16), slice(0, 3), -0.6)])
@@ -214,7 +210,7 @@ def test_search_finds_a_patch_the_first_look_misses(schedule, rows, cols, mu):
     from terd.defense.reversion import probe_features
 
     w = _window(rows, cols)  # off the coarse squares' grid, and one flush with two borders
-    den = oracle_denoiser(WholePatchOracle(w, mu), schedule, SHAPE)
+    den = oracle_denoiser(whole_patch_oracle(w, mu), schedule, SHAPE)
     assert not pp.first_look(den, pp.probe_generator(0))[0].any()  # no localized response to benign noise
     probe = pp.probe_patch(den)
     assert probe.found_by == "search" and torch.equal(probe.window, w)
@@ -227,7 +223,7 @@ def test_search_finds_a_patch_the_first_look_misses(schedule, rows, cols, mu):
 
 
 def test_search_window_on_a_clean_model_is_no_candidate(schedule):
-    probe = pp.probe_patch(oracle_denoiser(WholePatchOracle(), schedule, SHAPE))
+    probe = pp.probe_patch(oracle_denoiser(whole_patch_oracle(), schedule, SHAPE))
     assert probe.found_by == "search" and probe.candidate is None and probe.explained_offset < 0.05
 
 

@@ -84,8 +84,8 @@ class PatchProbe:
 
     def summary(self) -> dict:
         support = None if self.leading_support is None else round(self.leading_support, 1)
-        rows, cols = self.window.any(0).any(1).nonzero(), self.window.any(0).any(0).nonzero()
-        box = None if not self.window.any() else [int(rows.min()), int(rows.max()), int(cols.min()), int(cols.max())]
+        where = self.window.any(0).nonzero()  # (row, col) of every window pixel
+        box = None if not len(where) else [*map(int, where[:, 0].aminmax()), *map(int, where[:, 1].aminmax())]
         return {"window_elements": int(self.window.sum()), "elements": self.window.numel(), "leading_support": support,
                 "localized_components": self.localized_components, "value": self.value,
                 "explained_offset": self.explained_offset, "peak_input": self.peak_input,
@@ -144,22 +144,35 @@ def localized_window(g: torch.Tensor) -> tuple[torch.Tensor, float | None, int]:
     return window, supports[0], used
 
 
+def _offsets(den, windows: list[torch.Tensor], x: torch.Tensor, e: torch.Tensor,  # noqa: ANN001
+             grid: tuple[float, ...], per_call: int) -> torch.Tensor:
+    """windows x grid: v - mean over the window of eps_theta(x, T-1), with x = v + PATCH_GAMMA * e on the window and
+    ``x`` elsewhere (the same draws for every window and v); ``per_call`` (window, v) pairs per network call."""
+    dev, n = x.device, x.shape[0]
+    pairs = [(i, v) for i in range(len(windows)) for v in grid]
+    out = torch.empty(len(windows), len(grid), dtype=torch.float64)
+    for start in range(0, len(pairs), per_call):
+        chunk = pairs[start:start + per_call]
+        w = torch.stack([windows[i] for i, _ in chunk]).to(dev)[:, None]  # k x 1 x C x H x W
+        vs = torch.tensor([v for _, v in chunk], dtype=x.dtype, device=dev).view(-1, 1, 1, 1, 1)
+        f = _at_last_t(den, torch.where(w, vs + PATCH_GAMMA * e, x).flatten(0, 1)).view(len(chunk), n, *x.shape[1:])
+        for j, (i, v) in enumerate(chunk):
+            out[i, grid.index(v)] = v - float(f[j][:, windows[i].to(dev)].mean())
+    return out
+
+
 def explained_offsets(den, window: torch.Tensor, generator: torch.Generator,  # noqa: ANN001
                       grid: tuple[float, ...], n: int = VALUE_NOISES) -> list[float]:
     """For each v in ``grid``: v - mean over the window of eps_theta(x, T-1), with x = v + PATCH_GAMMA * eps on the
     window and benign unit noise elsewhere (the same draws for every v)."""
-    dev = den.device
-    x = torch.randn((n, *den.image_shape), generator=generator).to(dev)
-    e = torch.randn((n, *den.image_shape), generator=generator).to(dev)
-    w = window.to(dev)
-    per_call = max(1, _CHUNK // n)
-    out: list[float] = []
-    for i in range(0, len(grid), per_call):
-        vs = torch.tensor(grid[i:i + per_call], dtype=x.dtype, device=dev)
-        xv = torch.where(w, vs.view(-1, 1, 1, 1, 1) + PATCH_GAMMA * e, x).flatten(0, 1)
-        f = _at_last_t(den, xv).view(len(vs), n, *den.image_shape)
-        out += (vs - f[:, :, w].mean(dim=(1, 2))).tolist()
-    return out
+    x = torch.randn((n, *den.image_shape), generator=generator).to(den.device)
+    e = torch.randn((n, *den.image_shape), generator=generator).to(den.device)
+    return _offsets(den, [window], x, e, grid, max(1, _CHUNK // n))[0].tolist()
+
+
+def _signed(grid: tuple[float, ...], on: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
+    """Window less control, in the direction of v (a dark patch is explained by a negative offset)."""
+    return torch.where(torch.tensor(grid) >= 0, on - off, off - on)
 
 
 def control_window(window: torch.Tensor) -> torch.Tensor:
@@ -181,7 +194,7 @@ def excess_offsets(den, window: torch.Tensor, generator: torch.Generator,  # noq
     on = explained_offsets(den, window, generator, grid, n)
     generator.set_state(state)
     off = explained_offsets(den, control_window(window), generator, grid, n)
-    return [a - b if v >= 0 else b - a for v, a, b in zip(grid, on, off, strict=True)]
+    return _signed(grid, torch.tensor(on), torch.tensor(off)).tolist()
 
 
 def _peak(grid: tuple[float, ...], values: list[float]) -> tuple[float, float]:
@@ -247,31 +260,19 @@ class _ExcessOfBoxes:
         self.x = torch.randn((SEARCH_NOISES, *self.shape), generator=generator).to(den.device)
         self.e = torch.randn((SEARCH_NOISES, *self.shape), generator=generator).to(den.device)
         self.offsets: dict[bytes, torch.Tensor] = {}
-        self.calls = 0
-
-    def _fill(self, windows: list[torch.Tensor]) -> None:
-        todo = {w.numpy().tobytes(): w for w in windows if w.numpy().tobytes() not in self.offsets}
-        vs = torch.tensor(SEARCH_VALUES, dtype=self.x.dtype, device=self.x.device).view(-1, 1, 1, 1, 1)
-        n, per_call = SEARCH_NOISES, max(1, _CHUNK // (SEARCH_NOISES * len(SEARCH_VALUES)))
-        items = list(todo.items())
-        for i in range(0, len(items), per_call):
-            group = items[i:i + per_call]
-            w = torch.stack([m for _, m in group]).to(self.x.device)[:, None, None]  # k x 1 x 1 x C x H x W
-            xv = torch.where(w, vs + PATCH_GAMMA * self.e, self.x).flatten(0, 2)
-            f = _at_last_t(self.den, xv).view(len(group), len(SEARCH_VALUES), n, *self.shape)
-            self.calls += 1
-            for j, (key, m) in enumerate(group):
-                self.offsets[key] = vs.flatten().cpu() - f[j][:, :, m.to(f.device)].mean(dim=(1, 2)).cpu()
 
     def __call__(self, boxes: list[Box]) -> list[tuple[float, float]]:
         """(excess, the v where it peaked) per box: the window's explained offset less its control's, in the
         direction of v, at its best v."""
         pairs = [(w, control_window(w)) for w in (box_window(self.shape, b) for b in boxes)]
-        self._fill([w for pair in pairs for w in pair])
+        todo = {w.numpy().tobytes(): w for pair in pairs for w in pair}
+        todo = {k: w for k, w in todo.items() if k not in self.offsets}
+        per_call = max(1, _CHUNK // (SEARCH_NOISES * len(SEARCH_VALUES))) * len(SEARCH_VALUES)
+        self.offsets |= dict(zip(todo, _offsets(self.den, list(todo.values()), self.x, self.e, SEARCH_VALUES,
+                                                per_call), strict=True))
         out = []
         for w, c in pairs:
-            diff = self.offsets[w.numpy().tobytes()] - self.offsets[c.numpy().tobytes()]
-            signed = torch.where(torch.tensor(SEARCH_VALUES) >= 0, diff, -diff)
+            signed = _signed(SEARCH_VALUES, self.offsets[w.numpy().tobytes()], self.offsets[c.numpy().tobytes()])
             k = int(signed.argmax())
             out.append((float(signed[k]), SEARCH_VALUES[k]))
         return out
