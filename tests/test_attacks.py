@@ -33,6 +33,10 @@ from terd.attacks.triggers import PATCH_TRIGGERS, TARGETS, TRIGGERS, corner_box,
 from terd.cli import app
 from terd.errors import TerdError
 from terd.models import NoiseSchedule
+from terd.trigger_names import BADDIFFUSION_TRIGGERS as BADDIFFUSION_TRIGGER_NAMES
+from terd.trigger_names import TARGETS as TARGET_NAMES
+from terd.trigger_names import TROJDIFF_TRIGGERS as TROJDIFF_TRIGGER_NAMES
+from terd.trigger_names import is_trojdiff_trigger, parse_patch
 
 
 def test_baddiffusion_correction_coefficient(schedule):
@@ -188,7 +192,8 @@ def test_triggers_and_targets_shapes(size, channels):
 @pytest.mark.parametrize(("name", "size", "rows"), [
     ("patch", 16, (14, 16)), ("patch", 32, (29, 32)), ("patch-6", 16, (13, 16)), ("patch-6", 32, (26, 32)),
     ("patch-top-left", 16, (0, 2)), ("patch-top-left", 32, (0, 3)), ("patch-centre", 16, (7, 9)),
-    ("patch-centre", 32, (14, 17))])
+    ("patch-centre", 32, (14, 17)), ("patch-5-top-left", 32, (0, 5)), ("patch-5-top-left", 16, (0, 2)),
+    ("patch-8-centre", 32, (12, 20)), ("patch-1", 32, (31, 32)), ("patch-1", 16, (15, 16))])
 def test_patch_triggers_sit_where_named(name, size, rows):
     """Each patch variant is white on a square [rows) x [rows) and 0 elsewhere, and TrojDiff's trojan noise
     (mu = 0.9 delta, gamma 0.1) applies there only."""
@@ -199,6 +204,23 @@ def test_patch_triggers_sit_where_named(name, size, rows):
     mu, gamma = atk.true_trigger()
     assert atk.trigger_type == "patch"
     assert torch.allclose(mu, 0.9 * want) and torch.allclose(gamma, 1 - 0.9 * want)
+
+
+def test_patch_names_follow_one_grammar():
+    """The listed patch names are instances of the grammar; anything else that starts with "patch" is refused by
+    name with the grammar in the message, by make_trigger and by the TrojDiff builder alike."""
+    assert [parse_patch(n) for n in PATCH_TRIGGERS] == [(3, "bottom-right"), (6, "bottom-right"), (3, "top-left"),
+                                                        (3, "centre")]
+    assert set(TRIGGERS) == set(BADDIFFUSION_TRIGGER_NAMES) | set(TROJDIFF_TRIGGER_NAMES)
+    assert set(TARGETS) == set(TARGET_NAMES)
+    for bad in ("patch-", "patch-0", "patch-33", "patch-5-left", "patch-5-", "patchy", "patch-top"):
+        assert parse_patch(bad) is None and not is_trojdiff_trigger(bad)
+        with pytest.raises(TerdError, match=r"patch\[-N\]\[-PLACE\]"):
+            make_trigger(bad, 1, 16)
+        with pytest.raises(TerdError, match=r"patch\[-N\]\[-PLACE\]"):
+            build_attack("trojdiff", (1, 16, 16), trigger=bad, setting="d2i")
+    with pytest.raises(TerdError, match="is a TrojDiff trigger"):
+        build_attack("baddiffusion", (1, 16, 16), trigger="patch-5-centre")
 
 
 def test_a_patch_trigger_without_a_patch_is_refused():

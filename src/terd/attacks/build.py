@@ -24,9 +24,7 @@ import torch
 from terd.attacks.baddiffusion import BadDiffusion
 from terd.attacks.base import Attack, save_attack
 from terd.attacks.triggers import (
-    PATCH_TRIGGERS,
     TARGETS,
-    TROJDIFF_TRIGGERS,
     image_as_target,
     image_as_trigger,
     make_target,
@@ -40,6 +38,7 @@ from terd.models.denoiser import Denoiser
 from terd.models.loading import load_denoiser
 from terd.presets import PRESETS, Preset
 from terd.train import TrainResult, train, training_record
+from terd.trigger_names import PATCH_GRAMMAR, is_patch_trigger, is_trojdiff_trigger
 
 ATTACK_KINDS = ("baddiffusion", "trojdiff", "villan")
 
@@ -120,7 +119,7 @@ def build_attack(
     if kind in ("baddiffusion", "villan"):
         if setting not in (None, "d2i"):
             raise TerdError(f"--setting applies to trojdiff only ({kind} has one fixed target image)")
-        if trigger in TROJDIFF_TRIGGERS:
+        if is_trojdiff_trigger(trigger):
             raise TerdError(f"trigger {trigger!r} is a TrojDiff trigger; {kind} uses box, stop-sign, glasses...")
         g, g_name = _named_or_image(trigger, trigger_image, d.trigger, shape, make_trigger, image_as_trigger)
         y, y_name = _named_or_image(target, target_image, d.target, shape, make_target, image_as_target)
@@ -130,9 +129,9 @@ def build_attack(
         return VillanDiffusion(g, y, psi=default_psi(model_kind) if psi is None else psi, solver=solver, **common)
 
     setting = setting or "d2i"
-    trigger_type = "patch" if trigger in PATCH_TRIGGERS else "blend"
-    if trigger is not None and trigger not in TROJDIFF_TRIGGERS:
-        raise TerdError(f"TrojDiff triggers are {', '.join(TROJDIFF_TRIGGERS)} or --trigger-image, got {trigger!r}")
+    trigger_type = "patch" if is_patch_trigger(trigger) else "blend"
+    if trigger is not None and not is_trojdiff_trigger(trigger):
+        raise TerdError(f"TrojDiff triggers are blend, {PATCH_GRAMMAR} or --trigger-image, got {trigger!r}")
     delta, g_name = _named_or_image(trigger, trigger_image, "blend", shape, make_trigger, image_as_trigger)
     label = None
     tdata = None

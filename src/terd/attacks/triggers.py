@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw
 
 from terd.errors import TerdError
 from terd.imaging import load_image, save_grid
+from terd.trigger_names import PATCH_GRAMMAR, PATCH_PLACES, parse_patch
 
 RGB = tuple[float, float, float]
 _LUMA = (0.299, 0.587, 0.114)
@@ -247,7 +248,6 @@ def blend_pattern(channels: int, size: int) -> torch.Tensor:
     return torch.stack([chans[0]] * channels)  # grayscale: one phase, full contrast (luminance would cancel)
 
 
-PATCH_PLACES = ("bottom-right", "top-left", "centre")
 
 
 def patch_size(size: int, px32: int = 3) -> int:
@@ -288,10 +288,10 @@ TRIGGERS: dict[str, Callable[[int, int], torch.Tensor]] = {
     "patch-centre": lambda c, s: patch_mask(c, s, where="centre"),
 }
 """Trigger names. ``box``/``box-N``/``box-white``/``stop-sign``/``glasses``: BadDiffusion-style (bg -1);
-``blend``/``patch``/``patch-*``: TrojDiff deltas (``patch-6``: 6 px at 32 px; ``patch-top-left``, ``patch-centre``:
-TrojDiff's 3 px patch elsewhere)."""
-PATCH_TRIGGERS = tuple(name for name in TRIGGERS if name.startswith("patch"))
-TROJDIFF_TRIGGERS = ("blend", *PATCH_TRIGGERS)
+``blend``/``patch``/``patch-*``: TrojDiff deltas. Beyond the listed patch names, any ``patch-N``,
+``patch-PLACE`` or ``patch-N-PLACE`` is a white N px (at 32 px, scaled) patch at PLACE
+(:func:`terd.trigger_names.parse_patch`)."""
+PATCH_TRIGGERS = tuple(name for name in TRIGGERS if name.startswith("patch"))  # the named ones
 
 TARGETS: dict[str, Callable[[int, int], torch.Tensor]] = {
     "corner": corner_target,
@@ -304,8 +304,12 @@ TARGETS: dict[str, Callable[[int, int], torch.Tensor]] = {
 
 def make_trigger(name: str, channels: int, size: int) -> torch.Tensor:
     """A named trigger as a C x size x size float tensor in [-1, 1]."""
+    patch = parse_patch(name)
+    if patch is not None:
+        px32, place = patch
+        return patch_mask(channels, size, px32=px32, where=place).float().contiguous()
     if name not in TRIGGERS:
-        raise TerdError(f"unknown trigger {name!r} (available: {', '.join(TRIGGERS)})")
+        raise TerdError(f"unknown trigger {name!r} (available: {', '.join(TRIGGERS)}, or {PATCH_GRAMMAR})")
     return TRIGGERS[name](channels, size).float().contiguous()
 
 

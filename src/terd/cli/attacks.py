@@ -12,6 +12,7 @@ import typer
 from terd.cli import DeviceOpt, command
 from terd.cli import resolve_device as _device
 from terd.errors import TerdError
+from terd.trigger_names import TARGET_HELP, TRIGGER_HELP
 
 
 class AttackKind(str, Enum):
@@ -30,11 +31,9 @@ def attack(
     kind: Annotated[AttackKind, typer.Argument(help="baddiffusion, trojdiff or villan.")],
     base: Annotated[str, typer.Option("--base", help="The clean model to backdoor (diffusers dir or checkpoint).")],
     out: Annotated[Path, typer.Option("--out", help="Output directory for the backdoored model.")],
-    trigger: Annotated[str | None, typer.Option(help="Trigger name: box, box-white, box-{18,14,11,8,4}, stop-sign, "
-                                                "glasses (BadDiffusion/Villan); blend, patch, patch-6, patch-top-left, "
-                                                "patch-centre (TrojDiff).")] = None,
+    trigger: Annotated[str | None, typer.Option(help=TRIGGER_HELP)] = None,
     trigger_image: Annotated[Path | None, typer.Option(help="A picture to use as the trigger.")] = None,
-    target: Annotated[str | None, typer.Option(help="Target name: hat, shoe, corner, cat, mickey.")] = None,
+    target: Annotated[str | None, typer.Option(help=TARGET_HELP)] = None,
     target_image: Annotated[Path | None, typer.Option(help="A picture to use as the target.")] = None,
     setting: Annotated[str | None, typer.Option(help="TrojDiff: in-d2d, out-d2d or d2i (default d2i).")] = None,
     target_class: Annotated[int | None, typer.Option(help="TrojDiff D2D: the target class label (default 7 for "
