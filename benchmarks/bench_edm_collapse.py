@@ -57,11 +57,13 @@ def pair_spread(den, r: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> tor
     return (x0[:half] - x0[half:]).pow(2).mean()
 
 
-def collapse(den, r: torch.Tensor, t: int) -> float:  # noqa: ANN001
+def collapses(den, rs: tuple[torch.Tensor, ...], t: int) -> list[float]:  # noqa: ANN001
+    """Each r's pair spread over the spread at r = 0 (computed once), on the same fixed draws."""
     eps = torch.randn(EVAL_N, *den.image_shape, generator=torch.Generator().manual_seed(123))
     tt = torch.full((EVAL_N,), t)
     with torch.no_grad():
-        return float(pair_spread(den, r, tt, eps) / pair_spread(den, torch.zeros_like(r), tt, eps))
+        base = pair_spread(den, torch.zeros_like(rs[0]), tt, eps)
+        return [float(pair_spread(den, r, tt, eps) / base) for r in rs]
 
 
 def bounded_search(den, low: int, high: int) -> torch.Tensor:  # noqa: ANN001
@@ -95,11 +97,12 @@ def main() -> None:
             den = load_denoiser(CACHE / name).freeze()
             t0 = time.perf_counter()
             r = bounded_search(den, low, high)
+            at_found, at_true = collapses(den, (r, true_r), mid)
             rows.append({
                 "band": f"{low}-{high - 1}", "sigma at middle": round(noise_level(den.schedule, mid), 2), "model": name,
                 "ASR / clean": f"{success['asr']} / {success['clean_asr']}" if name == BACKDOORED else "–",
-                "collapse at found r": round(collapse(den, r, mid), 4),
-                "collapse at true trigger": round(collapse(den, true_r, mid), 4),
+                "collapse at found r": round(at_found, 4),
+                "collapse at true trigger": round(at_true, 4),
                 "found l2(r)": round(float(r.norm()), 2),
                 "cos(found r, true)": round(float(torch.nn.functional.cosine_similarity(r.flatten(), true_r.flatten(), dim=0)), 3),
                 "seconds": round(time.perf_counter() - t0)})
