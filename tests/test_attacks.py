@@ -360,6 +360,12 @@ def test_cli_bad_trigger_name(tmp_path):
     assert "blend" in msg
     msg = _one_line_exit2(["attack", "trojdiff", "--base", BASE, "--out", str(tmp_path / "o"), "--setting", "x2y"])
     assert "setting" in msg
+    msg = _one_line_exit2(["attack", "trojdiff", "--base", BASE, "--out", str(tmp_path / "o"), "--trigger",
+                           "patch-40-top-left"])
+    assert "patch[-N][-PLACE]" in msg
+    assert not (tmp_path / "o").exists()
+    help_text = runner.invoke(app, ["attack", "--help"], terminal_width=200).output
+    assert "patch[-N][-PLACE]" in help_text and "stop-sign" in help_text and "mickey" in help_text
 
 
 def test_cli_bad_finetune_options(tmp_path):
