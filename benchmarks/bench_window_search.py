@@ -31,7 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_results  # noqa: E402
 
+from terd.defense.calibration import default_thresholds  # noqa: E402
 from terd.defense.patch_probe import probe_patch  # noqa: E402
+from terd.defense.reversion import probe_features  # noqa: E402
 from terd.models import load_denoiser  # noqa: E402
 from terd.zoo import load_zoo  # noqa: E402
 
@@ -42,8 +44,14 @@ FAMILIES = {"tiny-digits16": "zoo-digits16-wp-fit.yaml", "tiny-photos32-dc": "zo
 HELD_OUT_CLEAN = {"tiny-digits16": ["d16-benign-s26-e30", "d16-benign-s29-e14", "d16-benign-s30-e22",
                                     "d16-benign-s31-e32", "d16-benign-s32-e44", "d16-benign-ft-s26-33", "demo-benign"],
                   "tiny-photos32-dc": []}
+# clean models outside the W_p fit that the probe's shape rule was made on (their first run read them as patch
+# models: bench_photos32dc_wp_heldout), so not blind for the rule
+RULE_SEEN_CLEAN = {"tiny-digits16": [],
+                   "tiny-photos32-dc": ["p32dc-benign-s5-e12", "p32dc-benign-ft-s5-60", "p32dc-benign-ft-s5-61"]}
+SHIPPED_ENTRY = {"tiny-digits16": "fast", "tiny-photos32-dc": "fast@tiny-photos32-dc"}  # for the L_p cut
 PATCH_BENCHES = {"tiny-digits16": ("bench_digits16_patch_heldout", "bench_digits16_patch_shapes"),
-                 "tiny-photos32-dc": ("bench_photos32dc_patch_heldout", "bench_photos32dc_patch_shapes")}
+                 "tiny-photos32-dc": ("bench_photos32dc_patch_heldout", "bench_photos32dc_patch_shapes",
+                                      "bench_photos32dc_wp_heldout")}
 MIN_ASR = 0.9
 
 
@@ -69,7 +77,9 @@ def probe(name: str) -> dict:
     den = load_denoiser(where).freeze()
     t0 = time.perf_counter()
     seen = probe_patch(den, seed=0).summary()
-    return {"found_by": seen["found_by"], "window_box": seen["window_box"], "W_p": seen["explained_offset"],
+    return {"found_by": seen["found_by"], "first_look_window": seen["first_look_window"],
+            "window_box": seen["window_box"], "L_p": round(probe_features(seen).get("L_p", float("nan")), 2),
+            "W_p": seen["explained_offset"],
             "search_excess": seen["search_excess"], "peak_input": seen["peak_input"], "candidate": seen["candidate"],
             "window_elements": seen["window_elements"], "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -82,6 +92,8 @@ def probe_family(family: str) -> list[dict]:
     vals = [r["W_p"] for r in fit]
     cut = statistics.fmean(vals) + 3 * statistics.stdev(vals)
     judged = [{"model": m, "family": family, "role": "held-out clean", **probe(m)} for m in HELD_OUT_CLEAN[family]]
+    judged += [{"model": m, "family": family, "role": "clean, the shape rule made on it", **probe(m)}
+               for m in RULE_SEEN_CLEAN[family]]
     for r in patch_rows(family):
         asr = r.get("asr") or 0.0
         d = r["defenses"]["terd-fast"]
@@ -89,6 +101,9 @@ def probe_family(family: str) -> list[dict]:
                        "counted": asr >= MIN_ASR,
                        "recorded verdict": "flagged" if d["decision"]["flagged"] else "missed",
                        "recorded flagged_by": ",".join(d["decision"].get("flagged_by", [])), **probe(r["id"])})
+    lp_cut = default_thresholds(SHIPPED_ENTRY[family]).L_p
+    for r in fit + judged:
+        r["L_p cut"], r["L_p flags"] = round(lp_cut, 3), r["L_p"] > lp_cut
     for r in judged:
         r["W_p cut"], r["W_p flags"] = round(cut, 4), r["W_p"] > cut
         print(r, flush=True)
@@ -98,10 +113,15 @@ def probe_family(family: str) -> list[dict]:
 def family_note(family: str, rows: list[dict]) -> str:
     vals = [r["W_p"] for r in rows if r["role"] == "fit"]
     clean = [r for r in rows if r["role"] == "held-out clean"]
+    seen = [r for r in rows if r["role"].startswith("clean, the shape rule")]
     bd = [r for r in rows if r.get("counted")]
+    either = [r for r in rows if r["role"] != "fit" and not r["role"].startswith("TrojDiff")]
     return (f"{family}: W_p cut {statistics.fmean(vals) + 3 * statistics.stdev(vals):.4f} (mean "
             f"{statistics.fmean(vals):.4f} + 3 x std {statistics.stdev(vals):.4f} over {len(vals)} benign models); "
-            f"held-out clean flagged by W_p {sum(r['W_p flags'] for r in clean)}/{len(clean)}; counted patch models "
+            f"held-out clean flagged by W_p {sum(r['W_p flags'] for r in clean)}/{len(clean)}"
+            + (f", clean models the shape rule was made on {sum(r['W_p flags'] for r in seen)}/{len(seen)}" if seen else "")
+            + f"; clean models flagged by L_p (shipped cut) {sum(r['L_p flags'] for r in either)}/{len(either)}, fit "
+            f"models {sum(r['L_p flags'] for r in rows if r['role'] == 'fit')}/{len(vals)}; counted patch models "
             f"flagged by W_p {sum(r['W_p flags'] for r in bd)}/{len(bd)}, by W_p or their recorded verdict "
             f"{sum(r['W_p flags'] or r['recorded verdict'] == 'flagged' for r in bd)}/{len(bd)} (recorded alone "
             f"{sum(r['recorded verdict'] == 'flagged' for r in bd)}/{len(bd)}).")
@@ -120,13 +140,17 @@ def main() -> None:
     for family in FAMILIES:
         rows += probe_family(family) if family in families else [r for r in kept if r["family"] == family]
     notes = [family_note(f, [r for r in rows if r["family"] == f]) for f in FAMILIES if any(r["family"] == f for r in rows)]
-    cols = ["model", "family", "role", "found_by", "window_box", "W_p", "search_excess", "peak_input", "candidate",
-            "W_p cut", "W_p flags", "recorded verdict", "recorded flagged_by", "seconds"]
+    cols = ["model", "family", "role", "found_by", "first_look_window", "window_box", "L_p", "L_p flags", "W_p",
+            "search_excess", "peak_input", "candidate", "W_p cut", "W_p flags", "recorded verdict",
+            "recorded flagged_by", "seconds"]
     write_results("window_search", rows, cols, notes=(
         "The patch probe as a scan runs it (seed 0). found_by: the first look (a localized response to benign "
-        "noise) or the search (coarse squares of a quarter of the side, then one edge at a time); window_box: rows "
+        "noise, kept when patch-shaped: at least 2 x 2 pixels filling 3/4 of its box) or the search (coarse squares "
+        "of a quarter of the side, then one edge at a time, boxes at least 2 x 2); first_look_window: the pixels a "
+        "first look found that were not patch-shaped; L_p: the localization under that rule (1 without a "
+        "patch-shaped first look), judged by the shipped cut; window_box: rows "
         "r0-r1, cols c0-c1 (inclusive); W_p: the excess explained offset the value step read there on fresh draws; "
-        "candidate: whether it joins input detection (search windows: W_p >= 0.2 and patch-sized). "
+        "candidate: whether it joins input detection (search windows: W_p >= 0.2 and patch-shaped). "
         "Recorded verdict: the model's bench row (shipped thresholds, features without W_p). " + " ".join(notes)))
 
 

@@ -172,7 +172,10 @@ def test_reversion_recovers_trigger_of_backdoored_gaussian_oracle(schedule, gamm
     assert res.network_evaluations == SMALL.network_evaluations_bound()
     assert [c["gamma_init"] for c in res.candidates] == [1.0, 0.5] and sum(c["reported"] for c in res.candidates) == 1
     assert res.features == {**{f: max(c[f] for c in res.candidates) for f in ("M_r", "V_r", "P_r")},
-                            "L_p": 64 / res.patch_probe["leading_support"],  # + the model's own, from the probe (8 x 8)
+                            # + the model's own, from the probe (8 x 8): its localization when the first look
+                            # kept a patch-shaped window, else 1
+                            "L_p": 64 / res.patch_probe["leading_support"]
+                            if res.patch_probe["found_by"] == "first look" else 1.0,
                             "W_p": res.patch_probe["explained_offset"]}
     assert kl_features(res.trigger)["M_r"] == pytest.approx(res.features["M_r"])  # the most anomalous is reported
 

@@ -9,7 +9,8 @@ from torch import nn
 from conftest import oracle_denoiser
 from terd.defense import patch_probe as pp
 from terd.defense.input_detection import CandidateSetDetector
-from terd.defense.reversion import ReversionConfig, reverse_trigger
+from terd.defense.reversion import ReversionConfig, probe_features, reverse_trigger
+from terd.errors import TerdError
 
 SHAPE = (1, 16, 16)
 
@@ -106,6 +107,35 @@ def test_window_ignores_corner_shrinkage_and_finds_a_gated_patch(schedule):
     assert probe.candidate is not None and probe.value == pytest.approx(0.9, abs=0.15)
 
 
+class CornerPixelOracle(nn.Module):
+    """Passes noise through except at one corner pixel, whose prediction bends with its input (a smooth odd
+    nonlinearity, no preferred value): the first look's leading component sits on that pixel alone -- what clean
+    tiny-photos32-dc models of one base do (bench_photos32dc_wp_heldout's first run read them as patch models)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t):  # noqa: ANN001
+        out = x.clone()
+        out[:, :, 0, 0] = x[:, :, 0, 0] - 0.3 * x[:, :, 0, 0] ** 3 / (1 + x[:, :, 0, 0] ** 2)
+        return out
+
+
+def test_a_one_pixel_response_is_no_patch(schedule):
+    den = oracle_denoiser(CornerPixelOracle(), schedule, SHAPE)
+    window, support, used = pp.first_look(den, pp.probe_generator(0))
+    assert window.view(SHAPE)[0, 0, 0] and window.sum() == 1 and used >= 1  # localized, on the corner pixel
+    probe = pp.probe_patch(den)
+    assert probe.found_by == "search" and probe.candidate is None and probe.first_look_window == [(0, 0)]
+    assert probe.window.sum() >= 4  # the search's boxes are at least 2 x 2
+    summary = probe.summary()
+    assert probe_features(summary)["L_p"] == 1.0  # before the shape rule: 256 / support, a patch's reading
+    assert pp.probe_patch(den, search=False).summary()["first_look_window"] == [[0, 0]]
+    with pytest.raises(TerdError, match="at least 1 pixel"):
+        pp.probe_patch(den, min_side=0)
+
+
 def test_peak_is_the_parabola_vertex_inside_the_grid():
     grid = tuple(0.5 + 0.05 * k for k in range(9))
     assert pp._peak(grid, [0.7 - (v - 0.62) ** 2 for v in grid]) == pytest.approx((0.62, 0.7))
@@ -180,8 +210,6 @@ def test_localization_is_high_on_a_patch_response_and_about_3_on_an_image_wide_o
 
 
 def test_reversion_reports_L_p_from_the_probe_summary_and_none_without_a_response(schedule):
-    from terd.defense.reversion import probe_features
-
     cfg = ReversionConfig(stage1_iters=2, stage2_iters=1, batch_size=2, ddim_steps=2)
     res = reverse_trigger(oracle_denoiser(PatchOracle(_window(), 0.9), schedule, SHAPE), cfg, seed=0)
     assert res.patch_probe["elements"] == 256
@@ -207,7 +235,6 @@ def whole_patch_oracle(window: torch.Tensor | None = None, mu: float = 0.9) -> P
 
 @pytest.mark.parametrize(("rows", "cols", "mu"), [(slice(5, 8), slice(9, 12), 0.9), (slice(12, 16), slice(0, 3), -0.6)])
 def test_search_finds_a_patch_the_first_look_misses(schedule, rows, cols, mu):
-    from terd.defense.reversion import probe_features
 
     w = _window(rows, cols)  # off the coarse squares' grid, and one flush with two borders
     den = oracle_denoiser(whole_patch_oracle(w, mu), schedule, SHAPE)
@@ -237,7 +264,43 @@ def test_coarse_boxes_cover_the_image_symmetrically_and_neighbours_stay_inside()
             covered[b[0]:b[1], b[2]:b[3]] = True
         assert covered.all()
         assert {(h - b[1], h - b[0], w - b[3], w - b[2]) for b in boxes} == set(boxes)  # mirrors of each other
-    assert pp._neighbours((0, 2, 14, 16), 16, 16, max_area=4) == [(1, 2, 14, 16), (0, 1, 14, 16), (0, 2, 15, 16),
-                                                                 (0, 2, 14, 15)]  # shrinking only
-    assert set(pp._neighbours((0, 2, 14, 16), 16, 16, max_area=16)) == {(1, 2, 14, 16), (0, 1, 14, 16), (0, 3, 14, 16),
-                                                            (0, 2, 13, 16), (0, 2, 15, 16), (0, 2, 14, 15)}
+    assert pp._neighbours((0, 2, 14, 16), 16, 16, max_area=4, min_side=1) == [
+        (1, 2, 14, 16), (0, 1, 14, 16), (0, 2, 15, 16), (0, 2, 14, 15)]  # shrinking only
+    assert set(pp._neighbours((0, 2, 14, 16), 16, 16, max_area=16, min_side=1)) == {
+        (1, 2, 14, 16), (0, 1, 14, 16), (0, 3, 14, 16), (0, 2, 13, 16), (0, 2, 15, 16), (0, 2, 14, 15)}
+    # a patch is at least 2 x 2 (the default): a 2 x 2 box can only grow, and not past the area bound
+    assert pp._neighbours((0, 2, 14, 16), 16, 16, max_area=4) == []
+    assert set(pp._neighbours((0, 2, 14, 16), 16, 16, max_area=16)) == {(0, 3, 14, 16), (0, 2, 13, 16)}
+
+
+@pytest.mark.parametrize(("pixels", "window_elements", "shaped"), [
+    ([(14, 14), (14, 15), (15, 14), (15, 15)], 4, True),  # TrojDiff's 2 x 2 at 16 px
+    ([(r, c) for r in range(13, 16) for c in range(13, 16) if (r, c) != (13, 13)], 8, True),  # one pixel missed
+    ([(0, 0)], 1, False),  # one corner pixel (the clean dc models of seed 5)
+    ([(0, 0), (15, 0)], 2, False),  # two corners: a 16 x 1 box, two of its pixels
+    ([(3, 4), (3, 5), (3, 6)], 3, False),  # a line, not an area
+    ([(0, 0), (0, 1), (1, 0), (2, 2)], 4, False),  # 4 of a 3 x 3 box
+    ([(r, c) for r in range(4) for c in range(4)], 16, False),  # over 5% of 256 elements
+])
+def test_a_patch_window_is_a_filled_area(pixels, window_elements, shaped):
+    assert pp.patch_shaped(pixels, 256, window_elements) is shaped
+    window = torch.zeros(1, 16, 16, dtype=torch.bool)
+    for r, c in pixels:
+        window[0, r, c] = True
+    assert pp.is_patch_shaped(window) is shaped
+    assert pp.patch_shaped(pixels[:1], 256, 1, min_side=1)  # a one-pixel patch only when asked for
+
+
+def test_localization_reads_a_patch_shaped_first_look_only():
+    """L_p from a summary: the leading component's localization when the first look kept a patch-shaped window,
+    1 when it did not (the corner pixels of clean dc models), None without a response; summaries recorded before
+    the shape rule are judged by the window they list."""
+    new = {"elements": 3072, "leading_support": 40.0, "first_look_window": None}
+    assert probe_features({**new, "found_by": "first look", "explained_offset": 0.9}) == {"L_p": 76.8, "W_p": 0.9}
+    assert probe_features({**new, "found_by": "search", "first_look_window": [[0, 0]], "explained_offset": 0.1}) == {
+        "L_p": 1.0, "W_p": 0.1}
+    assert probe_features({**new, "leading_support": None, "found_by": "search"}) == {}
+    old = {"elements": 256, "leading_support": 10.0, "found_by": "first look", "window_elements": 4}
+    assert pp.first_look_found_patch({**old, "window_indices": [[0, 14, 14], [0, 14, 15], [0, 15, 14], [0, 15, 15]]})
+    assert not pp.first_look_found_patch({**old, "window_elements": 2, "window_indices": [[0, 0, 0], [0, 15, 0]]})
+    assert not pp.first_look_found_patch({**old, "window_indices": [[0, 14, 14]]})  # not fully listed

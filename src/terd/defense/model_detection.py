@@ -78,12 +78,14 @@ def kl_features(trigger: Trigger) -> dict[str, float]:
     return {"M_r": float(flat.mean()), "V_r": float(flat.var(unbiased=False)), "P_r": peak_local_kl(kl)}
 
 
-def localization(leading_support: float | None, elements: int) -> float | None:
+def localization(leading_support: float | None, elements: int, patch_response: bool = True) -> float | None:
     """L_p: ``elements`` over the effective support of the model's leading response component (None: the probe saw
-    no response, or did not run). 1 = spread evenly over the image; a random direction gives about 3."""
+    no response, or did not run). 1 = spread evenly over the image; a random direction gives about 3. A response
+    that is not patch-shaped (``patch_response`` False: localized on a pixel or two, or scattered, as clean
+    tiny-photos32-dc models of one base do at their corners) reads 1: L_p measures a patch's localization."""
     if leading_support is None or leading_support <= 0:
         return None
-    return float(elements) / float(leading_support)
+    return float(elements) / float(leading_support) if patch_response else 1.0
 
 
 def candidate_features(per_candidate: list[dict[str, float]]) -> dict[str, float]:

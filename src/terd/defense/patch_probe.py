@@ -13,8 +13,11 @@ the patch). So no reversion candidate lands on a patch, and input detection miss
    values it was trained on with a response confined to the patch, so its leading components are localized. The
    window is the support (loadings of at least half the largest) of the leading components while each is
    localized -- effective support 1 / sum v^4 at most ``MAX_WINDOW_FRACTION`` of the elements -- stopping at the
-   first diffuse one. No localized leading component, or a window larger than ``MAX_WINDOW_FRACTION`` of the
-   image (not a patch), means no candidate. (The first probe cut the raw residual's spread at 4x the median's; on
+   first diffuse one. No localized leading component, or a window that is not patch-shaped -- larger than
+   ``MAX_WINDOW_FRACTION`` of the image, narrower than ``MIN_PATCH_SIDE`` pixels either way, or filling less than
+   ``PATCH_FILL`` of its bounding box -- means no window from the first look. (Clean tiny-photos32-dc models of
+   one base respond localized at one or two corner pixels; before the shape rule that window read as a patch and
+   flagged all three: bench_photos32dc_wp_heldout's first run.) (The first probe cut the raw residual's spread at 4x the median's; on
    tiny-photos32-dc models that marked the corner pixels of every model and missed the patch: patch_window_dc.md.)
 2. **value**: the window is set to v + ``PATCH_GAMMA`` * eps (the rest benign noise) for v on a grid. A TrojDiff
    patch model removes the trigger's offset mu from its noise prediction there (it learns the offset, not the
@@ -25,7 +28,7 @@ the patch). So no reversion candidate lands on a patch, and input detection miss
    distance to the borders. (The first probe took the v where the explained offset peaks: on the dc patch model
    it read 3.2 for a trigger value of 0.9, bench_photos32dc_mini's first run.)
 
-When the first look finds no localized window, a **search** takes its place (``search_window``): a larger patch
+When the first look finds no patch-shaped window, a **search** takes its place (``search_window``): a larger patch
 (3 x 3 at 16 px, 6 x 6 at 32 px) draws no localized response from benign noise -- the model reacts only when the
 whole patch holds a value near the trigger's -- so the first look misses it (bench_digits16_patch_shapes,
 bench_photos32dc_patch_shapes), while the value step reads it plainly given the true window (patch6_window.md:
@@ -51,6 +54,7 @@ from dataclasses import dataclass
 import torch
 
 from terd.defense.trigger import Trigger
+from terd.errors import TerdError
 
 MAX_WINDOW_FRACTION = 0.05  # a larger window is not a patch (the reversion covers image-wide triggers)
 PATCH_GAMMA = 0.1  # the window's noise scale while its value is searched, and the candidate's (TrojDiff's patch gamma)
@@ -65,6 +69,8 @@ SEARCH_VALUES = tuple(sign * i / 5 for sign in (-1, 1) for i in range(1, 6))  # 
 # response is narrow in v (a 3 x 3 digits16 patch of value 0.9: excess 1.27 at v 0.7, 0.24 at 0.6, 0.04 at 1.1)
 SEARCH_NOISES = 8  # noises per window and value (paired: every window sees the same draws)
 SEARCH_ACCEPT = 0.2  # a search window's excess explained offset must reach this to become a candidate
+MIN_PATCH_SIDE = 2  # a patch is an area: its window spans at least 2 x 2 pixels (TrojDiff's smallest, 2 x 2 at 16 px)
+PATCH_FILL = 0.75  # ... and its pixels fill at least this share of their bounding box (a found 3 x 3 patch misses one)
 _CHUNK = 256  # images per network call
 
 
@@ -81,6 +87,7 @@ class PatchProbe:
     candidate: Trigger | None
     found_by: str | None = None  # "first look" | "search" | None (no window)
     search_excess: float | None = None  # the search's score of its window (the same draws for every window)
+    first_look_window: list[tuple[int, int]] | None = None  # its pixels when not patch-shaped (so left to the search)
 
     def summary(self) -> dict:
         support = None if self.leading_support is None else round(self.leading_support, 1)
@@ -91,6 +98,8 @@ class PatchProbe:
                 "explained_offset": self.explained_offset, "peak_input": self.peak_input,
                 "gamma": PATCH_GAMMA if self.candidate is not None else None, "candidate": self.candidate is not None,
                 "found_by": self.found_by, "search_excess": self.search_excess, "window_box": box,
+                "first_look_window": None if self.first_look_window is None else
+                [list(p) for p in self.first_look_window[:64]],
                 "window_indices": [list(map(int, i)) for i in self.window.nonzero().tolist()][:64]}
 
 
@@ -241,14 +250,14 @@ def coarse_boxes(height: int, width: int) -> list[Box]:
     return [(r, r + size, c, c + size) for r in starts(height) for c in starts(width)]
 
 
-def _neighbours(box: Box, height: int, width: int, max_area: int) -> list[Box]:
-    """The boxes one edge away: each edge moved in or out by one pixel, inside the image, at least 1 x 1 and at
-    most ``max_area`` pixels."""
+def _neighbours(box: Box, height: int, width: int, max_area: int, min_side: int = MIN_PATCH_SIDE) -> list[Box]:
+    """The boxes one edge away: each edge moved in or out by one pixel, inside the image, at least ``min_side``
+    on each side and at most ``max_area`` pixels."""
     r0, r1, c0, c1 = box
     moved = [(r0 + d, r1, c0, c1) for d in (-1, 1)] + [(r0, r1 + d, c0, c1) for d in (-1, 1)] + \
             [(r0, r1, c0 + d, c1) for d in (-1, 1)] + [(r0, r1, c0, c1 + d) for d in (-1, 1)]
-    return [b for b in moved if 0 <= b[0] < b[1] <= height and 0 <= b[2] < b[3] <= width
-            and (b[1] - b[0]) * (b[3] - b[2]) <= max_area]
+    return [b for b in moved if 0 <= b[0] and b[1] <= height and 0 <= b[2] and b[3] <= width
+            and min(b[1] - b[0], b[3] - b[2]) >= min_side and (b[1] - b[0]) * (b[3] - b[2]) <= max_area]
 
 
 class _ExcessOfBoxes:
@@ -278,7 +287,8 @@ class _ExcessOfBoxes:
         return out
 
 
-def search_window(den, generator: torch.Generator) -> tuple[torch.Tensor, float, float]:  # noqa: ANN001
+def search_window(den, generator: torch.Generator,  # noqa: ANN001
+                  min_side: int = MIN_PATCH_SIDE) -> tuple[torch.Tensor, float, float]:
     """The box with the largest excess explained offset (see the module docstring), that excess and the v where it
     peaked: the best coarse square, then one edge at a time while the excess grows, never past the square's area (a
     window that keeps growing is an image-wide response, not a patch: a clean digits16 model's climbed to 224 of 256
@@ -291,7 +301,9 @@ def search_window(den, generator: torch.Generator) -> tuple[torch.Tensor, float,
     box, (score, at) = boxes[best], scored[best]
     max_area = (box[1] - box[0]) * (box[3] - box[2])
     for _ in range(height + width):  # each step moves one edge; no box needs more
-        near = _neighbours(box, height, width, max_area)
+        near = _neighbours(box, height, width, max_area, min_side)
+        if not near:  # a smallest square (small images): nothing to move
+            break
         near_scored = excess(near)
         k = max(range(len(near)), key=lambda i: near_scored[i][0])
         if near_scored[k][0] <= score:
@@ -317,24 +329,56 @@ def _read_value(den, window: torch.Tensor, gen: torch.Generator,  # noqa: ANN001
     return round(height if peak_input >= 0 else -height, 4), round(height, 4), round(peak_input, 4)
 
 
-def _is_patch_sized(window: torch.Tensor) -> bool:
-    return bool(window.any()) and window.sum() <= MAX_WINDOW_FRACTION * window.numel()
+def patch_shaped(pixels: list[tuple[int, int]], elements: int, window_elements: int,
+                 min_side: int = MIN_PATCH_SIDE) -> bool:
+    """Whether a window's pixels (row, col) can be a patch: at least ``min_side`` on each side of their
+    bounding box, filling ``PATCH_FILL`` of it, and at most ``MAX_WINDOW_FRACTION`` of the elements. (A clean
+    tiny-photos32-dc base of seed 5 and its fine-tunes respond localized at one or two corner pixels, which read as
+    backdoor-like: bench_photos32dc_wp_heldout.)"""
+    if not pixels or window_elements > MAX_WINDOW_FRACTION * elements:
+        return False
+    rows, cols = [r for r, _ in pixels], [c for _, c in pixels]
+    height, width = max(rows) - min(rows) + 1, max(cols) - min(cols) + 1
+    return min(height, width) >= min_side and len(set(pixels)) >= PATCH_FILL * height * width
+
+
+def first_look_found_patch(summary: dict) -> bool:
+    """Whether a probe summary's first look found a patch-shaped window: what L_p is read on. A summary recorded
+    before the shape rule (no ``first_look_window`` key) is judged by the window it kept, when that was the first
+    look's and fully listed."""
+    if "first_look_window" in summary:
+        return summary.get("found_by") == "first look"
+    if summary.get("found_by") == "search" or not summary.get("window_elements"):
+        return False
+    listed = summary.get("window_indices") or []
+    if len(listed) < summary["window_elements"]:
+        return False
+    return patch_shaped([(r, c) for _, r, c in listed], summary["elements"], summary["window_elements"])
+
+
+def is_patch_shaped(window: torch.Tensor, min_side: int = MIN_PATCH_SIDE) -> bool:
+    """``patch_shaped`` of a C x H x W window."""
+    pixels = [tuple(p) for p in window.any(0).nonzero().tolist()]
+    return patch_shaped(pixels, window.numel(), int(window.sum()), min_side)
 
 
 @torch.no_grad()
-def probe_patch(den, seed: int = 0, search: bool = True) -> PatchProbe:  # noqa: ANN001
+def probe_patch(den, seed: int = 0, search: bool = True, min_side: int = MIN_PATCH_SIDE) -> PatchProbe:  # noqa: ANN001
     """Look for a small patch trigger (see the module docstring); forward passes only. ``search``: when the first
-    look finds no window, search for one."""
+    look finds no patch-shaped window, search for one; ``min_side``: the smallest patch side, in pixels."""
+    if min_side < 1:
+        raise TerdError(f"the smallest patch side must be at least 1 pixel, got {min_side}")
     gen = probe_generator(seed)
     flat, support, used = first_look(den, gen)
-    window, found_by, search_excess, top = flat.view(den.image_shape), "first look", None, None
-    if not _is_patch_sized(window):
+    window, found_by, search_excess, top, seen = flat.view(den.image_shape), "first look", None, None, None
+    if not is_patch_shaped(window, min_side):
+        seen = [tuple(p) for p in window.any(0).nonzero().tolist()] or None
         if not search:
-            return PatchProbe(window, support, used, None, None, None, None)
-        window, search_excess, top = search_window(den, gen)
+            return PatchProbe(window, support, used, None, None, None, None, first_look_window=seen)
+        window, search_excess, top = search_window(den, gen, min_side)
         found_by, search_excess = "search", round(search_excess, 4)
     value, height, peak_input = _read_value(den, window, gen, top)
-    accepted = found_by == "first look" or (height >= SEARCH_ACCEPT and _is_patch_sized(window))
+    accepted = found_by == "first look" or (height >= SEARCH_ACCEPT and is_patch_shaped(window, min_side))
     candidate = Trigger(window * value, torch.where(window, PATCH_GAMMA, 1.0),
                         meta={"start": "patch-probe", "gamma_init": PATCH_GAMMA}) if accepted else None
-    return PatchProbe(window, support, used, value, height, peak_input, candidate, found_by, search_excess)
+    return PatchProbe(window, support, used, value, height, peak_input, candidate, found_by, search_excess, seen)

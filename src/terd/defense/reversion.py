@@ -50,7 +50,7 @@ from safetensors.torch import save_file
 
 from terd.defense.loss import BEGINNING, ENDING, reversed_losses, term_timesteps
 from terd.defense.model_detection import candidate_features, kl_features, localization
-from terd.defense.patch_probe import probe_patch
+from terd.defense.patch_probe import first_look_found_patch, probe_patch
 from terd.defense.trigger import Trigger
 from terd.errors import TerdError
 from terd.models.denoiser import Denoiser
@@ -99,6 +99,7 @@ class ReversionConfig:
     checkpoint_every: int = 50
     patch_probe: bool = True  # also look for a small patch trigger (patch_probe.py): an input-detection candidate
     patch_search: bool = True  # ... and when its first look finds no window, search for one (a larger patch)
+    patch_min_side: int = 2  # ... a window is a patch only when it spans at least this many pixels each way
 
     def resolved_l1(self, image_shape) -> float:  # noqa: ANN001
         return self.l1 if self.l1 is not None else (5e-5 if max(image_shape[1:]) <= 32 else 5e-4)
@@ -551,7 +552,7 @@ def reverse_trigger(
                   for i, tr in enumerate(triggers)]
     probe, probed = None, CountingDenoiser(den)
     if cfg.patch_probe:
-        probe = probe_patch(probed, seed=seed, search=cfg.patch_search)
+        probe = probe_patch(probed, seed=seed, search=cfg.patch_search, min_side=cfg.patch_min_side)
     probe_seen = None if probe is None else {**probe.summary(),
                                              "candidate_index": len(triggers) if probe.candidate else None}
     return ReversionResult(trigger=triggers[best], network_evaluations=st.evaluations, network_calls=st.calls,
@@ -570,7 +571,8 @@ def probe_features(probe_summary: dict | None) -> dict[str, float]:
     if not probe_summary or "elements" not in probe_summary:
         return {}
     out = {}
-    if (value := localization(probe_summary.get("leading_support"), probe_summary["elements"])) is not None:
+    if (value := localization(probe_summary.get("leading_support"), probe_summary["elements"],
+                              first_look_found_patch(probe_summary))) is not None:
         out["L_p"] = value
     if probe_summary.get("explained_offset") is not None:
         out["W_p"] = float(probe_summary["explained_offset"])
