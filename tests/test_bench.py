@@ -792,18 +792,25 @@ def _fake_build(e, cache, device, threads, base_dir):  # noqa: ANN001, ANN202
 
 def test_rows_recorded_before_L_p_get_it_from_their_probe_summary(tmp_path, tiny_unet, schedule):
     """A row made before L_p existed holds the probe's summary (support, no element count): the bench fills L_p
-    in from it, reading the image size from the model, and leaves rows without a recorded response alone."""
+    in from it, reading the image size from the model, and leaves rows without a recorded response alone. L_p is
+    the localization when the summary's first look kept a patch-shaped window (listed), else 1."""
     from terd.bench import with_localization
     from terd.models import save_pipeline
 
     save_pipeline(tiny_unet, schedule, tmp_path / "m")
+    patch = {"leading_support": 2.0, "window_elements": 2, "window_indices": [[0, 0, 0], [0, 1, 0]]}  # 2 x 1
     old = {"defenses": {"terd-fast": {"M_r": 0.1, "patch_probe": {"leading_support": 4.0}},
                         "terd-paper": {"M_r": 0.1, "patch_probe": {"leading_support": None}},
-                        "elijah": {"spread": 0.2}}}
+                        "elijah": {"spread": 0.2}, "terd-line": {"patch_probe": patch}}}
     assert with_localization(old, tmp_path / "m")
     elements = tiny_unet.config.in_channels * tiny_unet.config.sample_size ** 2
-    assert old["defenses"]["terd-fast"]["L_p"] == elements / 4 and old["defenses"]["terd-fast"]["patch_probe"]["elements"] == elements
+    assert old["defenses"]["terd-fast"]["L_p"] == 1.0 and old["defenses"]["terd-fast"]["patch_probe"]["elements"] == elements
+    assert old["defenses"]["terd-line"]["L_p"] == 1.0  # a line of pixels is not a patch
     assert "L_p" not in old["defenses"]["terd-paper"] and "L_p" not in old["defenses"]["elijah"]
+    square = {"leading_support": 4.0, "window_elements": 4, "window_indices": [[0, 0, 0], [0, 0, 1], [0, 1, 0],
+                                                                                [0, 1, 1]], "elements": 256}
+    row = {"defenses": {"terd-fast": {"patch_probe": square}}}
+    assert with_localization(row, tmp_path / "missing") and row["defenses"]["terd-fast"]["L_p"] == 256 / 4
     assert not with_localization(old, tmp_path / "missing")  # already filled in: the model is not read again
 
 
