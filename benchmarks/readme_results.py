@@ -42,6 +42,10 @@ BENCHES = (
     ("digits16, held-out TrojDiff patches of other places and sizes (shipped thresholds)", "bench_digits16_patch_shapes"),
     ("photos32, tiny-photos32-dc, held-out TrojDiff patches of another place and size (shipped thresholds)",
      "bench_photos32dc_patch_shapes"),
+    ("photos32, tiny-photos32-dc, a new base (s5), its clean fine-tunes and two patches; the probe's shape rule made on "
+     "its clean models (shipped thresholds)", "bench_photos32dc_wp_heldout"),
+    ("photos32, tiny-photos32-dc, another new base (s6), a clean fine-tune and TrojDiff's patch: the shape rule "
+     "judged blind (shipped thresholds)", "bench_photos32dc_shape_heldout"),
     ("digits16 VE, EDM-preconditioned", "bench_digits16_ve"),
     ("digits16 VE, NCSN score network", "bench_digits16_ncsn"),
 )
