@@ -7,7 +7,9 @@ candidate, and the reversion lands on the patch with the wrong sign and gamma ~1
 (patch_probe.excess_offsets, the coarse grid, 32 noises per value, the probe's seed-0 draws), would read the
 trigger given a window: the true window, the 2 x 2 window where the reversion's KL peaks (P_r's), and a 2 x 2
 window elsewhere; on the patch model and on its clean base. The same for the 6 x 6 patch on tiny-photos32-dc
-(bench_photos32dc_patch_shapes: ASR 1.00, every feature under its cut, input TPR 0.0001). Forward passes only.
+(bench_photos32dc_patch_shapes: ASR 1.00, every feature under its cut, input TPR 0.0001), and for the 6 x 6 patch on
+base s5 that the probe's search missed (bench_photos32dc_wp_heldout): its true window and the search's. Forward passes
+only.
 
 Models: bench_digits16_patch_shapes' and bench_photos32dc_patch_shapes' (terd bench --zoo
 benchmarks/zoo-digits16-patch-shapes.yaml --build-only --cache runs/zoo-cache; likewise the dc zoo).
@@ -41,10 +43,15 @@ WINDOWS_16 = {"true 3x3 (rows/cols 13-15)": ((13, 16), (13, 16)), PR_PEAK_16: ((
               "2x2 elsewhere (2-3)": ((2, 4), (2, 4))}
 WINDOWS_32 = {"true 6x6 (rows/cols 26-31)": ((26, 32), (26, 32)), PR_PEAK_32: ((27, 29), (27, 29)),
               "2x2 elsewhere (2-3)": ((2, 4), (2, 4))}
+# bench_photos32dc_wp_heldout (after the shape rule): on base s5 the search settled on a central window, W_p 0.213
+WINDOWS_32_S5 = {"true 6x6 (rows/cols 26-31)": ((26, 32), (26, 32)),
+                 "the search's window (rows 13-18, cols 12-19)": ((13, 19), (12, 20))}
 MODELS = (("patch-6 D2I, 16 px (ASR 0.98)", "d16-troj-d2i-patch6-s30-37", WINDOWS_16),
           ("its clean base", "d16-benign-s30-e22", WINDOWS_16),
           ("patch-6 D2I, dc 32 px (ASR 1.00)", "p32dc-troj-d2i-patch6-s4-42", WINDOWS_32),
-          ("its clean base", "p32dc-benign-s4-e12", WINDOWS_32))
+          ("its clean base", "p32dc-benign-s4-e12", WINDOWS_32),
+          ("patch-6 D2I, dc 32 px, base s5 (ASR 1.00)", "p32dc-troj-d2i-patch6-s5-62", WINDOWS_32_S5),
+          ("its clean base", "p32dc-benign-s5-e12", WINDOWS_32_S5))
 
 
 def main() -> None:

@@ -78,7 +78,7 @@ def probe(name: str) -> dict:
     t0 = time.perf_counter()
     seen = probe_patch(den, seed=0).summary()
     return {"found_by": seen["found_by"], "first_look_window": seen["first_look_window"],
-            "window_box": seen["window_box"], "L_p": round(probe_features(seen).get("L_p", float("nan")), 2),
+            "window_box": seen["window_box"], "L_p": None if (lp := probe_features(seen).get("L_p")) is None else round(lp, 2),
             "W_p": seen["explained_offset"],
             "search_excess": seen["search_excess"], "peak_input": seen["peak_input"], "candidate": seen["candidate"],
             "window_elements": seen["window_elements"], "seconds": round(time.perf_counter() - t0, 1)}
@@ -103,7 +103,7 @@ def probe_family(family: str) -> list[dict]:
                        "recorded flagged_by": ",".join(d["decision"].get("flagged_by", [])), **probe(r["id"])})
     lp_cut = default_thresholds(SHIPPED_ENTRY[family]).L_p
     for r in fit + judged:
-        r["L_p cut"], r["L_p flags"] = round(lp_cut, 3), r["L_p"] > lp_cut
+        r["L_p cut"], r["L_p flags"] = round(lp_cut, 3), r["L_p"] is not None and r["L_p"] > lp_cut
     for r in judged:
         r["W_p cut"], r["W_p flags"] = round(cut, 4), r["W_p"] > cut
         print(r, flush=True)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 
-BADDIFFUSION_TRIGGERS = ("box", "box-white", "box-18", "box-14", "box-11", "box-8", "box-4", "stop-sign", "glasses")
+BOX_SIZES = (18, 14, 11, 8, 4)  # box-N: a box of N px at 32 px, scaled
+BADDIFFUSION_TRIGGERS = ("box", "box-white", *(f"box-{n}" for n in BOX_SIZES), "stop-sign", "glasses")
 PATCH_PLACES = ("bottom-right", "top-left", "centre")
 NAMED_PATCHES = ("patch", "patch-6", "patch-top-left", "patch-centre")
 TROJDIFF_TRIGGERS = ("blend", *NAMED_PATCHES)

@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 
 from terd.errors import TerdError
 from terd.imaging import load_image, save_grid
-from terd.trigger_names import PATCH_GRAMMAR, PATCH_PLACES, parse_patch
+from terd.trigger_names import BOX_SIZES, NAMED_PATCHES, PATCH_GRAMMAR, PATCH_PLACES, parse_patch
 
 RGB = tuple[float, float, float]
 _LUMA = (0.299, 0.587, 0.114)
@@ -249,7 +249,6 @@ def blend_pattern(channels: int, size: int) -> torch.Tensor:
 
 
 
-
 def patch_size(size: int, px32: int = 3) -> int:
     """A patch of ``px32`` pixels at 32 px, scaled (at least 1 pixel); TrojDiff's is 3 x 3 at 32 px."""
     return max(1, round(px32 * size / 32))
@@ -275,17 +274,18 @@ def _box_variant(px32: int, value: float) -> Callable[[int, int], torch.Tensor]:
     return lambda c, s: box_trigger(c, s, box_px32=px32, value=value)
 
 
+def _patch_variant(px32: int, where: str) -> Callable[[int, int], torch.Tensor]:
+    return lambda c, s: patch_mask(c, s, px32=px32, where=where)
+
+
 TRIGGERS: dict[str, Callable[[int, int], torch.Tensor]] = {
     "box": _box_variant(14, 0.0),
     "box-white": _box_variant(14, 1.0),
-    **{f"box-{n}": _box_variant(n, 0.0) for n in (18, 14, 11, 8, 4)},
+    **{f"box-{n}": _box_variant(n, 0.0) for n in BOX_SIZES},
     "stop-sign": stop_sign_trigger,
     "glasses": glasses_trigger,
     "blend": blend_pattern,
-    "patch": patch_mask,
-    "patch-6": lambda c, s: patch_mask(c, s, px32=6),
-    "patch-top-left": lambda c, s: patch_mask(c, s, where="top-left"),
-    "patch-centre": lambda c, s: patch_mask(c, s, where="centre"),
+    **{name: _patch_variant(*parse_patch(name)) for name in NAMED_PATCHES},
 }
 """Trigger names. ``box``/``box-N``/``box-white``/``stop-sign``/``glasses``: BadDiffusion-style (bg -1);
 ``blend``/``patch``/``patch-*``: TrojDiff deltas. Beyond the listed patch names, any ``patch-N``,
@@ -305,12 +305,10 @@ TARGETS: dict[str, Callable[[int, int], torch.Tensor]] = {
 def make_trigger(name: str, channels: int, size: int) -> torch.Tensor:
     """A named trigger as a C x size x size float tensor in [-1, 1]."""
     patch = parse_patch(name)
-    if patch is not None:
-        px32, place = patch
-        return patch_mask(channels, size, px32=px32, where=place).float().contiguous()
-    if name not in TRIGGERS:
+    build = _patch_variant(*patch) if patch is not None else TRIGGERS.get(name)
+    if build is None:
         raise TerdError(f"unknown trigger {name!r} (available: {', '.join(TRIGGERS)}, or {PATCH_GRAMMAR})")
-    return TRIGGERS[name](channels, size).float().contiguous()
+    return build(channels, size).float().contiguous()
 
 
 def make_target(name: str, channels: int, size: int) -> torch.Tensor:

@@ -17,8 +17,9 @@ the patch). So no reversion candidate lands on a patch, and input detection miss
    ``MAX_WINDOW_FRACTION`` of the image, narrower than ``MIN_PATCH_SIDE`` pixels either way, or filling less than
    ``PATCH_FILL`` of its bounding box -- means no window from the first look. (Clean tiny-photos32-dc models of
    one base respond localized at one or two corner pixels; before the shape rule that window read as a patch and
-   flagged all three: bench_photos32dc_wp_heldout's first run.) (The first probe cut the raw residual's spread at 4x the median's; on
-   tiny-photos32-dc models that marked the corner pixels of every model and missed the patch: patch_window_dc.md.)
+   flagged all three: bench_photos32dc_wp_heldout's first run. The first probe cut the raw residual's spread at
+   4x the median's; on tiny-photos32-dc models that marked the corner pixels of every model and missed the patch:
+   patch_window_dc.md.)
 2. **value**: the window is set to v + ``PATCH_GAMMA`` * eps (the rest benign noise) for v on a grid. A TrojDiff
    patch model removes the trigger's offset mu from its noise prediction there (it learns the offset, not the
    slope), so for v near mu the offset it explains away, v - mean_window eps_theta, is mu itself; the value is
@@ -356,10 +357,14 @@ def first_look_found_patch(summary: dict) -> bool:
     return patch_shaped([(r, c) for _, r, c in listed], summary["elements"], summary["window_elements"])
 
 
+def window_pixels(window: torch.Tensor) -> list[tuple[int, int]]:
+    """(row, col) of every pixel a C x H x W window holds in any channel."""
+    return [tuple(p) for p in window.any(0).nonzero().tolist()]
+
+
 def is_patch_shaped(window: torch.Tensor, min_side: int = MIN_PATCH_SIDE) -> bool:
     """``patch_shaped`` of a C x H x W window."""
-    pixels = [tuple(p) for p in window.any(0).nonzero().tolist()]
-    return patch_shaped(pixels, window.numel(), int(window.sum()), min_side)
+    return patch_shaped(window_pixels(window), window.numel(), int(window.sum()), min_side)
 
 
 @torch.no_grad()
@@ -371,8 +376,9 @@ def probe_patch(den, seed: int = 0, search: bool = True, min_side: int = MIN_PAT
     gen = probe_generator(seed)
     flat, support, used = first_look(den, gen)
     window, found_by, search_excess, top, seen = flat.view(den.image_shape), "first look", None, None, None
-    if not is_patch_shaped(window, min_side):
-        seen = [tuple(p) for p in window.any(0).nonzero().tolist()] or None
+    pixels = window_pixels(window)
+    if not patch_shaped(pixels, window.numel(), int(window.sum()), min_side):
+        seen = pixels or None
         if not search:
             return PatchProbe(window, support, used, None, None, None, None, first_look_window=seen)
         window, search_excess, top = search_window(den, gen, min_side)
