@@ -70,6 +70,15 @@ def patch_rows(family: str) -> list[dict]:
     return rows
 
 
+def climbs_text(climbs: list[dict] | None) -> str | None:
+    """Each search climb as 'start square (its excess) -> end box (its excess)', boxes as rows r0-r1, cols c0-c1
+    (inclusive), as window_box."""
+    def box(b: list[int]) -> str:
+        return f"{b[0]}-{b[1] - 1},{b[2]}-{b[3] - 1}"
+    return None if climbs is None else "; ".join(
+        f"{box(c['start'])} ({c['start_excess']:.3f}) -> {box(c['end'])} ({c['excess']:.3f})" for c in climbs)
+
+
 def probe(name: str) -> dict:
     where = ASSETS / name if name.startswith("demo-") else CACHE / name
     if not (where / "model_index.json").is_file():
@@ -80,7 +89,8 @@ def probe(name: str) -> dict:
     return {"found_by": seen["found_by"], "first_look_window": seen["first_look_window"],
             "window_box": seen["window_box"], "L_p": None if (lp := probe_features(seen).get("L_p")) is None else round(lp, 2),
             "W_p": seen["explained_offset"],
-            "search_excess": seen["search_excess"], "peak_input": seen["peak_input"], "candidate": seen["candidate"],
+            "search_excess": seen["search_excess"], "climbs": climbs_text(seen["search_climbs"]),
+            "peak_input": seen["peak_input"], "candidate": seen["candidate"],
             "window_elements": seen["window_elements"], "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -141,12 +151,14 @@ def main() -> None:
         rows += probe_family(family) if family in families else [r for r in kept if r["family"] == family]
     notes = [family_note(f, [r for r in rows if r["family"] == f]) for f in FAMILIES if any(r["family"] == f for r in rows)]
     cols = ["model", "family", "role", "found_by", "first_look_window", "window_box", "L_p", "L_p flags", "W_p",
-            "search_excess", "peak_input", "candidate", "W_p cut", "W_p flags", "recorded verdict",
+            "search_excess", "climbs", "peak_input", "candidate", "W_p cut", "W_p flags", "recorded verdict",
             "recorded flagged_by", "seconds"]
     write_results("window_search", rows, cols, notes=(
         "The patch probe as a scan runs it (seed 0). found_by: the first look (a localized response to benign "
         "noise, kept when patch-shaped: at least 2 x 2 pixels filling 3/4 of its box) or the search (coarse squares "
-        "of a quarter of the side, then one edge at a time, boxes at least 2 x 2); first_look_window: the pixels a "
+        "of a quarter of the side, then one edge at a time from each of the 3 best that do not overlap, boxes at "
+        "least 2 x 2, the best climbed box kept); climbs: each climb, start square (its search excess) -> where it "
+        "ended (its excess), rows,cols inclusive; first_look_window: the pixels a "
         "first look found that were not patch-shaped; L_p: the localization under that rule (1 without a "
         "patch-shaped first look), judged by the shipped cut; window_box: rows "
         "r0-r1, cols c0-c1 (inclusive); W_p: the excess explained offset the value step read there on fresh draws; "

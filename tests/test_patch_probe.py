@@ -134,6 +134,8 @@ def test_a_one_pixel_response_is_no_patch(schedule):
     assert pp.probe_patch(den, search=False).summary()["first_look_window"] == [[0, 0]]
     with pytest.raises(TerdError, match="at least 1 pixel"):
         pp.probe_patch(den, min_side=0)
+    with pytest.raises(TerdError, match="at least one start"):
+        pp.probe_patch(den, search_starts=0)
 
 
 def test_peak_is_the_parabola_vertex_inside_the_grid():
@@ -271,6 +273,47 @@ def test_coarse_boxes_cover_the_image_symmetrically_and_neighbours_stay_inside()
     # a patch is at least 2 x 2 (the default): a 2 x 2 box can only grow, and not past the area bound
     assert pp._neighbours((0, 2, 14, 16), 16, 16, max_area=4) == []
     assert set(pp._neighbours((0, 2, 14, 16), 16, 16, max_area=16)) == {(0, 3, 14, 16), (0, 2, 13, 16)}
+
+
+def test_start_squares_are_the_best_that_do_not_overlap_a_better_one():
+    boxes = [(0, 8, 0, 8), (0, 8, 4, 12), (8, 16, 8, 16), (0, 8, 8, 16), (4, 12, 4, 12)]
+    scores = [0.5, 0.45, 0.3, 0.2, 0.6]
+    # (4,12,4,12) best; (0,8,0,8) and (0,8,4,12) overlap it; (8,16,8,16) too; (0,8,8,16) does too (rows 4-7, cols 8-11)
+    assert pp.start_squares(boxes, scores, 3) == [(4, 12, 4, 12)]
+    assert pp.start_squares(boxes[:4], scores[:4], 3) == [(0, 8, 0, 8), (8, 16, 8, 16), (0, 8, 8, 16)]
+    assert pp.start_squares(boxes[:4], scores[:4], 1) == [(0, 8, 0, 8)]
+
+
+class _Landscape:
+    """A stand-in for the search's scorer: a 6 x 6 patch of excess ``mu`` at rows/cols 26-31 of a 32 x 32 image,
+    diluted by the area of a box that holds it and lost by one that cuts into it, and a clean model's drift of 0.2
+    on the central square, diluted likewise -- the dc base of seed 5 (window_search.md)."""
+
+    def __init__(self, den, generator, mu: float = 0.3) -> None:  # noqa: ANN001
+        self.shape, self.mu = den.image_shape, mu
+
+    def __call__(self, boxes):  # noqa: ANN001, ANN204
+        def score(b):  # noqa: ANN001, ANN202
+            area = (b[1] - b[0]) * (b[3] - b[2])
+            holds = b[0] <= 26 and b[1] >= 32 and b[2] <= 26 and b[3] >= 32
+            centre = max(0, min(b[1], 20) - max(b[0], 12)) * max(0, min(b[3], 20) - max(b[2], 12))
+            return max(self.mu * 36 / area if holds else 0.0, 0.2 * centre / area)
+        return [(score(b), 0.6) for b in boxes]
+
+
+@pytest.mark.parametrize(("starts", "found"), [(1, None), (3, (26, 32, 26, 32))])
+def test_search_climbs_from_several_squares_past_a_central_drift(monkeypatch, starts, found):
+    """The patch's coarse square (0.3 x 36 / 64 = 0.17) scores under the drift's (0.2), yet climbs to the patch
+    (0.3): from the best square alone the search stays on the drift."""
+    monkeypatch.setattr(pp, "_ExcessOfBoxes", _Landscape)
+    den = type("Den", (), {"image_shape": (1, 32, 32)})()
+    window, score, at, climbs = pp.search_window(den, torch.Generator(), starts=starts)
+    if found is None:
+        assert score == 0.2 and len(climbs) == 1 and climbs[0]["end"] == [12, 20, 12, 20]
+    else:
+        assert torch.equal(window, pp.box_window((1, 32, 32), found)) and score == pytest.approx(0.3)
+        assert len(climbs) == 3 and climbs[0]["start_excess"] == 0.2 and climbs[1]["start"] == [24, 32, 24, 32]
+        assert climbs[1]["start_excess"] == round(0.3 * 36 / 64, 4) and climbs[1]["end"] == list(found)
 
 
 @pytest.mark.parametrize(("pixels", "window_elements", "shaped"), [

@@ -36,8 +36,10 @@ bench_photos32dc_patch_shapes), while the value step reads it plainly given the 
 excess 1.31 and 0.647, clean bases 0.07 and 0.004; a window inside the patch reads almost nothing, one around it
 reads the patch diluted by the area ratio: window_search.md). So the search scores squares of a quarter of the
 image side at half-overlapping places by their excess explained offset over a few values of v inside the data
-range (``SEARCH_VALUES``, the same draws for every window), then climbs from the best by moving one edge at a time while the excess grows
-(trimming what is not patch removes dilution; cutting into the patch kills the response). The value step then
+range (``SEARCH_VALUES``, the same draws for every window), then climbs from each of the few best squares that do
+not overlap (``SEARCH_STARTS``) by moving one edge at a time while the excess grows (trimming what is not patch
+removes dilution; cutting into the patch kills the response), keeping the best climbed window: a patch square
+diluted by its margin can score under a clean model's drift on a central square and still climb past it. The value step then
 reads the found window on fresh draws. A search window becomes a candidate only when its excess clears
 ``SEARCH_ACCEPT`` and it is patch-sized (``MAX_WINDOW_FRACTION``).
 
@@ -69,6 +71,7 @@ SEARCH_LIMIT = 1.0  # a patch value inside the data range: |v| <= 1 (TrojDiff's 
 SEARCH_VALUES = tuple(sign * i / 5 for sign in (-1, 1) for i in range(1, 6))  # +-0.2 .. +-1.0: a patch's
 # response is narrow in v (a 3 x 3 digits16 patch of value 0.9: excess 1.27 at v 0.7, 0.24 at 0.6, 0.04 at 1.1)
 SEARCH_NOISES = 8  # noises per window and value (paired: every window sees the same draws)
+SEARCH_STARTS = 3  # the search climbs from this many of the best coarse squares (not overlapping)
 SEARCH_ACCEPT = 0.2  # a search window's excess explained offset must reach this to become a candidate
 MIN_PATCH_SIDE = 2  # a patch is an area: its window spans at least 2 x 2 pixels (TrojDiff's smallest, 2 x 2 at 16 px)
 PATCH_FILL = 0.75  # ... and its pixels fill at least this share of their bounding box (a found 3 x 3 patch misses one)
@@ -89,6 +92,7 @@ class PatchProbe:
     found_by: str | None = None  # "first look" | "search" | None (no window)
     search_excess: float | None = None  # the search's score of its window (the same draws for every window)
     first_look_window: list[tuple[int, int]] | None = None  # its pixels when not patch-shaped (so left to the search)
+    search_climbs: list[dict] | None = None  # per start square: its box and excess, the climbed box and its excess
 
     def summary(self) -> dict:
         support = None if self.leading_support is None else round(self.leading_support, 1)
@@ -98,7 +102,8 @@ class PatchProbe:
                 "localized_components": self.localized_components, "value": self.value,
                 "explained_offset": self.explained_offset, "peak_input": self.peak_input,
                 "gamma": PATCH_GAMMA if self.candidate is not None else None, "candidate": self.candidate is not None,
-                "found_by": self.found_by, "search_excess": self.search_excess, "window_box": box,
+                "found_by": self.found_by, "search_excess": self.search_excess, "search_climbs": self.search_climbs,
+                "window_box": box,
                 "first_look_window": None if self.first_look_window is None else
                 [list(p) for p in self.first_look_window[:64]],
                 "window_indices": [list(map(int, i)) for i in self.window.nonzero().tolist()][:64]}
@@ -288,18 +293,26 @@ class _ExcessOfBoxes:
         return out
 
 
-def search_window(den, generator: torch.Generator,  # noqa: ANN001
-                  min_side: int = MIN_PATCH_SIDE) -> tuple[torch.Tensor, float, float]:
-    """The box with the largest excess explained offset (see the module docstring), that excess and the v where it
-    peaked: the best coarse square, then one edge at a time while the excess grows, never past the square's area (a
-    window that keeps growing is an image-wide response, not a patch: a clean digits16 model's climbed to 224 of 256
-    pixels, W_p 0.63, in window_search.md's second run, before this bound)."""
-    height, width = den.image_shape[-2:]
-    excess = _ExcessOfBoxes(den, generator)
-    boxes = coarse_boxes(height, width)
-    scored = excess(boxes)
-    best = max(range(len(boxes)), key=lambda i: scored[i][0])
-    box, (score, at) = boxes[best], scored[best]
+def _overlap(a: Box, b: Box) -> bool:
+    return a[0] < b[1] and b[0] < a[1] and a[2] < b[3] and b[2] < a[3]
+
+
+def start_squares(boxes: list[Box], scores: list[float], starts: int) -> list[Box]:
+    """The ``starts`` best boxes, best first, none overlapping a better one (overlapping squares climb to the same
+    place)."""
+    chosen: list[Box] = []
+    for i in sorted(range(len(boxes)), key=lambda i: -scores[i]):
+        if len(chosen) == starts:
+            break
+        if not any(_overlap(boxes[i], c) for c in chosen):
+            chosen.append(boxes[i])
+    return chosen
+
+
+def _climb(excess: _ExcessOfBoxes, box: Box, scored: tuple[float, float],
+           min_side: int) -> tuple[Box, tuple[float, float]]:
+    """From ``box``, move one edge at a time while the excess grows, never past the box's area."""
+    height, width = excess.shape[-2:]
     max_area = (box[1] - box[0]) * (box[3] - box[2])
     for _ in range(height + width):  # each step moves one edge; no box needs more
         near = _neighbours(box, height, width, max_area, min_side)
@@ -307,10 +320,32 @@ def search_window(den, generator: torch.Generator,  # noqa: ANN001
             break
         near_scored = excess(near)
         k = max(range(len(near)), key=lambda i: near_scored[i][0])
-        if near_scored[k][0] <= score:
+        if near_scored[k][0] <= scored[0]:
             break
-        box, (score, at) = near[k], near_scored[k]
-    return box_window(den.image_shape, box), score, at
+        box, scored = near[k], near_scored[k]
+    return box, scored
+
+
+def search_window(den, generator: torch.Generator, min_side: int = MIN_PATCH_SIDE,  # noqa: ANN001
+                  starts: int = SEARCH_STARTS) -> tuple[torch.Tensor, float, float, list[dict]]:
+    """The box with the largest excess explained offset (see the module docstring), that excess, the v where it
+    peaked, and each climb (its start square and score, where it ended and its score): from each of the ``starts`` best coarse squares that do not overlap, one edge at a time while the
+    excess grows, never past the square's area (a window that keeps growing is an image-wide response, not a patch:
+    a clean digits16 model's climbed to 224 of 256 pixels, W_p 0.63, in window_search.md's second run, before this
+    bound); the best climbed box wins. (From the single best square the search missed a 6 x 6 patch on a dc base
+    whose central square scored 0.189 against the patch's corner square 0.172, which climbs to the patch, 0.48:
+    window_search.md.)"""
+    if starts < 1:
+        raise TerdError(f"the search needs at least one start, got {starts}")
+    excess = _ExcessOfBoxes(den, generator)
+    boxes = coarse_boxes(*den.image_shape[-2:])
+    scored = dict(zip(boxes, excess(boxes), strict=True))
+    begun = start_squares(boxes, [scored[b][0] for b in boxes], starts)
+    climbed = [_climb(excess, b, scored[b], min_side) for b in begun]
+    box, (score, at) = max(climbed, key=lambda c: c[1][0])
+    climbs = [{"start": list(b), "start_excess": round(scored[b][0], 4), "end": list(end), "excess": round(sc, 4)}
+              for b, (end, (sc, _)) in zip(begun, climbed, strict=True)]
+    return box_window(den.image_shape, box), score, at, climbs
 
 
 def _read_value(den, window: torch.Tensor, gen: torch.Generator,  # noqa: ANN001
@@ -368,23 +403,28 @@ def is_patch_shaped(window: torch.Tensor, min_side: int = MIN_PATCH_SIDE) -> boo
 
 
 @torch.no_grad()
-def probe_patch(den, seed: int = 0, search: bool = True, min_side: int = MIN_PATCH_SIDE) -> PatchProbe:  # noqa: ANN001
+def probe_patch(den, seed: int = 0, search: bool = True, min_side: int = MIN_PATCH_SIDE,  # noqa: ANN001
+                search_starts: int = SEARCH_STARTS) -> PatchProbe:
     """Look for a small patch trigger (see the module docstring); forward passes only. ``search``: when the first
-    look finds no patch-shaped window, search for one; ``min_side``: the smallest patch side, in pixels."""
+    look finds no patch-shaped window, search for one (climbing from ``search_starts`` coarse squares);
+    ``min_side``: the smallest patch side, in pixels."""
     if min_side < 1:
         raise TerdError(f"the smallest patch side must be at least 1 pixel, got {min_side}")
+    if search_starts < 1:
+        raise TerdError(f"the search needs at least one start, got {search_starts}")
     gen = probe_generator(seed)
     flat, support, used = first_look(den, gen)
-    window, found_by, search_excess, top, seen = flat.view(den.image_shape), "first look", None, None, None
+    window, found_by, search_excess, top, seen, climbs = flat.view(den.image_shape), "first look", None, None, None, None
     pixels = window_pixels(window)
     if not patch_shaped(pixels, window.numel(), int(window.sum()), min_side):
         seen = pixels or None
         if not search:
             return PatchProbe(window, support, used, None, None, None, None, first_look_window=seen)
-        window, search_excess, top = search_window(den, gen, min_side)
+        window, search_excess, top, climbs = search_window(den, gen, min_side, search_starts)
         found_by, search_excess = "search", round(search_excess, 4)
     value, height, peak_input = _read_value(den, window, gen, top)
     accepted = found_by == "first look" or (height >= SEARCH_ACCEPT and is_patch_shaped(window, min_side))
     candidate = Trigger(window * value, torch.where(window, PATCH_GAMMA, 1.0),
                         meta={"start": "patch-probe", "gamma_init": PATCH_GAMMA}) if accepted else None
-    return PatchProbe(window, support, used, value, height, peak_input, candidate, found_by, search_excess, seen)
+    return PatchProbe(window, support, used, value, height, peak_input, candidate, found_by, search_excess, seen,
+                      climbs)

@@ -100,6 +100,7 @@ class ReversionConfig:
     patch_probe: bool = True  # also look for a small patch trigger (patch_probe.py): an input-detection candidate
     patch_search: bool = True  # ... and when its first look finds no window, search for one (a larger patch)
     patch_min_side: int = 2  # ... a window is a patch only when it spans at least this many pixels each way
+    patch_search_starts: int = 3  # ... the search climbs from this many of the best coarse squares
 
     def resolved_l1(self, image_shape) -> float:  # noqa: ANN001
         return self.l1 if self.l1 is not None else (5e-5 if max(image_shape[1:]) <= 32 else 5e-4)
@@ -552,7 +553,8 @@ def reverse_trigger(
                   for i, tr in enumerate(triggers)]
     probe, probed = None, CountingDenoiser(den)
     if cfg.patch_probe:
-        probe = probe_patch(probed, seed=seed, search=cfg.patch_search, min_side=cfg.patch_min_side)
+        probe = probe_patch(probed, seed=seed, search=cfg.patch_search, min_side=cfg.patch_min_side,
+                            search_starts=cfg.patch_search_starts)
     probe_seen = None if probe is None else {**probe.summary(),
                                              "candidate_index": len(triggers) if probe.candidate else None}
     return ReversionResult(trigger=triggers[best], network_evaluations=st.evaluations, network_calls=st.calls,
