@@ -328,13 +328,14 @@ def _climb(excess: _ExcessOfBoxes, box: Box, scored: tuple[float, float],
 
 def search_window(den, generator: torch.Generator, min_side: int = MIN_PATCH_SIDE,  # noqa: ANN001
                   starts: int = SEARCH_STARTS) -> tuple[torch.Tensor, float, float, list[dict]]:
-    """The box with the largest excess explained offset (see the module docstring), that excess, the v where it
-    peaked, and each climb (its start square and score, where it ended and its score): from each of the ``starts`` best coarse squares that do not overlap, one edge at a time while the
-    excess grows, never past the square's area (a window that keeps growing is an image-wide response, not a patch:
-    a clean digits16 model's climbed to 224 of 256 pixels, W_p 0.63, in window_search.md's second run, before this
-    bound); the best climbed box wins. (From the single best square the search missed a 6 x 6 patch on a dc base
-    whose central square scored 0.189 against the patch's corner square 0.172, which climbs to the patch, 0.48:
-    window_search.md.)"""
+    """The box with the largest excess explained offset (see the module docstring), that excess, the v where
+    it peaked, and each climb (its start square and score, where it ended and its score). Each climb starts
+    from one of the ``starts`` best coarse squares that do not overlap and moves one edge at a time while the
+    excess grows, never past the square's area (a window that keeps growing is an image-wide response, not a
+    patch: a clean digits16 model's climbed to 224 of 256 pixels, W_p 0.63, in window_search.md's second run,
+    before this bound); the best climbed box wins. (From the single best square the search missed a 6 x 6
+    patch on a dc base whose central square scored 0.189 against the patch's corner square 0.172, which climbs
+    to the patch, 0.48: window_search.md.)"""
     if starts < 1:
         raise TerdError(f"the search needs at least one start, got {starts}")
     excess = _ExcessOfBoxes(den, generator)
