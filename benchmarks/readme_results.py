@@ -46,6 +46,8 @@ BENCHES = (
      "its clean models (shipped thresholds)", "bench_photos32dc_wp_heldout"),
     ("photos32, tiny-photos32-dc, another new base (s6), a clean fine-tune and TrojDiff's patch: the shape rule "
      "judged blind (shipped thresholds)", "bench_photos32dc_shape_heldout"),
+    ("photos32, tiny-photos32-dc, base s6, two clean fine-tunes and three larger TrojDiff patches: the search's three "
+     "starts judged blind (shipped thresholds)", "bench_photos32dc_starts_heldout"),
     ("digits16 VE, EDM-preconditioned", "bench_digits16_ve"),
     ("digits16 VE, NCSN score network", "bench_digits16_ncsn"),
 )
