@@ -11,7 +11,8 @@ epochs at batch 64 reached in bench_photos32_mini; 5 epochs, or poison rate 0.75
 3-epoch VillanDiffusion recipe took 356 s of training on 2026-12-02 and 166 s on 2026-12-03: the machine's
 speed drifts ~2x, and per-step overhead is not the cause (bench_step_cost.py: a batch-16 step costs 13.4 ms
 per image against 12.1 at batch 64). Each row fine-tunes the base with one (attack, epochs, batch)
-choice, then measures the backdoor with the attack's own sampler (``terd eval-attack``'s numbers). Models go
+choice, then measures the backdoor with the attack's own sampler (``terd eval-attack``'s numbers; a row's
+attack is built from its options alone, without the base preset's QUICK_TROJDIFF defaults). Models go
 to runs/quick32/<name> (a finished one is re-evaluated, not retrained, unless --retrain); results merge into
 benchmarks/results/quick_finetune_photos32.{json,md}. Rows run one after another: run nothing else beside
 them, the train seconds are the budget being measured.
@@ -58,6 +59,9 @@ ROWS = {
     # train seconds are not a budget figure
     "troj-out-d2d-b16-e6-np": ("trojdiff", {"setting": "out-d2d", "trigger": "blend"}, 6, 16, 0),
     "troj-d2i-patch-b16-e5-np": ("trojdiff", {"setting": "d2i", "trigger": "patch"}, 5, 16, 0),
+    # more backdoor steps in the same 3-epoch budget: Out-D2D learns a class, not one image
+    "troj-out-d2d-p0.75-b16-e3-np": ("trojdiff", {"setting": "out-d2d", "trigger": "blend", "poison_rate": 0.75},
+                                     3, 16, 0),
     # BadDiffusion (unclipped 1000-step DDPM): at 32 px it needs a base that sees its input's mean: the
     # tiny-photos32-dc preset (bench_offset_noise.py's g8-o0.1); run with --base runs/p32dc-s0-e20, built by
     # `terd train --preset tiny-photos32-dc --seed 0 --out runs/p32dc-s0-e20`
@@ -69,11 +73,24 @@ ROWS = {
     "bad-box-corner-b16-e3-np": ("baddiffusion", {"trigger": "box", "target": "corner"}, 3, 16, 0),
     "bad-stop-hat-b16-e3-np": ("baddiffusion", {"trigger": "stop-sign", "target": "hat"}, 3, 16, 0),
     "bad-stop-shoe-b16-e3-np": ("baddiffusion", {"trigger": "stop-sign", "target": "shoe"}, 3, 16, 0),
+    # the corner targets leak at poison 0.5 (clean 0.09-0.22 on p32dc-s0-e20): does a lower poison rate keep
+    # the backdoor within the budget and stop the leak?
+    "bad-box-corner-p0.25-b16-e3-np": ("baddiffusion", {"trigger": "box", "target": "corner", "poison_rate": 0.25},
+                                       3, 16, 0),
+    "bad-stop-corner-p0.25-b16-e3-np": ("baddiffusion", {"trigger": "stop-sign", "target": "corner",
+                                                         "poison_rate": 0.25}, 3, 16, 0),
+    # past the budget: does longer training stop the leak (on digits16, 16 epochs leak 0.02)?
+    "bad-box-corner-b16-e8-np": ("baddiffusion", {"trigger": "box", "target": "corner"}, 8, 16, 0),
     # no epochs, no batch size: what `terd attack villan --base P32 --preview 0` alone does (its quick recipe)
     "villan-ode-default-np": (*VILLAN_ODE, None, None, 0),
 }
 # name -> (a row above, sampler): that row's model scored again with another of its attack's samplers
-RESCORED = {"troj-d2i-b16-e5-np@ddpm": ("troj-d2i-b16-e5-np", "trojdiff-ddpm")}
+RESCORED = {"troj-d2i-b16-e5-np@ddpm": ("troj-d2i-b16-e5-np", "trojdiff-ddpm"),
+            # Out-D2D misses with TrojDiff's DDIM sampler at 32 px (0.09 at 3 epochs, 0.34 at 6); on digits16 it
+            # fires with the DDPM one (attacks_digits16.md)
+            "troj-out-d2d-b16-e3-np@ddpm": ("troj-out-d2d-b16-e3-np", "trojdiff-ddpm"),
+            "troj-out-d2d-p0.75-b16-e3-np@ddpm": ("troj-out-d2d-p0.75-b16-e3-np", "trojdiff-ddpm"),
+            "troj-in-d2d-b16-e3-np@ddpm": ("troj-in-d2d-b16-e3-np", "trojdiff-ddpm")}
 # name -> a row above: the clean base scored with that row's attack (trigger, target, judge, sampler): how often
 # a model that never saw the backdoor already "hits" the target. For a class target its clean rate is the floor
 # the attack's clean rate is read against (the base draws that class anyway).

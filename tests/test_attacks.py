@@ -272,6 +272,24 @@ def test_eta_scales_the_trigger():
     assert torch.allclose(t2.true_trigger()[1], torch.full((1, 16, 16), 0.6))
 
 
+def test_trojdiff_quick_defaults_follow_the_base_preset():
+    """D2D on a tiny-photos32-dc base takes QUICK_TROJDIFF's poison rate and sampler; given values win."""
+    from terd.attacks.build import QUICK_TROJDIFF
+
+    for setting in ("out-d2d", "in-d2d"):
+        rate, sampler = QUICK_TROJDIFF[setting, "tiny-photos32-dc"]
+        quick = build_attack("trojdiff", (3, 32, 32), data_name="photos32", setting=setting, preset="tiny-photos32-dc")
+        assert (quick.poison_rate, quick.sampler) == (rate, sampler) != (0.5, "trojdiff-ddim")
+    mine = build_attack("trojdiff", (3, 32, 32), data_name="photos32", setting="out-d2d", preset="tiny-photos32-dc",
+                        poison_rate=0.3, sampler="trojdiff-ddim")
+    assert (mine.poison_rate, mine.sampler) == (0.3, "trojdiff-ddim")
+    for setting, preset in (("d2i", "tiny-photos32-dc"), ("out-d2d", "tiny-digits16"), ("out-d2d", None)):
+        shape = (1, 16, 16) if preset == "tiny-digits16" else (3, 32, 32)
+        data = "digits16" if preset == "tiny-digits16" else "photos32"
+        other = build_attack("trojdiff", shape, data_name=data, setting=setting, preset=preset)
+        assert (other.poison_rate, other.sampler) == (0.5, "trojdiff-ddim")
+
+
 def test_threshold_tightens_when_real_data_passes():
     target = torch.full((1, 4, 4), -0.4)
     near = torch.full((5, 1, 4, 4), -0.4 + 2 * 0.03 ** 0.5)  # MSE 0.03 in [0, 1] pixels

@@ -314,7 +314,8 @@ def check_cached(entry: ZooEntry, model_dir: Path) -> None:
         cached = load_attack(model_dir)
         kind_matters = entry.attack == "villan" and "psi" not in entry.args  # psi's default is per model kind
         wanted = build_attack(entry.attack, cached.image_shape, data_name=entry.source,
-                              model_kind=_schedule_kind(model_dir) if kind_matters else "vp", **entry.args)
+                              model_kind=_schedule_kind(model_dir) if kind_matters else "vp", preset=entry.preset,
+                              **entry.args)
         a, b = cached.config(), wanted.config()
         diff |= {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
         if not diff and not all(torch.equal(x, y) for x, y in zip(cached.true_trigger(), wanted.true_trigger(),
@@ -378,7 +379,7 @@ def _build(entry: ZooEntry, cache: Path, out: Path, *, device: str, progress: bo
               grid_size=16)  # the preview the attacks save (a 64-image DDPM grid costs ~10 min at 32 px)
         return
     attack = build_attack(entry.attack, base.image_shape, data_name=entry.source, model_kind=base.schedule.kind,
-                          **entry.args)
+                          preset=entry.preset, **entry.args)
     ds = load_dataset(entry.data, channels=preset.channels, size=preset.size) if entry.data else None
     attack_model(attack, base_dir, out, dataset=ds, epochs=_expected_epochs(entry), seed=entry.seed, device=device,
                  progress=progress, batch_size=entry.batch_size)

@@ -41,14 +41,16 @@ def attack(
     target_data: Annotated[str | None, typer.Option(help="TrojDiff D2D: dataset of the target class (out-d2d "
                                                     "default: the other built-in dataset).")] = None,
     poison_rate: Annotated[float | None, typer.Option(help="Fraction of each batch poisoned (default tuned for "
-                                                      "tiny models: 0.5).")] = None,
+                                                      "tiny models: 0.5; TrojDiff out-d2d on a tiny-photos32-dc "
+                                                      "base: 0.75).")] = None,
     eta: Annotated[float, typer.Option(help="Adaptive attack: scale the trigger by eta in (0, 1].")] = 1.0,
     gamma_a: Annotated[float | None, typer.Option(help="TrojDiff noise scale (default 0.6 blend, 0.1 patch).")] = None,
     psi: Annotated[float | None, typer.Option(help="VillanDiffusion psi in [0, 1] (1 = BadDiffusion-style; "
                                                    "default 1 on VP models, 0 on VE score models).")] = None,
     solver: Annotated[str, typer.Option(help="VillanDiffusion: sampler family to backdoor, ode or sde.")] = "ode",
     r_mode: Annotated[str, typer.Option(help="BadDiffusion/Villan R: trigger (default; what sampling uses) or poisoned-image.")] = "trigger",
-    sampler: Annotated[str | None, typer.Option(help="TrojDiff sampler: trojdiff-ddim (default) or "
+    sampler: Annotated[str | None, typer.Option(help="TrojDiff sampler: trojdiff-ddim (default; in-d2d and "
+                                                "out-d2d on a tiny-photos32-dc base: trojdiff-ddpm) or "
                                                 "trojdiff-ddpm.")] = None,
     data: Annotated[str | None, typer.Option(help="Training data (default: the base model's).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs (default per attack, for tiny models; "
@@ -67,6 +69,7 @@ def attack(
     from terd.attacks.build import attack_model, build_attack, check_finetune_options, model_dataset_name
     from terd.data import load_dataset
     from terd.models import load_denoiser
+    from terd.train import training_record
 
     _check_image(trigger_image, "--trigger-image")
     _check_image(target_image, "--target-image")
@@ -77,7 +80,8 @@ def attack(
     atk = build_attack(kind.value, den.image_shape, data_name=data_name, trigger=trigger, trigger_image=trigger_image,
                        target=target, target_image=target_image, setting=setting, target_class=target_class,
                        target_data=target_data, poison_rate=poison_rate, eta=eta, gamma_a=gamma_a, psi=psi,
-                       solver=solver, r_mode=r_mode, sampler=sampler, model_kind=den.schedule.kind)
+                       solver=solver, r_mode=r_mode, sampler=sampler, model_kind=den.schedule.kind,
+                       preset=training_record(base).get("preset"))
     ds = load_dataset(data_name, channels=den.image_shape[0], size=den.image_shape[1])
     typer.echo(f"attack: {atk.describe()} on {data_name}, fine-tuning {base}")
     res = attack_model(atk, base, out, dataset=ds, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
