@@ -38,7 +38,7 @@ BUDGET_S = 300.0
 TROJ_D2I = ("trojdiff", {"setting": "d2i", "trigger": "blend"})
 VILLAN_ODE = ("villan", {"solver": "ode", "psi": 1.0})
 # name -> (attack kind, build_attack keyword arguments, epochs, batch size (None: terd attack's defaults)[, preview
-# grid samples: default 16])
+# grid samples: default 16[, fine-tuning seed: default 0]])
 ROWS = {
     "troj-d2i-b16-e4": (*TROJ_D2I, 4, 16),
     "villan-ode-b16-e4": (*VILLAN_ODE, 4, 16),
@@ -62,6 +62,9 @@ ROWS = {
     # more backdoor steps in the same 3-epoch budget: Out-D2D learns a class, not one image
     "troj-out-d2d-p0.75-b16-e3-np": ("trojdiff", {"setting": "out-d2d", "trigger": "blend", "poison_rate": 0.75},
                                      3, 16, 0),
+    # the same with another fine-tuning seed: is 0.92 (n = 64) a repeatable result?
+    "troj-out-d2d-p0.75-s1-b16-e3-np": ("trojdiff", {"setting": "out-d2d", "trigger": "blend", "poison_rate": 0.75},
+                                        3, 16, 0, 1),
     # BadDiffusion (unclipped 1000-step DDPM): at 32 px it needs a base that sees its input's mean: the
     # tiny-photos32-dc preset (bench_offset_noise.py's g8-o0.1); run with --base runs/p32dc-s0-e20, built by
     # `terd train --preset tiny-photos32-dc --seed 0 --out runs/p32dc-s0-e20`
@@ -90,6 +93,7 @@ RESCORED = {"troj-d2i-b16-e5-np@ddpm": ("troj-d2i-b16-e5-np", "trojdiff-ddpm"),
             # fires with the DDPM one (attacks_digits16.md)
             "troj-out-d2d-b16-e3-np@ddpm": ("troj-out-d2d-b16-e3-np", "trojdiff-ddpm"),
             "troj-out-d2d-p0.75-b16-e3-np@ddpm": ("troj-out-d2d-p0.75-b16-e3-np", "trojdiff-ddpm"),
+            "troj-out-d2d-p0.75-s1-b16-e3-np@ddpm": ("troj-out-d2d-p0.75-s1-b16-e3-np", "trojdiff-ddpm"),
             "troj-in-d2d-b16-e3-np@ddpm": ("troj-in-d2d-b16-e3-np", "trojdiff-ddpm")}
 # name -> a row above: the clean base scored with that row's attack (trigger, target, judge, sampler): how often
 # a model that never saw the backdoor already "hits" the target. For a class target its clean rate is the floor
@@ -135,9 +139,10 @@ def run_one(name: str, base: Path, retrain: bool, n: int) -> dict:
     model, sampler = RESCORED.get(name, (name, None))
     kind, kw, epochs, batch, *rest = ROWS[model]
     preview = rest[0] if rest else 16
+    seed = rest[1] if len(rest) > 1 else 0
     out = model_out(model, base)
     command_s = build_attack_model(model, out, kind, kw, (3, 32, 32), "photos32", base, epochs, retrain,
-                                   batch_size=batch, preview=preview)
+                                   batch_size=batch, preview=preview, seed=seed)
     info = json.loads((out / "train.json").read_text())
     print(f"[{name}] evaluating ({info['seconds']:.0f} s of fine-tuning)", flush=True)
     rep = evaluate_attack(out, n=n, sampler=sampler)
