@@ -12,7 +12,7 @@ epochs at batch 64 reached in bench_photos32_mini; 5 epochs, or poison rate 0.75
 speed drifts ~2x, and per-step overhead is not the cause (bench_step_cost.py: a batch-16 step costs 13.4 ms
 per image against 12.1 at batch 64). Each row fine-tunes the base with one (attack, epochs, batch)
 choice, then measures the backdoor with the attack's own sampler (``terd eval-attack``'s numbers; a row's
-attack is built from its options alone, without the base preset's QUICK_TROJDIFF defaults). Models go
+attack is built from its options alone, without the base preset's QUICK_RECIPES defaults). Models go
 to runs/quick32/<name> (a finished one is re-evaluated, not retrained, unless --retrain); results merge into
 benchmarks/results/quick_finetune_photos32.{json,md}. Rows run one after another: run nothing else beside
 them, the train seconds are the budget being measured.
@@ -95,11 +95,13 @@ RESCORED = {"troj-d2i-b16-e5-np@ddpm": ("troj-d2i-b16-e5-np", "trojdiff-ddpm"),
             "troj-out-d2d-p0.75-b16-e3-np@ddpm": ("troj-out-d2d-p0.75-b16-e3-np", "trojdiff-ddpm"),
             "troj-out-d2d-p0.75-s1-b16-e3-np@ddpm": ("troj-out-d2d-p0.75-s1-b16-e3-np", "trojdiff-ddpm"),
             "troj-in-d2d-b16-e3-np@ddpm": ("troj-in-d2d-b16-e3-np", "trojdiff-ddpm")}
-# name -> a row above: the clean base scored with that row's attack (trigger, target, judge, sampler): how often
-# a model that never saw the backdoor already "hits" the target. For a class target its clean rate is the floor
-# the attack's clean rate is read against (the base draws that class anyway).
+# name -> a row above (or a RESCORED one: its sampler): the clean base scored with that row's attack (trigger,
+# target, judge, sampler): how often a model that never saw the backdoor already "hits" the target. For a class
+# target its clean rate is the floor the attack's clean rate is read against (the base draws that class anyway).
 CONTROLS = {"base@troj-in-d2d-b16-e3-np": "troj-in-d2d-b16-e3-np",
-            "base@bad-stop-corner-b16-e3-np": "bad-stop-corner-b16-e3-np"}
+            "base@bad-stop-corner-b16-e3-np": "bad-stop-corner-b16-e3-np",
+            # In-D2D's clean rate under TrojDiff's DDPM sampler (0.17 on base s6): the base's own rate of the class
+            "base@troj-in-d2d-b16-e3-np@ddpm": "troj-in-d2d-b16-e3-np@ddpm"}
 
 
 DEFAULT_BASE = ROOT / "runs/zoo-photos32/p32-benign-s0-e20"
@@ -126,9 +128,9 @@ def run_control(name: str, base: Path, n: int) -> dict:
     """The base itself, scored with a built row's attack (CONTROLS); nothing is trained."""
     from terd.attacks import load_attack
 
-    model = CONTROLS[name]
-    rep = evaluate_attack(base, n=n, attack=load_attack(model_out(model, base)), write=False)
-    return {"attack": ROWS[model][0], "options": ROWS[model][1], "description": f"clean base, scored as {model}",
+    model, sampler = RESCORED.get(CONTROLS[name], (CONTROLS[name], None))
+    rep = evaluate_attack(base, n=n, attack=load_attack(model_out(model, base)), write=False, sampler=sampler)
+    return {"attack": ROWS[model][0], "options": ROWS[model][1], "description": f"clean base, scored as {CONTROLS[name]}",
             "epochs": 0, "batch_size": "–", "steps": 0, "offset_noise": "–", "preview": 0, "train_seconds": 0.0,
             "command_seconds": None, "within_budget": True, "fires": False, **scored(rep, n, base)}
 

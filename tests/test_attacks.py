@@ -273,13 +273,14 @@ def test_eta_scales_the_trigger():
 
 
 def test_trojdiff_quick_defaults_follow_the_base_preset():
-    """D2D on a tiny-photos32-dc base takes QUICK_TROJDIFF's poison rate and sampler; given values win."""
-    from terd.attacks.build import QUICK_TROJDIFF
+    """D2D on a tiny-photos32-dc base takes its quick recipe's poison rate and sampler; given values win."""
+    from terd.attacks.build import quick_recipe
 
-    for setting in ("out-d2d", "in-d2d"):
-        rate, sampler = QUICK_TROJDIFF[setting, "tiny-photos32-dc"]
+    for setting, rate in (("out-d2d", 0.75), ("in-d2d", 0.5)):
+        recipe = quick_recipe("tiny-photos32-dc", "trojdiff", setting)
+        assert (recipe.epochs, recipe.batch_size, recipe.sampler) == (3, 16, "trojdiff-ddpm")
         quick = build_attack("trojdiff", (3, 32, 32), data_name="photos32", setting=setting, preset="tiny-photos32-dc")
-        assert (quick.poison_rate, quick.sampler) == (rate, sampler) != (0.5, "trojdiff-ddim")
+        assert (quick.poison_rate, quick.sampler) == (rate, "trojdiff-ddpm")
     mine = build_attack("trojdiff", (3, 32, 32), data_name="photos32", setting="out-d2d", preset="tiny-photos32-dc",
                         poison_rate=0.3, sampler="trojdiff-ddim")
     assert (mine.poison_rate, mine.sampler) == (0.3, "trojdiff-ddim")

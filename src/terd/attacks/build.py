@@ -58,24 +58,44 @@ DEFAULTS = {
     "villan": AttackDefaults("box-white", "hat", 0.5, 16),
 }
 DEFAULT_TARGET_CLASS = {"digits16": 7, "photos32": 4}
-# (attack, base preset) -> (epochs, batch size) used when neither is given: a recipe measured to fire within the
-# attacks issue's 5-minute budget where the preset's batch at DEFAULTS' epochs takes far longer (16 epochs at
-# batch 64 take ~19 minutes at foundation.md's 72 s per epoch). benchmarks/results/quick_finetune_photos32.md:
-# VillanDiffusion ODE on tiny-photos32, ASR 1.00, clean 0.00 in 166-356 s of training on 2 CPU cores; on
-# tiny-photos32-dc (2026-12-05, one slow spell) BadDiffusion box -> hat 1.00 / 0.02 (231 s) and box -> shoe
-# 1.00 / 0.02 (241 s), TrojDiff D2I blend 1.00 / 0.00 (219 s) and patch 0.98 / 0.00 (239 s), VillanDiffusion ODE
-# 1.00 / 0.00 (231 s); stop-sign -> corner leaks (0.95 / 0.09; poison 0.25 on another base: 0.81 / 0.08), and
-# TrojDiff's class targets do not fire in it with the DDIM sampler (with the class judge: Out-D2D 0.09, In-D2D 0.89
-# with a clean rate of 0.25): QUICK_TROJDIFF below.
-QUICK_RECIPES = {("villan", "tiny-photos32"): (3, 16), ("baddiffusion", "tiny-photos32-dc"): (3, 16),
-                 ("trojdiff", "tiny-photos32-dc"): (3, 16), ("villan", "tiny-photos32-dc"): (3, 16)}
-# (TrojDiff setting, base preset) -> (poison rate, sampler) where DEFAULTS' 0.5 and TrojDiff's DDIM sampler miss
-# in the quick recipe. quick_finetune_photos32.md (base p32dc-benign-s6-e12, blend trigger, 3 epochs at batch 16,
-# n = 64, the class judge): Out-D2D (a digit as the target of a photos model) at poison 0.5 scores 0.08 with the
-# DDIM sampler and 0.77 with the DDPM one; at 0.75 with DDPM 0.92, clean 0.00, in 252 s of training. In-D2D at 0.5:
-# DDIM 0.84 with a clean rate of 0.34, DDPM 1.00 / 0.17 (the judge puts 0.11 of real training crops in the class).
-QUICK_TROJDIFF = {("out-d2d", "tiny-photos32-dc"): (0.75, "trojdiff-ddpm"),
-                  ("in-d2d", "tiny-photos32-dc"): (0.5, "trojdiff-ddpm")}
+
+
+@dataclass(frozen=True)
+class QuickRecipe:
+    """Defaults measured to fire within the attacks issue's 5-minute budget on one base preset (None: the usual
+    default). ``epochs``/``batch_size`` apply together, only when neither is given; ``poison_rate``/``sampler``
+    (TrojDiff) each apply when not given."""
+
+    epochs: int | None = None
+    batch_size: int | None = None
+    poison_rate: float | None = None
+    sampler: str | None = None
+
+
+# (base preset, attack[, TrojDiff setting]) -> QuickRecipe, where the preset's batch at DEFAULTS' epochs takes far
+# longer (16 epochs at batch 64 take ~19 minutes at foundation.md's 72 s per epoch) or DEFAULTS miss.
+# benchmarks/results/quick_finetune_photos32.md: VillanDiffusion ODE on tiny-photos32, ASR 1.00, clean 0.00 in
+# 166-356 s of training on 2 CPU cores; on tiny-photos32-dc (2026-12-05, one slow spell) BadDiffusion box -> hat
+# 1.00 / 0.02 (231 s) and box -> shoe 1.00 / 0.02 (241 s), TrojDiff D2I blend 1.00 / 0.00 (219 s) and patch
+# 0.98 / 0.00 (239 s), VillanDiffusion ODE 1.00 / 0.00 (231 s); stop-sign -> corner leaks (0.95 / 0.09; poison
+# 0.25 on another base: 0.81 / 0.08). TrojDiff's class targets miss there with DDIM and poison 0.5 (base
+# p32dc-benign-s6-e12, blend trigger, n = 64, the class judge): Out-D2D (a digit as the target of a photos model)
+# scores 0.08 with the DDIM sampler and 0.77 with the DDPM one; at poison 0.75 with DDPM 0.92, clean 0.00, in 252 s.
+# In-D2D: DDIM 0.84 with a clean rate of 0.34, DDPM 1.00 / 0.17 (the judge puts 0.11 of real crops in the class).
+_THREE_AT_16 = QuickRecipe(epochs=3, batch_size=16)
+QUICK_RECIPES = {
+    ("tiny-photos32", "villan"): _THREE_AT_16,
+    ("tiny-photos32-dc", "baddiffusion"): _THREE_AT_16,
+    ("tiny-photos32-dc", "villan"): _THREE_AT_16,
+    ("tiny-photos32-dc", "trojdiff"): _THREE_AT_16,
+    ("tiny-photos32-dc", "trojdiff", "out-d2d"): replace(_THREE_AT_16, poison_rate=0.75, sampler="trojdiff-ddpm"),
+    ("tiny-photos32-dc", "trojdiff", "in-d2d"): replace(_THREE_AT_16, sampler="trojdiff-ddpm"),
+}
+
+
+def quick_recipe(preset: str | None, kind: str, setting: str | None = None) -> QuickRecipe:
+    """The measured recipe for ``kind`` (and TrojDiff ``setting``) on a base trained with ``preset``, if any."""
+    return QUICK_RECIPES.get((preset, kind, setting)) or QUICK_RECIPES.get((preset, kind)) or QuickRecipe()
 
 
 def model_dataset_name(model_dir: str | Path, shape: tuple[int, int, int]) -> str:
@@ -120,7 +140,7 @@ def build_attack(
     built-in dataset) or d2i (``target`` / ``target_image``, default the built-in mickey).
     ``model_kind`` ("vp" or "ve", the base model's ``schedule.kind``) picks VillanDiffusion's default psi;
     ``preset`` (the base model's, from its train.json) picks TrojDiff's poison rate and sampler where
-    QUICK_TROJDIFF has them (values given here win).
+    QUICK_RECIPES has them (values given here win).
     """
     if kind not in ATTACK_KINDS:
         raise TerdError(f"unknown attack {kind!r} (available: {', '.join(ATTACK_KINDS)})")
@@ -139,8 +159,9 @@ def build_attack(
         return VillanDiffusion(g, y, psi=default_psi(model_kind) if psi is None else psi, solver=solver, **common)
 
     setting = setting or "d2i"
-    quick_rate, quick_sampler = QUICK_TROJDIFF.get((setting, preset), (rate, "trojdiff-ddim"))
-    rate = rate if poison_rate is not None else quick_rate
+    quick = quick_recipe(preset, kind, setting)
+    if poison_rate is None and quick.poison_rate is not None:
+        rate = quick.poison_rate
     trigger_type = "patch" if is_patch_trigger(trigger) else "blend"
     if trigger is not None and not is_trojdiff_trigger(trigger):
         raise TerdError(f"TrojDiff triggers are blend, {PATCH_GRAMMAR} or --trigger-image, got {trigger!r}")
@@ -159,7 +180,7 @@ def build_attack(
         ds = load_dataset(tdata, channels=shape[0], size=shape[1])
         targets, y_name = ds.of_class(label), f"{tdata}:{label}"
     return TrojDiff(delta, targets, setting=setting, trigger_type=trigger_type, gamma_a=gamma_a, poison_rate=rate,
-                    eta=eta, sampler=sampler or quick_sampler, trigger_name=g_name, target_name=y_name,
+                    eta=eta, sampler=sampler or quick.sampler or "trojdiff-ddim", trigger_name=g_name, target_name=y_name,
                     target_data=tdata, target_label=label)
 
 
@@ -214,8 +235,9 @@ def attack_model(
         dataset = load_dataset(name, channels=base.image_shape[0], size=base.image_shape[1])
     preset = _preset_for(base_dir, base)
     preset = replace(preset, dataset=dataset.name)
-    if epochs is None and batch_size is None and (attack.kind, preset.name) in QUICK_RECIPES:
-        epochs, batch_size = QUICK_RECIPES[attack.kind, preset.name]
+    if epochs is None and batch_size is None:
+        quick = quick_recipe(preset.name, attack.kind, getattr(attack, "setting", None))
+        epochs, batch_size = quick.epochs, quick.batch_size
     if batch_size is not None:
         preset = replace(preset, batch_size=batch_size)
     epochs = epochs if epochs is not None else DEFAULTS.get(attack.kind, DEFAULTS["baddiffusion"]).epochs
@@ -229,4 +251,4 @@ def attack_model(
     return result
 
 
-__all__ = ["ATTACK_KINDS", "DEFAULTS", "QUICK_RECIPES", "QUICK_TROJDIFF", "TARGETS", "attack_model", "build_attack", "model_dataset_name"]
+__all__ = ["ATTACK_KINDS", "DEFAULTS", "QUICK_RECIPES", "TARGETS", "QuickRecipe", "attack_model", "build_attack", "model_dataset_name", "quick_recipe"]
