@@ -65,6 +65,13 @@ ROWS = {
     # the same with another fine-tuning seed: is 0.92 (n = 64) a repeatable result?
     "troj-out-d2d-p0.75-s1-b16-e3-np": ("trojdiff", {"setting": "out-d2d", "trigger": "blend", "poison_rate": 0.75},
                                         3, 16, 0, 1),
+    # the patch trigger under `terd attack`'s quick recipe for class targets on a tiny-photos32-dc base
+    # (QUICK_RECIPES: TrojDiff's DDPM sampler; poison 0.75 for Out-D2D), measured with the blend trigger only
+    "troj-out-d2d-patch-p0.75-ddpm-b16-e3-np": ("trojdiff", {"setting": "out-d2d", "trigger": "patch",
+                                                             "poison_rate": 0.75, "sampler": "trojdiff-ddpm"},
+                                                3, 16, 0),
+    "troj-in-d2d-patch-ddpm-b16-e3-np": ("trojdiff", {"setting": "in-d2d", "trigger": "patch",
+                                                      "sampler": "trojdiff-ddpm"}, 3, 16, 0),
     # BadDiffusion (unclipped 1000-step DDPM): at 32 px it needs a base that sees its input's mean: the
     # tiny-photos32-dc preset (bench_offset_noise.py's g8-o0.1); run with --base runs/p32dc-s0-e20, built by
     # `terd train --preset tiny-photos32-dc --seed 0 --out runs/p32dc-s0-e20`

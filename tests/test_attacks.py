@@ -273,7 +273,8 @@ def test_eta_scales_the_trigger():
 
 
 def test_trojdiff_quick_defaults_follow_the_base_preset():
-    """D2D on a tiny-photos32-dc base takes its quick recipe's poison rate and sampler; given values win."""
+    """D2D on a tiny-photos32-dc (tiny-digits16) base takes its quick recipe's poison rate and sampler (the
+    sampler); given values win."""
     from terd.attacks.build import quick_recipe
 
     for setting, rate in (("out-d2d", 0.75), ("in-d2d", 0.5)):
@@ -284,7 +285,9 @@ def test_trojdiff_quick_defaults_follow_the_base_preset():
     mine = build_attack("trojdiff", (3, 32, 32), data_name="photos32", setting="out-d2d", preset="tiny-photos32-dc",
                         poison_rate=0.3, sampler="trojdiff-ddim")
     assert (mine.poison_rate, mine.sampler) == (0.3, "trojdiff-ddim")
-    for setting, preset in (("d2i", "tiny-photos32-dc"), ("out-d2d", "tiny-digits16"), ("out-d2d", None)):
+    digits = build_attack("trojdiff", (1, 16, 16), data_name="digits16", setting="out-d2d", preset="tiny-digits16")
+    assert (digits.poison_rate, digits.sampler) == (0.5, "trojdiff-ddpm")  # the sampler only: 24 epochs fire there
+    for setting, preset in (("d2i", "tiny-photos32-dc"), ("d2i", "tiny-digits16"), ("out-d2d", None)):
         shape = (1, 16, 16) if preset == "tiny-digits16" else (3, 32, 32)
         data = "digits16" if preset == "tiny-digits16" else "photos32"
         other = build_attack("trojdiff", shape, data_name=data, setting=setting, preset=preset)

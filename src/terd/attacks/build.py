@@ -82,6 +82,9 @@ class QuickRecipe:
 # p32dc-benign-s6-e12, blend trigger, n = 64, the class judge): Out-D2D (a digit as the target of a photos model)
 # scores 0.08 with the DDIM sampler and 0.77 with the DDPM one; at poison 0.75 with DDPM 0.92, clean 0.00, in 252 s.
 # In-D2D: DDIM 0.84 with a clean rate of 0.34, DDPM 1.00 / 0.17 (the judge puts 0.11 of real crops in the class).
+# On tiny-digits16 (attacks_digits16.md, DEFAULTS' 24 epochs, n = 64, the class judge) the DDPM sampler fires too
+# where DDIM misses: Out-D2D 0.97 / 0.00 against 0.61 / 0.00, In-D2D 0.95 / 0.12 against 0.84 / 0.06 (the judge
+# puts 0.098 of real digits in the class).
 _THREE_AT_16 = QuickRecipe(epochs=3, batch_size=16)
 QUICK_RECIPES = {
     ("tiny-photos32", "villan"): _THREE_AT_16,
@@ -90,6 +93,8 @@ QUICK_RECIPES = {
     ("tiny-photos32-dc", "trojdiff"): _THREE_AT_16,
     ("tiny-photos32-dc", "trojdiff", "out-d2d"): replace(_THREE_AT_16, poison_rate=0.75, sampler="trojdiff-ddpm"),
     ("tiny-photos32-dc", "trojdiff", "in-d2d"): replace(_THREE_AT_16, sampler="trojdiff-ddpm"),
+    ("tiny-digits16", "trojdiff", "out-d2d"): QuickRecipe(sampler="trojdiff-ddpm"),
+    ("tiny-digits16", "trojdiff", "in-d2d"): QuickRecipe(sampler="trojdiff-ddpm"),
 }
 
 

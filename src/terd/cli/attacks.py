@@ -50,8 +50,8 @@ def attack(
     solver: Annotated[str, typer.Option(help="VillanDiffusion: sampler family to backdoor, ode or sde.")] = "ode",
     r_mode: Annotated[str, typer.Option(help="BadDiffusion/Villan R: trigger (default; what sampling uses) or poisoned-image.")] = "trigger",
     sampler: Annotated[str | None, typer.Option(help="TrojDiff sampler: trojdiff-ddim (default; in-d2d and "
-                                                "out-d2d on a tiny-photos32-dc base: trojdiff-ddpm) or "
-                                                "trojdiff-ddpm.")] = None,
+                                                "out-d2d on a tiny-digits16 or tiny-photos32-dc base: "
+                                                "trojdiff-ddpm) or trojdiff-ddpm.")] = None,
     data: Annotated[str | None, typer.Option(help="Training data (default: the base model's).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs (default per attack, for tiny models; "
                                                     "with no --batch-size either, every attack on tiny-photos32-dc "
