@@ -65,6 +65,9 @@ ROWS = {
     # the same with another fine-tuning seed: is 0.92 (n = 64) a repeatable result?
     "troj-out-d2d-p0.75-s1-b16-e3-np": ("trojdiff", {"setting": "out-d2d", "trigger": "blend", "poison_rate": 0.75},
                                         3, 16, 0, 1),
+    # poison 0.75 scored 0.92 and 0.89 (seeds 0, 1) with the DDPM sampler: do more backdoor steps clear the bar?
+    "troj-out-d2d-p0.9-ddpm-b16-e3-np": ("trojdiff", {"setting": "out-d2d", "trigger": "blend", "poison_rate": 0.9,
+                                                      "sampler": "trojdiff-ddpm"}, 3, 16, 0),
     # the patch trigger under `terd attack`'s quick recipe for class targets on a tiny-photos32-dc base
     # (QUICK_RECIPES: TrojDiff's DDPM sampler; poison 0.75 for Out-D2D), measured with the blend trigger only
     "troj-out-d2d-patch-p0.75-ddpm-b16-e3-np": ("trojdiff", {"setting": "out-d2d", "trigger": "patch",
@@ -91,6 +94,8 @@ ROWS = {
                                                          "poison_rate": 0.25}, 3, 16, 0),
     # past the budget: does longer training stop the leak (on digits16, 16 epochs leak 0.02)?
     "bad-box-corner-b16-e8-np": ("baddiffusion", {"trigger": "box", "target": "corner"}, 8, 16, 0),
+    # within the budget: twice the Adam steps of 3 epochs at batch 16 (the 8-epoch row's 2,048 steps did not leak)
+    "bad-box-corner-b8-e3-np": ("baddiffusion", {"trigger": "box", "target": "corner"}, 3, 8, 0),
     # no epochs, no batch size: what `terd attack villan --base P32 --preview 0` alone does (its quick recipe)
     "villan-ode-default-np": (*VILLAN_ODE, None, None, 0),
 }
