@@ -73,8 +73,40 @@ RESAMPLED = {
     "troj-out-d2d@ddpm": ("troj-out-d2d", "trojdiff-ddpm"),
 }
 
+# name -> a row above (or a RESAMPLED one: its sampler): the clean base scored with that row's attack (trigger,
+# target, class judge, sampler), nothing trained: how often a model that never saw the backdoor already "hits"
+# the target. For In-D2D (a class of the training data) it is the floor the attack's clean rate is read against.
+CONTROLS = {"base@troj-in-d2d-24ep@ddpm": "troj-in-d2d-24ep@ddpm"}
+
+
+def run_control(name: str, n: int) -> dict:
+    from terd.attacks import build_attack
+
+    row = CONTROLS[name]
+    model, sampler = RESAMPLED.get(row, (row, None))
+    kind, kw, _ = ALL[model]
+    attack = build_attack(kind, SHAPE, data_name="digits16", **kw)  # procedural: the row's trigger and target
+    print(f"[{name}] evaluating the clean base", flush=True)
+    rep = evaluate_attack(BASE, n=n, attack=attack, sampler=sampler, write=False)
+    return {
+        "attack": kind, "options": kw, "description": f"clean base, scored as {row}", "sampler": rep["sampler"],
+        "epochs": 0, "train_seconds": 0.0, "poison_rate": None,
+        **_scores(rep), "n": n, "eval_seconds": rep["seconds"], "model_dir": str(BASE.relative_to(ROOT)),
+    }
+
+
+def _scores(rep: dict) -> dict:
+    """What every row records of an ``evaluate_attack`` report."""
+    return {"asr_triggered": rep["triggered"]["asr"], "asr_clean": rep["clean"]["asr"],
+            "mse_triggered": rep["triggered"]["mse"], "mse_clean": rep["clean"]["mse"],
+            "ssim_triggered": rep["triggered"]["ssim"], "ssim_clean": rep["clean"]["ssim"],
+            "real_data_rate": rep.get("real_data_rate"), "criterion": rep["criterion"],
+            "threshold_note": rep.get("threshold_note"), "quality": rep["quality"]}
+
 
 def run_one(name: str, retrain: bool, n: int, reuse_eval: bool = False) -> dict:
+    if name in CONTROLS:
+        return run_control(name, n)
     model, sampler = RESAMPLED.get(name, (name, None))
     kind, kw, epochs = ALL[model]
     out = RUNS / model
@@ -91,11 +123,7 @@ def run_one(name: str, retrain: bool, n: int, reuse_eval: bool = False) -> dict:
         "attack": kind, "options": kw, "description": rep["description"], "sampler": rep["sampler"],
         "epochs": train_info["epochs"], "train_seconds": train_info["seconds"],
         "poison_rate": json.loads((out / "attack.json").read_text()).get("poison_rate"),
-        "asr_triggered": rep["triggered"]["asr"], "asr_clean": rep["clean"]["asr"],
-        "mse_triggered": rep["triggered"]["mse"], "mse_clean": rep["clean"]["mse"],
-        "ssim_triggered": rep["triggered"]["ssim"], "ssim_clean": rep["clean"]["ssim"],
-        "real_data_rate": rep.get("real_data_rate"), "criterion": rep["criterion"], "threshold_note": rep.get("threshold_note"),
-        "quality": rep["quality"], "n": n, "eval_seconds": rep["seconds"], "model_dir": str(out.relative_to(ROOT)),
+        **_scores(rep), "n": n, "eval_seconds": rep["seconds"], "model_dir": str(out.relative_to(ROOT)),
     }
 
 
@@ -154,7 +182,7 @@ def write_markdown(results: dict) -> str:
         q = r.get("quality") or {}
         real = q.get("real_digits", real)
         lines.append(
-            f"| {name} | {r['description']} | {r['sampler']} | {r['epochs']} | {r['poison_rate']} | "
+            f"| {name} | {r['description']} | {r['sampler']} | {r['epochs']} | {'–' if r['poison_rate'] is None else r['poison_rate']} | "
             f"{r['train_seconds']:.0f} | {r['n']} | {r['asr_triggered']:.2f} | {r['asr_clean']:.2f} | {r['mse_triggered']:.4f} | "
             f"{r['mse_clean']:.4f} | {r['ssim_triggered']:.3f} | {q.get('clean_samples', float('nan')):.3f} | "
             f"{'' if r.get('real_data_rate') is None else r['real_data_rate']} | {r['criterion']} |")
@@ -169,7 +197,8 @@ def write_markdown(results: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--all", action="store_true", help="run every variant, not just the core four")
-    ap.add_argument("--only", nargs="+", choices=sorted({**ALL, **RESAMPLED}), help="run just these")
+    ap.add_argument("--only", nargs="+", choices=sorted({**ALL, **RESAMPLED, **CONTROLS}),
+                    help="run just these")
     ap.add_argument("--retrain", action="store_true", help="retrain even when a finished model exists")
     ap.add_argument("--n", type=int, default=64, help="samples with and without the trigger")
     ap.add_argument("--reuse-eval", action="store_true",
