@@ -174,7 +174,7 @@ def test_attack_quick_recipe_applies_only_when_epochs_and_batch_are_unset(tiny_d
     from terd.attacks import build as build_mod
 
     train(MICRO, tiny_digits, tmp_path / "base", seed=0, progress=False, grid_size=0)
-    name = build_mod._preset_for(tmp_path / "base", build_mod.load_denoiser(tmp_path / "base")).name
+    name = build_mod.base_preset(tmp_path / "base", build_mod.load_denoiser(tmp_path / "base")).name
     monkeypatch.setitem(build_mod.QUICK_RECIPES, (name, "baddiffusion"), build_mod.QuickRecipe(1, 16))
     attack = build_attack("baddiffusion", (1, 8, 8))
     attack_model(attack, tmp_path / "base", tmp_path / "quick", dataset=tiny_digits, preview=0, progress=False)

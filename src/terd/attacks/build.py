@@ -144,8 +144,8 @@ def build_attack(
     of the training data, default 7 for digits), out-d2d (a class of ``target_data``, by default the other
     built-in dataset) or d2i (``target`` / ``target_image``, default the built-in mickey).
     ``model_kind`` ("vp" or "ve", the base model's ``schedule.kind``) picks VillanDiffusion's default psi;
-    ``preset`` (the base model's, from its train.json) picks TrojDiff's poison rate and sampler where
-    QUICK_RECIPES has them (values given here win).
+    ``preset`` (the base model's: ``base_preset(...).name``, as ``attack_model`` reads it) picks TrojDiff's
+    poison rate and sampler where QUICK_RECIPES has them (values given here win).
     """
     if kind not in ATTACK_KINDS:
         raise TerdError(f"unknown attack {kind!r} (available: {', '.join(ATTACK_KINDS)})")
@@ -189,8 +189,9 @@ def build_attack(
                     target_data=tdata, target_label=label)
 
 
-def _preset_for(model_dir: str | Path, base: Denoiser) -> Preset:
-    """Batch size, EMA and warm-up of the preset the clean model was trained with (or of its shape)."""
+def base_preset(model_dir: str | Path, base: Denoiser) -> Preset:
+    """Batch size, EMA and warm-up of the preset the clean model was trained with (or of its shape); its name keys
+    QUICK_RECIPES for both halves of a recipe (``build_attack``'s ``preset``, ``attack_model``'s epochs)."""
     name = training_record(model_dir).get("preset")
     if name in PRESETS:
         return PRESETS[name]
@@ -238,7 +239,7 @@ def attack_model(
     if dataset is None:
         name = model_dataset_name(base_dir, base.image_shape)
         dataset = load_dataset(name, channels=base.image_shape[0], size=base.image_shape[1])
-    preset = _preset_for(base_dir, base)
+    preset = base_preset(base_dir, base)
     preset = replace(preset, dataset=dataset.name)
     if epochs is None and batch_size is None:
         quick = quick_recipe(preset.name, attack.kind, getattr(attack, "setting", None))
@@ -256,4 +257,4 @@ def attack_model(
     return result
 
 
-__all__ = ["ATTACK_KINDS", "DEFAULTS", "QUICK_RECIPES", "TARGETS", "QuickRecipe", "attack_model", "build_attack", "model_dataset_name", "quick_recipe"]
+__all__ = ["ATTACK_KINDS", "DEFAULTS", "QUICK_RECIPES", "TARGETS", "QuickRecipe", "attack_model", "base_preset", "build_attack", "model_dataset_name", "quick_recipe"]

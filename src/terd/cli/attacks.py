@@ -66,10 +66,15 @@ def attack(
     device: DeviceOpt = None,
 ) -> None:
     """Backdoor a clean model by fine-tuning it with an attack; writes the model and its attack record."""
-    from terd.attacks.build import attack_model, build_attack, check_finetune_options, model_dataset_name
+    from terd.attacks.build import (
+        attack_model,
+        base_preset,
+        build_attack,
+        check_finetune_options,
+        model_dataset_name,
+    )
     from terd.data import load_dataset
     from terd.models import load_denoiser
-    from terd.train import training_record
 
     _check_image(trigger_image, "--trigger-image")
     _check_image(target_image, "--target-image")
@@ -81,7 +86,7 @@ def attack(
                        target=target, target_image=target_image, setting=setting, target_class=target_class,
                        target_data=target_data, poison_rate=poison_rate, eta=eta, gamma_a=gamma_a, psi=psi,
                        solver=solver, r_mode=r_mode, sampler=sampler, model_kind=den.schedule.kind,
-                       preset=training_record(base).get("preset"))
+                       preset=base_preset(base, den).name)
     ds = load_dataset(data_name, channels=den.image_shape[0], size=den.image_shape[1])
     typer.echo(f"attack: {atk.describe()} on {data_name}, fine-tuning {base}")
     res = attack_model(atk, base, out, dataset=ds, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
