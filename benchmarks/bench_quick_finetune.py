@@ -38,7 +38,7 @@ BUDGET_S = 300.0
 TROJ_D2I = ("trojdiff", {"setting": "d2i", "trigger": "blend"})
 VILLAN_ODE = ("villan", {"solver": "ode", "psi": 1.0})
 # name -> (attack kind, build_attack keyword arguments, epochs, batch size (None: terd attack's defaults)[, preview
-# grid samples: default 16[, fine-tuning seed: default 0]])
+# grid samples: default 16[, fine-tuning seed: default 0[, Adam learning rate: default the base preset's]]])
 ROWS = {
     "troj-d2i-b16-e4": (*TROJ_D2I, 4, 16),
     "villan-ode-b16-e4": (*VILLAN_ODE, 4, 16),
@@ -96,6 +96,10 @@ ROWS = {
     "bad-box-corner-b16-e8-np": ("baddiffusion", {"trigger": "box", "target": "corner"}, 8, 16, 0),
     # within the budget: twice the Adam steps of 3 epochs at batch 16 (the 8-epoch row's 2,048 steps did not leak)
     "bad-box-corner-b8-e3-np": ("baddiffusion", {"trigger": "box", "target": "corner"}, 3, 8, 0),
+    # within the budget: the same 768 steps as 3 epochs at batch 16, each twice as long (the preset's lr is 1e-3)
+    "bad-box-corner-lr2e-3-b16-e3-np": ("baddiffusion", {"trigger": "box", "target": "corner"}, 3, 16, 0, 0, 2e-3),
+    # twice the rate leaked more (0.84 / 0.36 against 0.97 / 0.27): does half the rate leak less?
+    "bad-box-corner-lr5e-4-b16-e3-np": ("baddiffusion", {"trigger": "box", "target": "corner"}, 3, 16, 0, 0, 5e-4),
     # no epochs, no batch size: what `terd attack villan --base P32 --preview 0` alone does (its quick recipe)
     "villan-ode-default-np": (*VILLAN_ODE, None, None, 0),
 }
@@ -154,9 +158,10 @@ def run_one(name: str, base: Path, retrain: bool, n: int) -> dict:
     kind, kw, epochs, batch, *rest = ROWS[model]
     preview = rest[0] if rest else 16
     seed = rest[1] if len(rest) > 1 else 0
+    lr = rest[2] if len(rest) > 2 else None
     out = model_out(model, base)
     command_s = build_attack_model(model, out, kind, kw, (3, 32, 32), "photos32", base, epochs, retrain,
-                                   batch_size=batch, preview=preview, seed=seed)
+                                   batch_size=batch, preview=preview, seed=seed, lr=lr)
     info = json.loads((out / "train.json").read_text())
     print(f"[{name}] evaluating ({info['seconds']:.0f} s of fine-tuning)", flush=True)
     rep = evaluate_attack(out, n=n, sampler=sampler)
@@ -164,7 +169,7 @@ def run_one(name: str, base: Path, retrain: bool, n: int) -> dict:
         "attack": kind, "options": kw, "description": rep["description"],
         "epochs": info["epochs"], "batch_size": info["batch_size"], "steps": info["epochs"] * info["steps_per_epoch"],
         "offset_noise": info.get("offset_noise", 0.0),  # the fine-tune's (terd keeps its base's since 2026-12-05)
-        "preview": preview, "train_seconds": info["seconds"], "command_seconds": command_s, "within_budget": info["seconds"] <= BUDGET_S,
+        "preview": preview, "lr": lr, "train_seconds": info["seconds"], "command_seconds": command_s, "within_budget": info["seconds"] <= BUDGET_S,
         "fires": rep["triggered"]["asr"] >= 0.9 and rep["clean"]["asr"] <= 0.05, **scored(rep, n, base),
     }
 

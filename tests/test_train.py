@@ -184,3 +184,11 @@ def test_attack_quick_recipe_applies_only_when_epochs_and_batch_are_unset(tiny_d
                  progress=False)
     info = json.loads((tmp_path / "own/train.json").read_text())
     assert info["batch_size"] != 16 and info["epochs"] == 1
+
+
+def test_train_record_holds_the_learning_rate_used(tiny_digits, tmp_path):
+    """train.json says which Adam learning rate trained the model: the one given, else the preset's."""
+    train(MICRO, tiny_digits, tmp_path / "default", epochs=1, progress=False, grid_size=0)
+    train(MICRO, tiny_digits, tmp_path / "given", epochs=1, lr=MICRO.lr / 4, progress=False, grid_size=0)
+    assert json.loads((tmp_path / "default/train.json").read_text())["lr"] == MICRO.lr
+    assert json.loads((tmp_path / "given/train.json").read_text())["lr"] == MICRO.lr / 4

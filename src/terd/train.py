@@ -205,7 +205,8 @@ def train(
     (out_dir / RECORD_FILE).write_text(json.dumps({
         "preset": preset.name, "dataset": dataset.name, "epochs": epochs, "seed": seed, "seconds": round(seconds, 2),
         "final_loss": loss_value, "fine_tuned_from": base.source if base is not None else None,
-        "steps_per_epoch": steps_per_epoch, "batch_size": preset.batch_size, "offset_noise": offset_noise,
+        "steps_per_epoch": steps_per_epoch, "batch_size": preset.batch_size, "lr": lr or preset.lr,
+        "offset_noise": offset_noise,
     }, indent=2))
     (out_dir / STATE_FILE).unlink()
     return TrainResult(out_dir, epochs, seconds, loss_value, start_epoch)
