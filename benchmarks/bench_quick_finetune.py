@@ -100,6 +100,8 @@ ROWS = {
     "bad-box-corner-lr2e-3-b16-e3-np": ("baddiffusion", {"trigger": "box", "target": "corner"}, 3, 16, 0, 0, 2e-3),
     # twice the rate leaked more (0.84 / 0.36 against 0.97 / 0.27): does half the rate leak less?
     "bad-box-corner-lr5e-4-b16-e3-np": ("baddiffusion", {"trigger": "box", "target": "corner"}, 3, 16, 0, 0, 5e-4),
+    # half the rate leaked less (0.92 / 0.16), twice the steps less too (batch 8: 0.92 / 0.08): both together
+    "bad-box-corner-lr5e-4-b8-e3-np": ("baddiffusion", {"trigger": "box", "target": "corner"}, 3, 8, 0, 0, 5e-4),
     # no epochs, no batch size: what `terd attack villan --base P32 --preview 0` alone does (its quick recipe)
     "villan-ode-default-np": (*VILLAN_ODE, None, None, 0),
 }
