@@ -115,7 +115,11 @@ RESCORED = {"troj-d2i-b16-e5-np@ddpm": ("troj-d2i-b16-e5-np", "trojdiff-ddpm"),
             "troj-out-d2d-b16-e3-np@ddpm": ("troj-out-d2d-b16-e3-np", "trojdiff-ddpm"),
             "troj-out-d2d-p0.75-b16-e3-np@ddpm": ("troj-out-d2d-p0.75-b16-e3-np", "trojdiff-ddpm"),
             "troj-out-d2d-p0.75-s1-b16-e3-np@ddpm": ("troj-out-d2d-p0.75-s1-b16-e3-np", "trojdiff-ddpm"),
-            "troj-in-d2d-b16-e3-np@ddpm": ("troj-in-d2d-b16-e3-np", "trojdiff-ddpm")}
+            "troj-in-d2d-b16-e3-np@ddpm": ("troj-in-d2d-b16-e3-np", "trojdiff-ddpm"),
+            # the patch's class targets miss or leak with the DDPM sampler: does TrojDiff's DDIM one do better?
+            "troj-in-d2d-patch-ddpm-b16-e3-np@ddim": ("troj-in-d2d-patch-ddpm-b16-e3-np", "trojdiff-ddim"),
+            "troj-out-d2d-patch-p0.75-ddpm-b16-e3-np@ddim": ("troj-out-d2d-patch-p0.75-ddpm-b16-e3-np",
+                                                             "trojdiff-ddim")}
 # name -> a row above (or a RESCORED one: its sampler): the clean base scored with that row's attack (trigger,
 # target, judge, sampler): how often a model that never saw the backdoor already "hits" the target. For a class
 # target its clean rate is the floor the attack's clean rate is read against (the base draws that class anyway).

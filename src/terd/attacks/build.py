@@ -84,7 +84,8 @@ class QuickRecipe:
 # In-D2D: DDIM 0.84 with a clean rate of 0.34, DDPM 1.00 / 0.17 (the judge puts 0.11 of real crops in the class).
 # On tiny-digits16 (attacks_digits16.md, DEFAULTS' 24 epochs, n = 64, the class judge) the DDPM sampler fires too
 # where DDIM misses: Out-D2D 0.97 / 0.00 against 0.61 / 0.00, In-D2D 0.95 / 0.12 against 0.84 / 0.06 (the judge
-# puts 0.098 of real digits in the class).
+# puts 0.098 of real digits in the class). Measured and not adopted on the dc preset: learning rates 5e-4 and 2e-3
+# for the corner targets (still leak, 0.14-0.36), poison 0.5 for Out-D2D with the patch (0.23 / 0.09).
 _THREE_AT_16 = QuickRecipe(epochs=3, batch_size=16)
 QUICK_RECIPES = {
     ("tiny-photos32", "villan"): _THREE_AT_16,
