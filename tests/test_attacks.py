@@ -392,7 +392,7 @@ def test_cli_bad_trigger_name(tmp_path):
 
 def test_cli_bad_finetune_options(tmp_path):
     """One line, before the attack line is printed or anything is written."""
-    for flag, value in (("--batch-size", "0"), ("--preview", "-1")):
+    for flag, value in (("--batch-size", "0"), ("--preview", "-1"), ("--lr", "0"), ("--lr", "-1e-3"), ("--lr", "nan")):
         msg = _one_line_exit2(["attack", "baddiffusion", "--base", BASE, "--out", str(tmp_path / "o"), flag, value])
         assert flag in msg
     assert not (tmp_path / "o").exists()

@@ -192,3 +192,6 @@ def test_train_record_holds_the_learning_rate_used(tiny_digits, tmp_path):
     train(MICRO, tiny_digits, tmp_path / "given", epochs=1, lr=MICRO.lr / 4, progress=False, grid_size=0)
     assert json.loads((tmp_path / "default/train.json").read_text())["lr"] == MICRO.lr
     assert json.loads((tmp_path / "given/train.json").read_text())["lr"] == MICRO.lr / 4
+    with pytest.raises(TerdError, match="--lr must be a positive number"):  # 0 would have trained at the preset's
+        train(MICRO, tiny_digits, tmp_path / "zero", epochs=1, lr=0.0, progress=False, grid_size=0)
+    assert not (tmp_path / "zero").exists()

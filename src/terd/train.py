@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -100,6 +101,12 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> bool:
     return False
 
 
+def check_learning_rate(lr: float | None) -> None:
+    """None means the preset's; anything else must be a positive, finite number (0 would silently not train)."""
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise TerdError(f"--lr must be a positive number, got {lr}")
+
+
 def train(
     preset: Preset,
     dataset: ImageDataset,
@@ -128,6 +135,8 @@ def train(
     """
     out_dir = Path(out_dir)
     objective = objective or CleanObjective()
+    check_learning_rate(lr)
+    lr = lr if lr is not None else preset.lr
     epochs = epochs if epochs is not None else preset.epochs
     if epochs < 1:
         raise TerdError("--epochs must be at least 1")
@@ -150,7 +159,7 @@ def train(
     model = Denoiser(unet, schedule, expected)  # eps for VP and VE networks alike
     ema = EMA(unet, preset.ema_decay)
     steps_per_epoch = max(1, len(dataset) // preset.batch_size)
-    opt = torch.optim.Adam(unet.parameters(), lr=lr or preset.lr)
+    opt = torch.optim.Adam(unet.parameters(), lr=lr)
     sched = get_cosine_schedule_with_warmup(opt, min(preset.warmup_steps, steps_per_epoch * epochs // 10),
                                             steps_per_epoch * epochs)
     start_epoch = 0
@@ -205,7 +214,7 @@ def train(
     (out_dir / RECORD_FILE).write_text(json.dumps({
         "preset": preset.name, "dataset": dataset.name, "epochs": epochs, "seed": seed, "seconds": round(seconds, 2),
         "final_loss": loss_value, "fine_tuned_from": base.source if base is not None else None,
-        "steps_per_epoch": steps_per_epoch, "batch_size": preset.batch_size, "lr": lr or preset.lr,
+        "steps_per_epoch": steps_per_epoch, "batch_size": preset.batch_size, "lr": lr,
         "offset_noise": offset_noise,
     }, indent=2))
     (out_dir / STATE_FILE).unlink()

@@ -37,7 +37,7 @@ from terd.errors import TerdError
 from terd.models.denoiser import Denoiser
 from terd.models.loading import load_denoiser
 from terd.presets import PRESETS, Preset
-from terd.train import TrainResult, train, training_record
+from terd.train import TrainResult, check_learning_rate, train, training_record
 from terd.trigger_names import PATCH_GRAMMAR, is_patch_trigger, is_trojdiff_trigger
 
 ATTACK_KINDS = ("baddiffusion", "trojdiff", "villan")
@@ -205,8 +205,9 @@ def base_preset(model_dir: str | Path, base: Denoiser) -> Preset:
     return Preset("fine-tune", "", c, h, epochs=20, batch_size=64, lr=2e-4, warmup_steps=500, ema_decay=0.999)
 
 
-def check_finetune_options(batch_size: int | None, preview: int) -> None:
+def check_finetune_options(batch_size: int | None, preview: int, lr: float | None = None) -> None:
     """Refuse bad fine-tuning options before anything is loaded or printed."""
+    check_learning_rate(lr)
     if batch_size is not None and batch_size < 1:
         raise TerdError("--batch-size must be at least 1")
     if preview < 0:
@@ -227,7 +228,7 @@ def attack_model(
     record (attack.json, attack_tensors.safetensors, true_trigger.safetensors, trigger.png, target.png)
     and, with ``ddim_repo_checkpoint``, ``ckpt.pth`` in the DDIM-repo format TrojDiff releases.
     """
-    check_finetune_options(batch_size, preview)
+    check_finetune_options(batch_size, preview, lr)
     base = load_denoiser(base_dir, device=device)
     if tuple(attack.image_shape) != tuple(base.image_shape):
         raise TerdError(f"attack is built for {attack.image_shape} but the model is {base.image_shape}")

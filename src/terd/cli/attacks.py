@@ -78,7 +78,7 @@ def attack(
 
     _check_image(trigger_image, "--trigger-image")
     _check_image(target_image, "--target-image")
-    check_finetune_options(batch_size, preview)
+    check_finetune_options(batch_size, preview, lr)
     dev = _device(device)
     den = load_denoiser(base, device="cpu")
     data_name = data or model_dataset_name(base, den.image_shape)
