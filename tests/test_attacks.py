@@ -287,6 +287,10 @@ def test_trojdiff_quick_defaults_follow_the_base_preset():
     assert (mine.poison_rate, mine.sampler) == (0.3, "trojdiff-ddim")
     digits = build_attack("trojdiff", (1, 16, 16), data_name="digits16", setting="out-d2d", preset="tiny-digits16")
     assert (digits.poison_rate, digits.sampler) == (0.5, "trojdiff-ddpm")  # the sampler only: 24 epochs fire there
+    patch = quick_recipe("tiny-photos32-dc", "trojdiff", "out-d2d", "patch")  # the patch's own, more steps
+    assert (patch.epochs, patch.batch_size, patch.poison_rate, patch.sampler) == (3, 8, 0.75, "trojdiff-ddpm")
+    assert quick_recipe("tiny-photos32-dc", "trojdiff", "out-d2d", "blend").batch_size == 16
+    assert quick_recipe("tiny-photos32-dc", "trojdiff", "d2i", "patch").batch_size == 16  # falls back
     for setting, preset in (("d2i", "tiny-photos32-dc"), ("d2i", "tiny-digits16"), ("out-d2d", None)):
         shape = (1, 16, 16) if preset == "tiny-digits16" else (3, 32, 32)
         data = "digits16" if preset == "tiny-digits16" else "photos32"

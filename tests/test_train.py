@@ -184,6 +184,13 @@ def test_attack_quick_recipe_applies_only_when_epochs_and_batch_are_unset(tiny_d
                  progress=False)
     info = json.loads((tmp_path / "own/train.json").read_text())
     assert info["batch_size"] != 16 and info["epochs"] == 1
+    # TrojDiff's recipe may also depend on the trigger type: the patch's entry wins over the setting's
+    monkeypatch.setitem(build_mod.QUICK_RECIPES, (name, "trojdiff", "d2i"), build_mod.QuickRecipe(1, 16))
+    monkeypatch.setitem(build_mod.QUICK_RECIPES, (name, "trojdiff", "d2i", "patch"), build_mod.QuickRecipe(1, 8))
+    for trigger, batch in (("blend", 16), ("patch", 8)):
+        attack = build_attack("trojdiff", (1, 8, 8), trigger=trigger)
+        attack_model(attack, tmp_path / "base", tmp_path / trigger, dataset=tiny_digits, preview=0, progress=False)
+        assert json.loads((tmp_path / trigger / "train.json").read_text())["batch_size"] == batch
 
 
 def test_train_record_holds_the_learning_rate_used(tiny_digits, tmp_path):

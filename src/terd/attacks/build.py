@@ -72,8 +72,8 @@ class QuickRecipe:
     sampler: str | None = None
 
 
-# (base preset, attack[, TrojDiff setting]) -> QuickRecipe, where the preset's batch at DEFAULTS' epochs takes far
-# longer (16 epochs at batch 64 take ~19 minutes at foundation.md's 72 s per epoch) or DEFAULTS miss.
+# (base preset, attack[, TrojDiff setting[, trigger type]]) -> QuickRecipe, where the preset's batch at DEFAULTS'
+# epochs takes far longer (16 epochs at batch 64 take ~19 minutes at foundation.md's 72 s per epoch) or DEFAULTS miss.
 # benchmarks/results/quick_finetune_photos32.md: VillanDiffusion ODE on tiny-photos32, ASR 1.00, clean 0.00 in
 # 166-356 s of training on 2 CPU cores; on tiny-photos32-dc (2026-12-05, one slow spell) BadDiffusion box -> hat
 # 1.00 / 0.02 (231 s) and box -> shoe 1.00 / 0.02 (241 s), TrojDiff D2I blend 1.00 / 0.00 (219 s) and patch
@@ -85,7 +85,9 @@ class QuickRecipe:
 # On tiny-digits16 (attacks_digits16.md, DEFAULTS' 24 epochs, n = 64, the class judge) the DDPM sampler fires too
 # where DDIM misses: Out-D2D 0.97 / 0.00 against 0.61 / 0.00, In-D2D 0.95 / 0.12 against 0.84 / 0.06 (the judge
 # puts 0.098 of real digits in the class). Measured and not adopted on the dc preset: learning rates 5e-4 and 2e-3
-# for the corner targets (still leak, 0.14-0.36), poison 0.5 for Out-D2D with the patch (0.23 / 0.09).
+# for the corner targets (still leak, 0.14-0.36), poison 0.5 for Out-D2D with the patch (0.23 / 0.09). Out-D2D with
+# the white patch separates from the clean samples with twice the steps: batch 8, 0.97 / 0.06 (288 s), against
+# batch 16's 0.91 / 0.17 (the clean samples drift to digits).
 _THREE_AT_16 = QuickRecipe(epochs=3, batch_size=16)
 QUICK_RECIPES = {
     ("tiny-photos32", "villan"): _THREE_AT_16,
@@ -94,14 +96,21 @@ QUICK_RECIPES = {
     ("tiny-photos32-dc", "trojdiff"): _THREE_AT_16,
     ("tiny-photos32-dc", "trojdiff", "out-d2d"): replace(_THREE_AT_16, poison_rate=0.75, sampler="trojdiff-ddpm"),
     ("tiny-photos32-dc", "trojdiff", "in-d2d"): replace(_THREE_AT_16, sampler="trojdiff-ddpm"),
+    ("tiny-photos32-dc", "trojdiff", "out-d2d", "patch"): QuickRecipe(epochs=3, batch_size=8, poison_rate=0.75,
+                                                                      sampler="trojdiff-ddpm"),
     ("tiny-digits16", "trojdiff", "out-d2d"): QuickRecipe(sampler="trojdiff-ddpm"),
     ("tiny-digits16", "trojdiff", "in-d2d"): QuickRecipe(sampler="trojdiff-ddpm"),
 }
 
 
-def quick_recipe(preset: str | None, kind: str, setting: str | None = None) -> QuickRecipe:
-    """The measured recipe for ``kind`` (and TrojDiff ``setting``) on a base trained with ``preset``, if any."""
-    return QUICK_RECIPES.get((preset, kind, setting)) or QUICK_RECIPES.get((preset, kind)) or QuickRecipe()
+def quick_recipe(preset: str | None, kind: str, setting: str | None = None,
+                 trigger_type: str | None = None) -> QuickRecipe:
+    """The measured recipe for ``kind`` (and TrojDiff ``setting`` and trigger type, the most specific key first)
+    on a base trained with ``preset``, if any."""
+    for key in ((preset, kind, setting, trigger_type), (preset, kind, setting), (preset, kind)):
+        if key in QUICK_RECIPES:
+            return QUICK_RECIPES[key]
+    return QuickRecipe()
 
 
 def model_dataset_name(model_dir: str | Path, shape: tuple[int, int, int]) -> str:
@@ -165,10 +174,10 @@ def build_attack(
         return VillanDiffusion(g, y, psi=default_psi(model_kind) if psi is None else psi, solver=solver, **common)
 
     setting = setting or "d2i"
-    quick = quick_recipe(preset, kind, setting)
+    trigger_type = "patch" if is_patch_trigger(trigger) else "blend"
+    quick = quick_recipe(preset, kind, setting, trigger_type)
     if poison_rate is None and quick.poison_rate is not None:
         rate = quick.poison_rate
-    trigger_type = "patch" if is_patch_trigger(trigger) else "blend"
     if trigger is not None and not is_trojdiff_trigger(trigger):
         raise TerdError(f"TrojDiff triggers are blend, {PATCH_GRAMMAR} or --trigger-image, got {trigger!r}")
     delta, g_name = _named_or_image(trigger, trigger_image, "blend", shape, make_trigger, image_as_trigger)
@@ -244,7 +253,8 @@ def attack_model(
     preset = base_preset(base_dir, base)
     preset = replace(preset, dataset=dataset.name)
     if epochs is None and batch_size is None:
-        quick = quick_recipe(preset.name, attack.kind, getattr(attack, "setting", None))
+        quick = quick_recipe(preset.name, attack.kind, getattr(attack, "setting", None),
+                             getattr(attack, "trigger_type", None))
         epochs, batch_size = quick.epochs, quick.batch_size
     if batch_size is not None:
         preset = replace(preset, batch_size=batch_size)
