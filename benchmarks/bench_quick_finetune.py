@@ -25,6 +25,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from common import RESULTS, build_attack_model, machine
 
@@ -37,8 +38,19 @@ BUDGET_S = 300.0
 
 TROJ_D2I = ("trojdiff", {"setting": "d2i", "trigger": "blend"})
 VILLAN_ODE = ("villan", {"solver": "ode", "psi": 1.0})
-# name -> (attack kind, build_attack keyword arguments, epochs, batch size (None: terd attack's defaults)[, preview
-# grid samples: default 16[, fine-tuning seed: default 0[, Adam learning rate: default the base preset's]]])
+class Row(NamedTuple):
+    """One fine-tune: epochs / batch None = terd attack's defaults; lr None = the base preset's."""
+
+    kind: str
+    options: dict  # build_attack keyword arguments
+    epochs: int | None
+    batch: int | None
+    preview: int = 16  # preview grid samples
+    seed: int = 0  # fine-tuning seed
+    lr: float | None = None  # Adam learning rate
+
+
+# name -> Row (or a plain tuple in Row's field order)
 ROWS = {
     "troj-d2i-b16-e4": (*TROJ_D2I, 4, 16),
     "villan-ode-b16-e4": (*VILLAN_ODE, 4, 16),
@@ -107,11 +119,11 @@ ROWS = {
     # within the budget: twice the Adam steps of 3 epochs at batch 16 (the 8-epoch row's 2,048 steps did not leak)
     "bad-box-corner-b8-e3-np": ("baddiffusion", {"trigger": "box", "target": "corner"}, 3, 8, 0),
     # within the budget: the same 768 steps as 3 epochs at batch 16, each twice as long (the preset's lr is 1e-3)
-    "bad-box-corner-lr2e-3-b16-e3-np": ("baddiffusion", {"trigger": "box", "target": "corner"}, 3, 16, 0, 0, 2e-3),
+    "bad-box-corner-lr2e-3-b16-e3-np": Row("baddiffusion", {"trigger": "box", "target": "corner"}, 3, 16, 0, lr=2e-3),
     # twice the rate leaked more (0.84 / 0.36 against 0.97 / 0.27): does half the rate leak less?
-    "bad-box-corner-lr5e-4-b16-e3-np": ("baddiffusion", {"trigger": "box", "target": "corner"}, 3, 16, 0, 0, 5e-4),
+    "bad-box-corner-lr5e-4-b16-e3-np": Row("baddiffusion", {"trigger": "box", "target": "corner"}, 3, 16, 0, lr=5e-4),
     # half the rate leaked less (0.92 / 0.16), twice the steps less too (batch 8: 0.92 / 0.08): both together
-    "bad-box-corner-lr5e-4-b8-e3-np": ("baddiffusion", {"trigger": "box", "target": "corner"}, 3, 8, 0, 0, 5e-4),
+    "bad-box-corner-lr5e-4-b8-e3-np": Row("baddiffusion", {"trigger": "box", "target": "corner"}, 3, 8, 0, lr=5e-4),
     # no epochs, no batch size: what `terd attack villan --base P32 --preview 0` alone does (its quick recipe)
     "villan-ode-default-np": (*VILLAN_ODE, None, None, 0),
 }
@@ -162,7 +174,8 @@ def run_control(name: str, base: Path, n: int) -> dict:
 
     model, sampler = RESCORED.get(CONTROLS[name], (CONTROLS[name], None))
     rep = evaluate_attack(base, n=n, attack=load_attack(model_out(model, base)), write=False, sampler=sampler)
-    return {"attack": ROWS[model][0], "options": ROWS[model][1], "description": f"clean base, scored as {CONTROLS[name]}",
+    row = Row(*ROWS[model])
+    return {"attack": row.kind, "options": row.options, "description": f"clean base, scored as {CONTROLS[name]}",
             "epochs": 0, "batch_size": "–", "steps": 0, "offset_noise": "–", "preview": 0, "train_seconds": 0.0,
             "command_seconds": None, "within_budget": True, "fires": False, **scored(rep, n, base)}
 
@@ -171,22 +184,19 @@ def run_one(name: str, base: Path, retrain: bool, n: int) -> dict:
     if name in CONTROLS:
         return run_control(name, base, n)
     model, sampler = RESCORED.get(name, (name, None))
-    kind, kw, epochs, batch, *rest = ROWS[model]
-    preview = rest[0] if rest else 16
-    seed = rest[1] if len(rest) > 1 else 0
-    lr = rest[2] if len(rest) > 2 else None
+    row = Row(*ROWS[model])
     out = model_out(model, base)
-    command_s = build_attack_model(model, out, kind, kw, (3, 32, 32), "photos32", base, epochs, retrain,
-                                   batch_size=batch, preview=preview, seed=seed, lr=lr)
+    command_s = build_attack_model(model, out, row.kind, row.options, (3, 32, 32), "photos32", base, row.epochs,
+                                   retrain, batch_size=row.batch, preview=row.preview, seed=row.seed, lr=row.lr)
     info = json.loads((out / "train.json").read_text())
     print(f"[{name}] evaluating ({info['seconds']:.0f} s of fine-tuning)", flush=True)
     # a rescoring (another sampler) does not replace the model's own eval-attack.{json,png}
     rep = evaluate_attack(out, n=n, sampler=sampler, write=sampler is None)
     return {
-        "attack": kind, "options": kw, "description": rep["description"],
+        "attack": row.kind, "options": row.options, "description": rep["description"],
         "epochs": info["epochs"], "batch_size": info["batch_size"], "steps": info["epochs"] * info["steps_per_epoch"],
         "offset_noise": info.get("offset_noise", 0.0),  # the fine-tune's (terd keeps its base's since 2026-12-05)
-        "preview": preview, "lr": lr, "train_seconds": info["seconds"], "command_seconds": command_s, "within_budget": info["seconds"] <= BUDGET_S,
+        "preview": row.preview, "lr": row.lr, "train_seconds": info["seconds"], "command_seconds": command_s, "within_budget": info["seconds"] <= BUDGET_S,
         "fires": rep["triggered"]["asr"] >= 0.9 and rep["clean"]["asr"] <= 0.05, **scored(rep, n, base),
     }
 
