@@ -24,7 +24,11 @@ fires a little on both, and the leak of the 3-epoch model is not that response.
 with the backdoored model above step T and its clean base below (``backdoored>T``), and the other way round
 (``base>T``), for T in ``--steps``. A leak decided early (high t, where the trigger should be told from plain
 noise) survives ``backdoored>T`` at high T; a leak made late (the target learnt as a common image, which the
-poisoned half of every batch makes it) shows in ``base>T`` at low T.
+poisoned half of every batch makes it) shows in ``base>T`` at low T. Measured (corner_leak_handoff.md, the 3-epoch
+model's 32 clean noises, 0.28 with the backdoored model alone): ``backdoored>500`` 0.00, ``base>500`` 0.09,
+``backdoored>250`` 0.06, ``base>250`` 0.06. Neither half makes the leak alone: the clean trajectories are drawn
+to the target over the middle of the chain and finished on it at low t. A reading, not measured: at low t the
+poisoned half of every batch shows the target with little of the trigger left in x_t, as an ordinary image.
 
 Run: .venv/bin/python benchmarks/bench_corner_leak.py MODEL_DIR... [--n 32] [--name corner_leak]
      .venv/bin/python benchmarks/bench_corner_leak.py MODEL_DIR --handoff BASE_DIR [--steps 750 500 250]
