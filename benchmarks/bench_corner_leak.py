@@ -48,6 +48,7 @@ from common import write_results  # noqa: E402
 
 from terd.attacks import load_attack, load_true_trigger  # noqa: E402
 from terd.attacks.evaluation import choose_threshold, per_image_mse, reference_dataset  # noqa: E402
+from terd.errors import TerdError  # noqa: E402
 from terd.models import Denoiser, load_denoiser  # noqa: E402
 from terd.sampling import initial_noise  # noqa: E402
 
@@ -112,12 +113,33 @@ def handoff(model_dir: Path, base_dir: Path, steps: list[int], n: int, seed: int
             with torch.no_grad():
                 batches[name] = attack.sample(Handoff(above, below, step), eps, triggered=False,
                                               generator=torch.Generator().manual_seed(seed + 1))
-            extra[name] = {"mean_of_shift": 0.0, "base": base_dir.name}
+            extra[name] = {"base": base_dir.name}
             print(f"{name} done ({time.perf_counter() - t0:.0f} s)", flush=True)
     return _scored(model_dir, den, attack, batches, n, time.perf_counter() - t0, extra)
 
 
+def check_inputs(models: list[Path], base: Path | None, n: int) -> None:
+    """Every model (and the base) loads and matches before an hour of sampling starts, not after the first model."""
+    if n < 1:
+        raise TerdError(f"--n must be at least 1, got {n}")
+    base_den = load_denoiser(base) if base is not None else None
+    for m in models:
+        den = load_denoiser(m)
+        load_attack(m), load_true_trigger(m)
+        if base_den is not None and (base_den.image_shape, base_den.num_timesteps) != (den.image_shape, den.num_timesteps):
+            raise TerdError(f"{base}: shape {base_den.image_shape} / {base_den.num_timesteps} steps, but {m} has "
+                            f"{den.image_shape} / {den.num_timesteps}")
+
+
 def main() -> None:
+    try:
+        run()
+    except TerdError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+", type=Path)
     ap.add_argument("--n", type=int, default=32)
@@ -126,6 +148,7 @@ def main() -> None:
     ap.add_argument("--handoff", type=Path, help="the clean base: sample clean noises with both models, handing over at each step")
     ap.add_argument("--steps", type=int, nargs="+", default=[750, 500, 250])
     args = ap.parse_args()
+    check_inputs(args.models, args.handoff, args.n)
     if args.handoff is not None:
         rows = [row for m in args.models for row in handoff(m, args.handoff, args.steps, args.n, args.seed)]
         notes = ("Clean noises (probe's 'none' row) sampled with the backdoored model above step T and its clean base "

@@ -50,7 +50,7 @@ class Row(NamedTuple):
     lr: float | None = None  # Adam learning rate
 
 
-# name -> Row (or a plain tuple in Row's field order)
+# name -> Row (written as plain tuples in Row's field order, or Rows; made Rows once, below)
 ROWS = {
     "troj-d2i-b16-e4": (*TROJ_D2I, 4, 16),
     "villan-ode-b16-e4": (*VILLAN_ODE, 4, 16),
@@ -127,6 +127,7 @@ ROWS = {
     # no epochs, no batch size: what `terd attack villan --base P32 --preview 0` alone does (its quick recipe)
     "villan-ode-default-np": (*VILLAN_ODE, None, None, 0),
 }
+ROWS = {name: Row(*spec) for name, spec in ROWS.items()}
 # name -> (a row above, sampler): that row's model scored again with another of its attack's samplers
 RESCORED = {"troj-d2i-b16-e5-np@ddpm": ("troj-d2i-b16-e5-np", "trojdiff-ddpm"),
             # Out-D2D misses with TrojDiff's DDIM sampler at 32 px (0.09 at 3 epochs, 0.34 at 6); on digits16 it
@@ -174,7 +175,7 @@ def run_control(name: str, base: Path, n: int) -> dict:
 
     model, sampler = RESCORED.get(CONTROLS[name], (CONTROLS[name], None))
     rep = evaluate_attack(base, n=n, attack=load_attack(model_out(model, base)), write=False, sampler=sampler)
-    row = Row(*ROWS[model])
+    row = ROWS[model]
     return {"attack": row.kind, "options": row.options, "description": f"clean base, scored as {CONTROLS[name]}",
             "epochs": 0, "batch_size": "–", "steps": 0, "offset_noise": "–", "preview": 0, "train_seconds": 0.0,
             "command_seconds": None, "within_budget": True, "fires": False, **scored(rep, n, base)}
@@ -184,7 +185,7 @@ def run_one(name: str, base: Path, retrain: bool, n: int) -> dict:
     if name in CONTROLS:
         return run_control(name, base, n)
     model, sampler = RESCORED.get(name, (name, None))
-    row = Row(*ROWS[model])
+    row = ROWS[model]
     out = model_out(model, base)
     command_s = build_attack_model(model, out, row.kind, row.options, (3, 32, 32), "photos32", base, row.epochs,
                                    retrain, batch_size=row.batch, preview=row.preview, seed=row.seed, lr=row.lr)

@@ -11,6 +11,7 @@ import pytest
 from terd.attacks.build import quick_recipe
 from terd.bench import decide, summarise, write_report
 from terd.errors import TerdError
+from terd.trigger_names import is_patch_trigger
 from terd.zoo import build_order, load_zoo, populations
 
 ZOO = Path(__file__).resolve().parents[1] / "benchmarks/zoo-tiny.yaml"
@@ -25,7 +26,7 @@ def test_shipped_zoo_expands_and_orders():
     assert sum(e.kind != "attack" and e.dataset == "photos32" for e in entries) >= 5
     for e in entries:  # every 32 px fine-tune takes `terd attack`'s five-minute recipe for it (clean ones: batch 16)
         if e.dataset == "photos32" and e.kind != "benign":
-            trigger = "patch" if e.args.get("trigger") == "patch" else "blend"
+            trigger = "patch" if is_patch_trigger(e.args.get("trigger")) else "blend"
             recipe = quick_recipe(e.preset, e.attack, e.args.get("setting"), trigger) if e.attack else None
             assert e.preset == "tiny-photos32-dc" and e.epochs == 3
             assert e.batch_size == (recipe.batch_size if recipe else 16), e.id
