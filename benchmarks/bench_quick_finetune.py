@@ -124,6 +124,19 @@ ROWS = {
     "bad-box-corner-lr5e-4-b16-e3-np": Row("baddiffusion", {"trigger": "box", "target": "corner"}, 3, 16, 0, lr=5e-4),
     # half the rate leaked less (0.92 / 0.16), twice the steps less too (batch 8: 0.92 / 0.08): both together
     "bad-box-corner-lr5e-4-b8-e3-np": Row("baddiffusion", {"trigger": "box", "target": "corner"}, 3, 8, 0, lr=5e-4),
+    # the leak forms mid-chain and is finished at low t (corner_leak_handoff.md), where a poisoned sample is the
+    # target plainly noised (rho_t R small): half of what the model learns to finish at poison 0.5. No poisoning
+    # below t = 100 (the trigger's leftover shift there ends as ~0.03 per pixel if the model ignored it) or 250.
+    # The t = 100 row trained ~9 of its 13 minutes beside a test run (787 s): not a budget figure; its steps are
+    # those of bad-box-corner-b16-e3-np (252 s alone)
+    "bad-box-corner-tmin100-b16-e3-np": ("baddiffusion", {"trigger": "box", "target": "corner", "poison_t_min": 100},
+                                         3, 16, 0),
+    "bad-box-corner-tmin250-b16-e3-np": ("baddiffusion", {"trigger": "box", "target": "corner", "poison_t_min": 250},
+                                         3, 16, 0),
+    # the floor at 100 leaked less (0.88 / 0.11), batch 8 too (0.92 / 0.08): both together (the floor at 250 stopped
+    # the backdoor: 0.03, the trigger's leftover shift unremoved below it)
+    "bad-box-corner-tmin100-b8-e3-np": ("baddiffusion", {"trigger": "box", "target": "corner", "poison_t_min": 100},
+                                        3, 8, 0),
     # no epochs, no batch size: what `terd attack villan --base P32 --preview 0` alone does (its quick recipe)
     "villan-ode-default-np": (*VILLAN_ODE, None, None, 0),
 }

@@ -108,6 +108,29 @@ def test_baddiffusion_pairs_clean_and_poisoned(schedule):
     assert torch.allclose(tgt, eps + c[t].view(-1, 1, 1, 1) * g, atol=1e-6)
 
 
+def test_baddiffusion_poison_floor_keeps_low_timesteps_clean(schedule):
+    """poison_t_min: below it every sample is the clean DDPM pair, above it the rate-1 poisoned one; the floor is
+    recorded and rebuilt, and a record without it (made before it existed) reads as 0."""
+    g, y = make_trigger("box", 1, 16), make_target("hat", 1, 16)
+    x0, t, eps = _batch()
+    abar = schedule.abar(t, x0)
+    rho, c = baddiffusion_coefficients(schedule)
+    atk = BadDiffusion(g, y, poison_rate=1.0, poison_t_min=500)
+    xt, tgt = atk.noisy_pair(x0, None, t, eps, schedule, torch.Generator().manual_seed(0))
+    low = (t < 500).view(-1, 1, 1, 1)
+    assert 0 < int(low.sum()) < len(t)
+    clean = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    poisoned = abar.sqrt() * y + (1 - abar).sqrt() * eps + rho[t].view(-1, 1, 1, 1) * g
+    assert torch.allclose(xt, torch.where(low, clean, poisoned), atol=1e-5)
+    assert torch.allclose(tgt, torch.where(low, eps, eps + c[t].view(-1, 1, 1, 1) * g), atol=1e-6)
+    assert BadDiffusion.from_saved(atk.config(), atk.tensors()).poison_t_min == 500
+    assert "poison_t_min" not in BadDiffusion(g, y).config()
+    vil = VillanDiffusion(g, y, poison_t_min=300)
+    assert VillanDiffusion.from_saved(vil.config(), vil.tensors()).poison_t_min == 300
+    with pytest.raises(TerdError, match="poison_t_min"):
+        BadDiffusion(g, y, poison_t_min=-1)
+
+
 class TrojanPointMassOracle(nn.Module):
     """Exact trojan eps when every trojan sample is one image y: x_t = sqrt(abar) y + sqrt(1-abar)(gamma eps + mu)."""
 
