@@ -129,6 +129,11 @@ def test_baddiffusion_poison_floor_keeps_low_timesteps_clean(schedule):
     assert VillanDiffusion.from_saved(vil.config(), vil.tensors()).poison_t_min == 300
     with pytest.raises(TerdError, match="poison_t_min"):
         BadDiffusion(g, y, poison_t_min=-1)
+    with pytest.raises(TerdError, match="leaves nothing to poison"):
+        BadDiffusion(g, y, poison_t_min=schedule.num_timesteps).noisy_pair(x0, None, t, eps, schedule,
+                                                                            torch.Generator().manual_seed(0))
+    with pytest.raises(TerdError, match="baddiffusion and villan"):
+        build_attack("trojdiff", (1, 16, 16), poison_t_min=100)
 
 
 class TrojanPointMassOracle(nn.Module):
