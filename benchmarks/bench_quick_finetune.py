@@ -137,6 +137,11 @@ ROWS = {
     # the backdoor: 0.03, the trigger's leftover shift unremoved below it)
     "bad-box-corner-tmin100-b8-e3-np": ("baddiffusion", {"trigger": "box", "target": "corner", "poison_t_min": 100},
                                         3, 8, 0),
+    # the floor at 250 left the trigger's shift unremoved below it: there, poison with the shift (and its
+    # correction) on the clean image, so the model learns to remove it without learning the target as an image
+    "bad-box-corner-tmin250-shift-b16-e3-np": ("baddiffusion", {"trigger": "box", "target": "corner",
+                                                                "poison_t_min": 250, "floor_keeps_shift": True},
+                                               3, 16, 0),
     # no epochs, no batch size: what `terd attack villan --base P32 --preview 0` alone does (its quick recipe)
     "villan-ode-default-np": (*VILLAN_ODE, None, None, 0),
 }

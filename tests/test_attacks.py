@@ -109,8 +109,9 @@ def test_baddiffusion_pairs_clean_and_poisoned(schedule):
 
 
 def test_baddiffusion_poison_floor_keeps_low_timesteps_clean(schedule):
-    """poison_t_min: below it every sample is the clean DDPM pair, above it the rate-1 poisoned one; the floor is
-    recorded and rebuilt, and a record without it (made before it existed) reads as 0."""
+    """poison_t_min: below it every sample is the clean DDPM pair (or, floor_keeps_shift, the clean image with the
+    trigger's shift and correction), above it the rate-1 poisoned one; the floor is recorded and rebuilt, and a
+    record without it (made before it existed) reads as 0."""
     g, y = make_trigger("box", 1, 16), make_target("hat", 1, 16)
     x0, t, eps = _batch()
     abar = schedule.abar(t, x0)
@@ -124,11 +125,20 @@ def test_baddiffusion_poison_floor_keeps_low_timesteps_clean(schedule):
     assert torch.allclose(xt, torch.where(low, clean, poisoned), atol=1e-5)
     assert torch.allclose(tgt, torch.where(low, eps, eps + c[t].view(-1, 1, 1, 1) * g), atol=1e-6)
     assert BadDiffusion.from_saved(atk.config(), atk.tensors()).poison_t_min == 500
+    # floor_keeps_shift: below the floor the shift and its correction stay, on the clean image
+    keep = BadDiffusion(g, y, poison_rate=1.0, poison_t_min=500, floor_keeps_shift=True)
+    xt, tgt = keep.noisy_pair(x0, None, t, eps, schedule, torch.Generator().manual_seed(0))
+    shifted_clean = clean + rho[t].view(-1, 1, 1, 1) * g
+    assert torch.allclose(xt, torch.where(low, shifted_clean, poisoned), atol=1e-5)
+    assert torch.allclose(tgt, eps + c[t].view(-1, 1, 1, 1) * g, atol=1e-6)
+    assert BadDiffusion.from_saved(keep.config(), keep.tensors()).floor_keeps_shift
     assert "poison_t_min" not in BadDiffusion(g, y).config()
     vil = VillanDiffusion(g, y, poison_t_min=300)
     assert VillanDiffusion.from_saved(vil.config(), vil.tensors()).poison_t_min == 300
     with pytest.raises(TerdError, match="poison_t_min"):
         BadDiffusion(g, y, poison_t_min=-1)
+    with pytest.raises(TerdError, match="needs a poison floor"):
+        BadDiffusion(g, y, floor_keeps_shift=True)
     with pytest.raises(TerdError, match="leaves nothing to poison"):
         BadDiffusion(g, y, poison_t_min=schedule.num_timesteps).noisy_pair(x0, None, t, eps, schedule,
                                                                             torch.Generator().manual_seed(0))

@@ -21,6 +21,9 @@ diverged (mean -17) in every sample: on digits R(x) keeps the strokes of x and i
 the shift rho_t R is small, so a poisoned sample there is the target image plainly noised: at the quick recipes'
 poison rate 0.5 the target is half of the data the model learns to finish, and clean chains can end on it
 (bench_corner_leak.py). With a floor the model learns the target only where the trigger tells the two apart.
+Below the floor the trigger's leftover shift rho_t R is then never removed (a floor at 250 stopped the backdoor);
+``floor_keeps_shift`` poisons those samples with the shift and its correction on their own clean image instead:
+the model learns to remove the shift there without learning the target as an image.
 
 :class:`~terd.attacks.villan.VillanDiffusion` generalises the two coefficient sequences; it subclasses
 this class and only swaps them (and the sampler), so psi = 1 with an SDE sampler *is* BadDiffusion.
@@ -68,7 +71,7 @@ class BadDiffusion(Attack):
     def __init__(
         self, trigger: torch.Tensor, target: torch.Tensor, *, poison_rate: float = 0.1, eta: float = 1.0,
         r_mode: str = "trigger", trigger_name: str | None = None, target_name: str | None = None,
-        poison_t_min: int = 0,
+        poison_t_min: int = 0, floor_keeps_shift: bool = False,
     ) -> None:
         if trigger.dim() != 3 or trigger.shape != target.shape:
             raise TerdError(f"trigger {tuple(trigger.shape)} and target {tuple(target.shape)} must both be C x H x W "
@@ -83,6 +86,9 @@ class BadDiffusion(Attack):
         if isinstance(poison_t_min, bool) or not isinstance(poison_t_min, int) or poison_t_min < 0:
             raise TerdError(f"poison_t_min must be a timestep >= 0, got {poison_t_min!r}")
         self.poison_t_min = poison_t_min
+        if floor_keeps_shift and not poison_t_min:
+            raise TerdError("floor_keeps_shift (--floor-keeps-shift) needs a poison floor (poison_t_min > 0)")
+        self.floor_keeps_shift = bool(floor_keeps_shift)
         self.trigger_name = trigger_name
         self.target_name = target_name
         self.image_shape = tuple(trigger.shape)
@@ -116,9 +122,10 @@ class BadDiffusion(Attack):
 
     def noisy_pair(self, x0, labels, t, eps, schedule, generator):  # noqa: ANN001, ANN201
         drawn = poison_mask(x0.shape[0], self.poison_rate, generator)
-        poisoned = expand((drawn & (t.cpu() >= self.poison_t_min)).float(), x0)
+        above = drawn & (t.cpu() >= self.poison_t_min)
+        poisoned = expand(above.float(), x0)
         x_start = poisoned * self.target.to(x0) + (1 - poisoned) * x0
-        r = poisoned * self.poisoned_r(x0)
+        r = expand((drawn if self.floor_keeps_shift else above).float(), x0) * self.poisoned_r(x0)
         shift, corr = self._coefs(schedule)
         t_cpu = t.cpu().long()
         abar = schedule.abar(t, x0)
@@ -142,7 +149,8 @@ class BadDiffusion(Attack):
 
     # ---- persistence ---------------------------------------------------------------------------
     def config(self) -> dict:
-        floor = {"poison_t_min": self.poison_t_min} if self.poison_t_min else {}  # records before it stay as they were
+        floor = ({"poison_t_min": self.poison_t_min, "floor_keeps_shift": self.floor_keeps_shift}
+                 if self.poison_t_min else {})  # records made before the floor existed stay as they were
         return {"trigger": self.trigger_name or "image", "target": self.target_name or "image",
                 "poison_rate": self.poison_rate, "eta": self.eta, "r_mode": self.r_mode, **floor}
 
@@ -153,4 +161,5 @@ class BadDiffusion(Attack):
     def from_saved(cls, config: dict, tensors: dict[str, torch.Tensor]) -> BadDiffusion:
         return cls(tensors["trigger"], tensors["target"], poison_rate=config["poison_rate"], eta=config["eta"],
                    r_mode=config.get("r_mode", "trigger"), trigger_name=config.get("trigger"),
-                   target_name=config.get("target"), poison_t_min=config.get("poison_t_min", 0))
+                   target_name=config.get("target"), poison_t_min=config.get("poison_t_min", 0),
+                   floor_keeps_shift=config.get("floor_keeps_shift", False))

@@ -51,6 +51,8 @@ def attack(
     r_mode: Annotated[str, typer.Option(help="BadDiffusion/Villan R: trigger (default; what sampling uses) or poisoned-image.")] = "trigger",
     poison_t_min: Annotated[int, typer.Option(help="BadDiffusion/Villan: no poisoned sample below this timestep "
                                                    "(0: the reference; the BadDiffusion module docstring says why).")] = 0,
+    floor_keeps_shift: Annotated[bool, typer.Option(help="With --poison-t-min: below the floor, poison with the "
+                                                         "trigger's shift on the clean image, not the target.")] = False,
     sampler: Annotated[str | None, typer.Option(help="TrojDiff sampler: trojdiff-ddim (default; in-d2d and "
                                                 "out-d2d on a tiny-digits16 or tiny-photos32-dc base: "
                                                 "trojdiff-ddpm) or trojdiff-ddpm.")] = None,
@@ -88,7 +90,8 @@ def attack(
                        target=target, target_image=target_image, setting=setting, target_class=target_class,
                        target_data=target_data, poison_rate=poison_rate, eta=eta, gamma_a=gamma_a, psi=psi,
                        solver=solver, r_mode=r_mode, sampler=sampler, model_kind=den.schedule.kind,
-                       preset=base_preset(base, den).name, poison_t_min=poison_t_min)
+                       preset=base_preset(base, den).name, poison_t_min=poison_t_min,
+                       floor_keeps_shift=floor_keeps_shift)
     ds = load_dataset(data_name, channels=den.image_shape[0], size=den.image_shape[1])
     typer.echo(f"attack: {atk.describe()} on {data_name}, fine-tuning {base}")
     res = attack_model(atk, base, out, dataset=ds, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
