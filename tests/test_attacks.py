@@ -427,6 +427,11 @@ def test_cli_bad_trigger_name(tmp_path):
     msg = _one_line_exit2(["attack", "trojdiff", "--base", BASE, "--out", str(tmp_path / "o"), "--trigger",
                            "patch-40-top-left"])
     assert "patch[-N][-PLACE]" in msg
+    msg = _one_line_exit2(["attack", "baddiffusion", "--base", BASE, "--out", str(tmp_path / "o"), "--poison-t-min",
+                           "1000"])
+    assert "leaves nothing to poison" in msg
+    msg = _one_line_exit2(["attack", "villan", "--base", BASE, "--out", str(tmp_path / "o"), "--floor-keeps-shift"])
+    assert "needs a poison floor" in msg
     assert not (tmp_path / "o").exists()
     help_text = runner.invoke(app, ["attack", "--help"], terminal_width=200).output
     assert "patch[-N][-PLACE]" in help_text and "stop-sign" in help_text and "mickey" in help_text

@@ -62,7 +62,7 @@ class BadDiffusion(Attack):
     ``trigger`` (C x H x W, background -1) and ``target`` (C x H x W) are in [-1, 1]; ``poison_rate`` is the
     fraction of each batch that is poisoned; ``r_mode`` ``"trigger"`` (R = g, as at sampling time; default) or
     ``"poisoned-image"`` (R = M x + (1 - M) g, see the module docstring); ``poison_t_min``: no poisoning below this
-    timestep (module docstring).
+    timestep, or with ``floor_keeps_shift`` only the trigger's shift there (module docstring).
     """
 
     kind = "baddiffusion"
@@ -102,11 +102,14 @@ class BadDiffusion(Attack):
     def _coefs(self, schedule: NoiseSchedule) -> tuple[torch.Tensor, torch.Tensor]:
         key = id(schedule)
         if key not in self._coef_cache:
-            if self.poison_t_min >= schedule.num_timesteps:
-                raise TerdError(f"poison_t_min {self.poison_t_min} leaves nothing to poison: the model has "
-                                f"{schedule.num_timesteps} timesteps")
+            self.check_schedule(schedule)
             self._coef_cache = {key: self.coefficients(schedule)}
         return self._coef_cache[key]
+
+    def check_schedule(self, schedule: NoiseSchedule) -> None:
+        if self.poison_t_min >= schedule.num_timesteps:
+            raise TerdError(f"poison_t_min {self.poison_t_min} leaves nothing to poison: the model has "
+                            f"{schedule.num_timesteps} timesteps")
 
     def background_mask(self) -> torch.Tensor:
         """M: 1 where every channel of the trigger is background (-1), else 0 (C x H x W)."""

@@ -72,6 +72,10 @@ class Attack(ABC):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_t fed to the network, the noise it must predict) for a batch, part of it poisoned."""
 
+    def check_schedule(self, schedule: NoiseSchedule) -> None:
+        """Refuse a model schedule this attack cannot train on, before anything is loaded or written (a hook)."""
+        return None  # most attacks train on any schedule
+
     # ---- sampling ------------------------------------------------------------------------------
     @abstractmethod
     def true_trigger(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -244,6 +244,7 @@ def attack_model(
     """
     check_finetune_options(batch_size, preview, lr)
     base = load_denoiser(base_dir, device=device)
+    attack.check_schedule(base.schedule)
     if tuple(attack.image_shape) != tuple(base.image_shape):
         raise TerdError(f"attack is built for {attack.image_shape} but the model is {base.image_shape}")
     if ddim_repo_checkpoint:

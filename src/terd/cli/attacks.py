@@ -92,6 +92,7 @@ def attack(
                        solver=solver, r_mode=r_mode, sampler=sampler, model_kind=den.schedule.kind,
                        preset=base_preset(base, den).name, poison_t_min=poison_t_min,
                        floor_keeps_shift=floor_keeps_shift)
+    atk.check_schedule(den.schedule)
     ds = load_dataset(data_name, channels=den.image_shape[0], size=den.image_shape[1])
     typer.echo(f"attack: {atk.describe()} on {data_name}, fine-tuning {base}")
     res = attack_model(atk, base, out, dataset=ds, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
