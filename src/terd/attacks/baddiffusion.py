@@ -124,13 +124,13 @@ class BadDiffusion(Attack):
         return self.eta * (m * x0 + (1 - m) * g)
 
     def noisy_pair(self, x0, labels, t, eps, schedule, generator):  # noqa: ANN001, ANN201
+        t_cpu = t.cpu().long()
         drawn = poison_mask(x0.shape[0], self.poison_rate, generator)
-        above = drawn & (t.cpu() >= self.poison_t_min)
+        above = drawn & (t_cpu >= self.poison_t_min)
         poisoned = expand(above.float(), x0)
         x_start = poisoned * self.target.to(x0) + (1 - poisoned) * x0
         r = expand((drawn if self.floor_keeps_shift else above).float(), x0) * self.poisoned_r(x0)
         shift, corr = self._coefs(schedule)
-        t_cpu = t.cpu().long()
         abar = schedule.abar(t, x0)
         x_t = abar.sqrt() * x_start + (1 - abar).sqrt() * eps + expand(shift[t_cpu], x0) * r
         return x_t, eps + expand(corr[t_cpu], x0) * r
