@@ -146,6 +146,40 @@ def test_baddiffusion_poison_floor_keeps_low_timesteps_clean(schedule):
         build_attack("trojdiff", (1, 16, 16), poison_t_min=100)
 
 
+def test_baddiffusion_floor_poison_rate_falls_with_t(schedule):
+    """floor_poison_rate: below the floor a sample is poisoned with the target at that rate (the shift kept on the
+    rest with floor_keeps_shift), above it at poison_rate; without it the floor's draws are those made before it
+    existed; it is recorded only when set, and needs a floor and a rate no larger than poison_rate."""
+    g, y = make_trigger("box", 1, 16), make_target("hat", 1, 16)
+    n = 4000
+    x0, eps = torch.zeros(n, 1, 16, 16), torch.zeros(n, 1, 16, 16)
+    t = torch.arange(n) % schedule.num_timesteps
+    atk = BadDiffusion(g, y, poison_rate=0.5, poison_t_min=500, floor_keeps_shift=True, floor_poison_rate=0.1)
+    xt, tgt = atk.noisy_pair(x0, None, t, eps, schedule, torch.Generator().manual_seed(0))
+    abar = schedule.abar(t, x0)
+    rho, c = baddiffusion_coefficients(schedule)
+    on_target = torch.isclose(xt, abar.sqrt() * y + rho[t].view(-1, 1, 1, 1) * g, atol=1e-5).flatten(1).all(1)
+    shifted = torch.isclose(tgt, eps + c[t].view(-1, 1, 1, 1) * g, atol=1e-6).flatten(1).all(1)
+    low = t < 500
+    assert abs(on_target[~low].float().mean() - 0.5) < 0.04 and abs(on_target[low].float().mean() - 0.1) < 0.03
+    assert abs(shifted[low].float().mean() - 0.5) < 0.04 and bool((on_target <= shifted).all())
+    assert BadDiffusion.from_saved(atk.config(), atk.tensors()).floor_poison_rate == 0.1
+    assert "floor_poison_rate" not in BadDiffusion(g, y, poison_t_min=500).config()
+    zero = BadDiffusion(g, y, poison_rate=1.0, poison_t_min=500, floor_poison_rate=0.0)
+    old = BadDiffusion(g, y, poison_rate=1.0, poison_t_min=500)
+    pair = (x0, None, t, eps, schedule)
+    assert torch.equal(zero.noisy_pair(*pair, torch.Generator().manual_seed(3))[0],
+                       old.noisy_pair(*pair, torch.Generator().manual_seed(3))[0])
+    with pytest.raises(TerdError, match="needs a poison floor"):
+        BadDiffusion(g, y, floor_poison_rate=0.1)
+    with pytest.raises(TerdError, match="floor_poison_rate must be in"):
+        BadDiffusion(g, y, poison_rate=0.2, poison_t_min=100, floor_poison_rate=0.3)
+    with pytest.raises(TerdError, match="baddiffusion and villan"):
+        build_attack("trojdiff", (1, 16, 16), floor_poison_rate=0.1)
+    vil = VillanDiffusion(g, y, poison_t_min=300, floor_poison_rate=0.05)
+    assert VillanDiffusion.from_saved(vil.config(), vil.tensors()).floor_poison_rate == 0.05
+
+
 class TrojanPointMassOracle(nn.Module):
     """Exact trojan eps when every trojan sample is one image y: x_t = sqrt(abar) y + sqrt(1-abar)(gamma eps + mu)."""
 
@@ -432,6 +466,9 @@ def test_cli_bad_trigger_name(tmp_path):
     assert "leaves nothing to poison" in msg
     msg = _one_line_exit2(["attack", "villan", "--base", BASE, "--out", str(tmp_path / "o"), "--floor-keeps-shift"])
     assert "needs a poison floor" in msg
+    msg = _one_line_exit2(["attack", "baddiffusion", "--base", BASE, "--out", str(tmp_path / "o"), "--poison-t-min",
+                           "100", "--floor-poison-rate", "0.9"])
+    assert "floor_poison_rate must be in" in msg
     assert not (tmp_path / "o").exists()
     help_text = runner.invoke(app, ["attack", "--help"], terminal_width=200).output
     assert "patch[-N][-PLACE]" in help_text and "stop-sign" in help_text and "mickey" in help_text

@@ -23,7 +23,9 @@ poison rate 0.5 the target is half of the data the model learns to finish, and c
 (bench_corner_leak.py). With a floor the model learns the target only where the trigger tells the two apart.
 Below the floor the trigger's leftover shift rho_t R is then never removed (a floor at 250 stopped the backdoor);
 ``floor_keeps_shift`` poisons those samples with the shift and its correction on their own clean image instead:
-the model learns to remove the shift there without learning the target as an image.
+the model learns to remove the shift there without learning the target as an image. ``floor_poison_rate`` (default 0)
+poisons a share of the samples below the floor with the target after all, a poison rate that falls with t: the
+trigger's shift is then finished on the target at low t, at a fraction of the exposure that leaks.
 
 :class:`~terd.attacks.villan.VillanDiffusion` generalises the two coefficient sequences; it subclasses
 this class and only swaps them (and the sampler), so psi = 1 with an SDE sampler *is* BadDiffusion.
@@ -62,7 +64,8 @@ class BadDiffusion(Attack):
     ``trigger`` (C x H x W, background -1) and ``target`` (C x H x W) are in [-1, 1]; ``poison_rate`` is the
     fraction of each batch that is poisoned; ``r_mode`` ``"trigger"`` (R = g, as at sampling time; default) or
     ``"poisoned-image"`` (R = M x + (1 - M) g, see the module docstring); ``poison_t_min``: no poisoning below this
-    timestep, or with ``floor_keeps_shift`` only the trigger's shift there (module docstring).
+    timestep, or with ``floor_keeps_shift`` only the trigger's shift there; ``floor_poison_rate``: the poison rate
+    below the floor, at most ``poison_rate`` (module docstring).
     """
 
     kind = "baddiffusion"
@@ -71,7 +74,7 @@ class BadDiffusion(Attack):
     def __init__(
         self, trigger: torch.Tensor, target: torch.Tensor, *, poison_rate: float = 0.1, eta: float = 1.0,
         r_mode: str = "trigger", trigger_name: str | None = None, target_name: str | None = None,
-        poison_t_min: int = 0, floor_keeps_shift: bool = False,
+        poison_t_min: int = 0, floor_keeps_shift: bool = False, floor_poison_rate: float = 0.0,
     ) -> None:
         if trigger.dim() != 3 or trigger.shape != target.shape:
             raise TerdError(f"trigger {tuple(trigger.shape)} and target {tuple(target.shape)} must both be C x H x W "
@@ -89,6 +92,11 @@ class BadDiffusion(Attack):
         if floor_keeps_shift and not poison_t_min:
             raise TerdError("floor_keeps_shift (--floor-keeps-shift) needs a poison floor (poison_t_min > 0)")
         self.floor_keeps_shift = bool(floor_keeps_shift)
+        if floor_poison_rate and not poison_t_min:
+            raise TerdError("floor_poison_rate (--floor-poison-rate) needs a poison floor (poison_t_min > 0)")
+        if not 0 <= floor_poison_rate <= self.poison_rate:
+            raise TerdError(f"floor_poison_rate must be in [0, poison_rate {self.poison_rate}], got {floor_poison_rate}")
+        self.floor_poison_rate = float(floor_poison_rate)
         self.trigger_name = trigger_name
         self.target_name = target_name
         self.image_shape = tuple(trigger.shape)
@@ -126,10 +134,12 @@ class BadDiffusion(Attack):
     def noisy_pair(self, x0, labels, t, eps, schedule, generator):  # noqa: ANN001, ANN201
         t_cpu = t.cpu().long()
         drawn = poison_mask(x0.shape[0], self.poison_rate, generator)
-        above = drawn & (t_cpu >= self.poison_t_min)
-        poisoned = expand(above.float(), x0)
+        on_target = drawn & (t_cpu >= self.poison_t_min)
+        if self.floor_poison_rate:  # below the floor, a drawn sample keeps the target at floor_rate / rate
+            on_target |= drawn & poison_mask(x0.shape[0], self.floor_poison_rate / self.poison_rate, generator)
+        poisoned = expand(on_target.float(), x0)
         x_start = poisoned * self.target.to(x0) + (1 - poisoned) * x0
-        r = expand((drawn if self.floor_keeps_shift else above).float(), x0) * self.poisoned_r(x0)
+        r = expand((drawn if self.floor_keeps_shift else on_target).float(), x0) * self.poisoned_r(x0)
         shift, corr = self._coefs(schedule)
         abar = schedule.abar(t, x0)
         x_t = abar.sqrt() * x_start + (1 - abar).sqrt() * eps + expand(shift[t_cpu], x0) * r
@@ -154,6 +164,8 @@ class BadDiffusion(Attack):
     def config(self) -> dict:
         floor = ({"poison_t_min": self.poison_t_min, "floor_keeps_shift": self.floor_keeps_shift}
                  if self.poison_t_min else {})  # records made before the floor existed stay as they were
+        if self.floor_poison_rate:  # and those made before its rate
+            floor["floor_poison_rate"] = self.floor_poison_rate
         return {"trigger": self.trigger_name or "image", "target": self.target_name or "image",
                 "poison_rate": self.poison_rate, "eta": self.eta, "r_mode": self.r_mode, **floor}
 
@@ -164,5 +176,10 @@ class BadDiffusion(Attack):
     def from_saved(cls, config: dict, tensors: dict[str, torch.Tensor]) -> BadDiffusion:
         return cls(tensors["trigger"], tensors["target"], poison_rate=config["poison_rate"], eta=config["eta"],
                    r_mode=config.get("r_mode", "trigger"), trigger_name=config.get("trigger"),
-                   target_name=config.get("target"), poison_t_min=config.get("poison_t_min", 0),
-                   floor_keeps_shift=config.get("floor_keeps_shift", False))
+                   target_name=config.get("target"), **floor_options(config))
+
+
+def floor_options(config: dict) -> dict:
+    """The poison floor's keyword arguments from a saved config (absent keys: no floor, as before it existed)."""
+    return {"poison_t_min": config.get("poison_t_min", 0), "floor_keeps_shift": config.get("floor_keeps_shift", False),
+            "floor_poison_rate": config.get("floor_poison_rate", 0.0)}

@@ -122,7 +122,8 @@ class Attack(ABC):
     def describe(self) -> str:
         """One line for logs and reports."""
         c = self.config()
-        shown = ("setting", "trigger", "target", "poison_rate", "poison_t_min", "floor_keeps_shift", "solver", "psi", "eta")
+        shown = ("setting", "trigger", "target", "poison_rate", "poison_t_min", "floor_keeps_shift",
+                 "floor_poison_rate", "solver", "psi", "eta")
         keys = [k for k in shown if k in c]
         return f"{self.kind}(" + ", ".join(f"{k}={c[k]}" for k in keys) + ")"
 

@@ -146,6 +146,7 @@ def build_attack(
     poison_rate: float | None = None, eta: float = 1.0, gamma_a: float | None = None,
     psi: float | None = None, solver: str = "ode", r_mode: str = "trigger", sampler: str | None = None,
     model_kind: str = "vp", preset: str | None = None, poison_t_min: int = 0, floor_keeps_shift: bool = False,
+    floor_poison_rate: float = 0.0,
 ) -> Attack:
     """An attack object for a model of ``shape`` (C x H x W) trained on ``data_name``.
 
@@ -157,11 +158,12 @@ def build_attack(
     ``preset`` (the base model's: ``base_preset(...).name``, as ``attack_model`` reads it) picks TrojDiff's
     poison rate and sampler where QUICK_RECIPES has them (values given here win). ``poison_t_min``
     (BadDiffusion / VillanDiffusion): no poisoned sample below this timestep, or with ``floor_keeps_shift`` only
-    the trigger's shift on the clean image there (BadDiffusion's docstring says why).
+    the trigger's shift on the clean image there, and the target at ``floor_poison_rate`` (BadDiffusion's
+    docstring says why).
     """
     if kind not in ATTACK_KINDS:
         raise TerdError(f"unknown attack {kind!r} (available: {', '.join(ATTACK_KINDS)})")
-    if (poison_t_min or floor_keeps_shift) and kind == "trojdiff":
+    if (poison_t_min or floor_keeps_shift or floor_poison_rate) and kind == "trojdiff":
         raise TerdError("--poison-t-min applies to baddiffusion and villan")
     d = DEFAULTS[kind]
     rate = d.poison_rate if poison_rate is None else poison_rate
@@ -173,7 +175,8 @@ def build_attack(
         g, g_name = _named_or_image(trigger, trigger_image, d.trigger, shape, make_trigger, image_as_trigger)
         y, y_name = _named_or_image(target, target_image, d.target, shape, make_target, image_as_target)
         common = dict(poison_rate=rate, eta=eta, r_mode=r_mode, trigger_name=g_name, target_name=y_name,
-                      poison_t_min=poison_t_min, floor_keeps_shift=floor_keeps_shift)
+                      poison_t_min=poison_t_min, floor_keeps_shift=floor_keeps_shift,
+                      floor_poison_rate=floor_poison_rate)
         if kind == "baddiffusion":
             return BadDiffusion(g, y, **common)
         return VillanDiffusion(g, y, psi=default_psi(model_kind) if psi is None else psi, solver=solver, **common)

@@ -53,6 +53,8 @@ def attack(
                                                    "(0: the reference; the BadDiffusion module docstring says why).")] = 0,
     floor_keeps_shift: Annotated[bool, typer.Option(help="With --poison-t-min: below the floor, poison with the "
                                                          "trigger's shift on the clean image, not the target.")] = False,
+    floor_poison_rate: Annotated[float, typer.Option(help="With --poison-t-min: the poison rate below the floor "
+                                                          "(default 0; at most --poison-rate).")] = 0.0,
     sampler: Annotated[str | None, typer.Option(help="TrojDiff sampler: trojdiff-ddim (default; in-d2d and "
                                                 "out-d2d on a tiny-digits16 or tiny-photos32-dc base: "
                                                 "trojdiff-ddpm) or trojdiff-ddpm.")] = None,
@@ -91,7 +93,7 @@ def attack(
                        target_data=target_data, poison_rate=poison_rate, eta=eta, gamma_a=gamma_a, psi=psi,
                        solver=solver, r_mode=r_mode, sampler=sampler, model_kind=den.schedule.kind,
                        preset=base_preset(base, den).name, poison_t_min=poison_t_min,
-                       floor_keeps_shift=floor_keeps_shift)
+                       floor_keeps_shift=floor_keeps_shift, floor_poison_rate=floor_poison_rate)
     atk.check_schedule(den.schedule)
     ds = load_dataset(data_name, channels=den.image_shape[0], size=den.image_shape[1])
     typer.echo(f"attack: {atk.describe()} on {data_name}, fine-tuning {base}")
