@@ -143,13 +143,11 @@ ROWS = {
                                                                 "poison_t_min": 250, "floor_keeps_shift": True},
                                                3, 16, 0),
     # with the shift kept below 250 nothing leaks (0.00) but the chain is not finished on the target (0.33): a
-    # poison rate that falls with t, the target kept below the floor at a fifth (or two fifths) of the rate above it
+    # poison rate that falls with t, the target kept below the floor at a fifth of the rate above it (0.84 / 0.14:
+    # as leaky as the floor at 100 and short of the bar, so the rate 0.2 row planned beside it was not run)
     "bad-box-corner-tmin250-shift-fr0.1-b16-e3-np": ("baddiffusion", {"trigger": "box", "target": "corner",
                                                                       "poison_t_min": 250, "floor_keeps_shift": True,
                                                                       "floor_poison_rate": 0.1}, 3, 16, 0),
-    "bad-box-corner-tmin250-shift-fr0.2-b16-e3-np": ("baddiffusion", {"trigger": "box", "target": "corner",
-                                                                      "poison_t_min": 250, "floor_keeps_shift": True,
-                                                                      "floor_poison_rate": 0.2}, 3, 16, 0),
     # no epochs, no batch size: what `terd attack villan --base P32 --preview 0` alone does (its quick recipe)
     "villan-ode-default-np": (*VILLAN_ODE, None, None, 0),
 }
