@@ -791,6 +791,38 @@ def test_a_lone_build_gets_every_core(tmp_path, monkeypatch):
     assert int((tmp_path / "cache" / "threads").read_text()) == (os.cpu_count() or 1)
 
 
+def test_a_model_starts_when_its_base_is_built_not_its_layer(tmp_path, monkeypatch):
+    """slow (a base) and quick are one layer; quick-ft (on quick) must start while slow still builds: slow's fake
+    build waits for quick-ft's and reports whether it came. Built layer by layer, it never would."""
+    import multiprocessing
+
+    import terd.zoo as zoo_mod
+
+    if multiprocessing.get_start_method() != "fork":
+        pytest.skip("the fake builder reaches the worker only through fork")
+    f = tmp_path / "z.yaml"
+    f.write_text("models:\n  - {id: slow, kind: benign}\n  - {id: quick, kind: benign}\n"
+                 "  - {id: quick-ft, kind: benign-finetune, base: quick}\n")
+    monkeypatch.setattr(zoo_mod, "build_entry", _fake_build_waiting)
+    seen = []
+    zoo_mod.build_zoo(load_zoo(f), tmp_path / "cache", workers=2, echo=seen.append)
+    assert (tmp_path / "cache" / "slow.txt").read_text() == "saw quick-ft"
+    assert seen[0] == "building 3 model(s): slow, quick, quick-ft" and seen[-1] == "  built slow"
+
+
+def _fake_build_waiting(e, cache, device, threads, base_dir):  # noqa: ANN001, ANN202
+    """slow waits (up to 60 s) for quick-ft's build to have started; the others return at once."""
+    import time
+
+    cache = Path(cache)
+    (cache / f"{e.id}.started").write_text("")
+    if e.id == "slow":
+        deadline = time.monotonic() + 60
+        while not (cache / "quick-ft.started").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (cache / "slow.txt").write_text("saw quick-ft" if (cache / "quick-ft.started").exists() else "timed out")
+
+
 def _fake_build(e, cache, device, threads, base_dir):  # noqa: ANN001, ANN202
     """Stands in for a build (in the worker process) and records the torch threads it was given."""
     (Path(cache) / "threads").write_text(str(threads))
