@@ -24,8 +24,9 @@ poison rate 0.5 the target is half of the data the model learns to finish, and c
 Below the floor the trigger's leftover shift rho_t R is then never removed (a floor at 250 stopped the backdoor);
 ``floor_keeps_shift`` poisons those samples with the shift and its correction on their own clean image instead:
 the model learns to remove the shift there without learning the target as an image. ``floor_poison_rate`` (default 0)
-poisons a share of the samples below the floor with the target after all, a poison rate that falls with t: the
-trigger's shift is then finished on the target at low t, at a fraction of the exposure that leaks.
+poisons a share of the samples below the floor with the target after all, a poison rate that falls with t, so the
+chain is finished on the target at a fraction of the low-t exposure. Measured on the 32 px corner target
+(bench_quick_finetune.py): a fifth of the rate there leaked as much as a floor at 100 and still missed.
 
 :class:`~terd.attacks.villan.VillanDiffusion` generalises the two coefficient sequences; it subclasses
 this class and only swaps them (and the sampler), so psi = 1 with an SDE sampler *is* BadDiffusion.

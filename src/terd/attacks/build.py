@@ -164,7 +164,7 @@ def build_attack(
     if kind not in ATTACK_KINDS:
         raise TerdError(f"unknown attack {kind!r} (available: {', '.join(ATTACK_KINDS)})")
     if (poison_t_min or floor_keeps_shift or floor_poison_rate) and kind == "trojdiff":
-        raise TerdError("--poison-t-min applies to baddiffusion and villan")
+        raise TerdError("--poison-t-min, --floor-keeps-shift and --floor-poison-rate apply to baddiffusion and villan")
     d = DEFAULTS[kind]
     rate = d.poison_rate if poison_rate is None else poison_rate
     if kind in ("baddiffusion", "villan"):
