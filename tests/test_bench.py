@@ -785,10 +785,16 @@ def test_a_lone_build_gets_every_core(tmp_path, monkeypatch):
     if multiprocessing.get_start_method() != "fork":
         pytest.skip("the fake builder reaches the worker only through fork")
     f = tmp_path / "z.yaml"
-    f.write_text("models:\n  - {id: b, kind: benign}\n")
+    f.write_text("models:\n  - {id: b, kind: benign}\n  - {id: c, kind: benign-finetune, base: b}\n"
+                 "  - {id: d, kind: benign}\n  - {id: e, kind: benign}\n")
     monkeypatch.setattr(zoo_mod, "build_entry", _fake_build)
+    cores = os.cpu_count() or 1
+    zoo_mod.build_zoo(load_zoo(f)[:2], tmp_path / "chain", workers=2, echo=lambda s: None)
+    # a chain: each build starts alone with nothing else ready
+    assert [int((tmp_path / "chain" / f"{i}.threads").read_text()) for i in "bc"] == [cores, cores]
     zoo_mod.build_zoo(load_zoo(f), tmp_path / "cache", workers=2, echo=lambda s: None)
-    assert int((tmp_path / "cache" / "threads").read_text()) == (os.cpu_count() or 1)
+    # three ready at the start: they share the cores, two at a time
+    assert int((tmp_path / "cache" / "d.threads").read_text()) == max(1, cores // 2)
 
 
 def test_a_model_starts_when_its_base_is_built_not_its_layer(tmp_path, monkeypatch):
@@ -825,7 +831,7 @@ def _fake_build_waiting(e, cache, device, threads, base_dir):  # noqa: ANN001, A
 
 def _fake_build(e, cache, device, threads, base_dir):  # noqa: ANN001, ANN202
     """Stands in for a build (in the worker process) and records the torch threads it was given."""
-    (Path(cache) / "threads").write_text(str(threads))
+    (Path(cache) / f"{e.id}.threads").write_text(str(threads))
 
 
 def test_rows_recorded_before_L_p_get_it_from_their_probe_summary(tmp_path, tiny_unet, schedule):

@@ -436,12 +436,16 @@ def build_zoo(entries: list[ZooEntry], cache: str | Path, *, workers: int = 1, d
             build_entry(e, cache, device=device, base_dir=base_of(e))
             echo(f"  built {e.id}")
     elif queue:
-        threads = max(1, (os.cpu_count() or 1) // min(workers, len(queue)))  # a lone build gets every core
+        cores = os.cpu_count() or 1
         unbuilt = {e.id for e in queue}
         with ProcessPoolExecutor(max_workers=workers, mp_context=pool_context(device)) as pool:
             running: dict = {}
             while queue or running:
-                for e in [e for e in queue if e.base not in unbuilt][:workers - len(running)]:
+                ready = [e for e in queue if e.base not in unbuilt][:workers - len(running)]
+                # a build that starts alone, with nothing else ready, gets every core: no other can start before
+                # it ends (only its end makes another ready), so the cores are never oversubscribed
+                threads = cores if len(ready) == 1 and not running else max(1, cores // workers)
+                for e in ready:
                     queue.remove(e)
                     running[pool.submit(build_entry, e, cache, device=device, threads=threads,
                                         base_dir=base_of(e))] = e
