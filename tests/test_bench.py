@@ -776,23 +776,33 @@ def test_bench_skips_models_marked_evaluate_false_and_checks_thresholds_first(tm
         load_zoo(zoo)
 
 
-def test_a_lone_build_gets_every_core(tmp_path, monkeypatch):
+def _zoo_with_fake_builds(tmp_path, monkeypatch, models: str, builder) -> list:  # noqa: ANN001
+    """The entries of a zoo of ``models`` (YAML list lines), with ``builder`` standing in for every build."""
     import multiprocessing
-    import os
 
     import terd.zoo as zoo_mod
 
     if multiprocessing.get_start_method() != "fork":
         pytest.skip("the fake builder reaches the worker only through fork")
     f = tmp_path / "z.yaml"
-    f.write_text("models:\n  - {id: b, kind: benign}\n  - {id: c, kind: benign-finetune, base: b}\n"
-                 "  - {id: d, kind: benign}\n  - {id: e, kind: benign}\n")
-    monkeypatch.setattr(zoo_mod, "build_entry", _fake_build)
+    f.write_text("models:\n" + models)
+    monkeypatch.setattr(zoo_mod, "build_entry", builder)
+    return load_zoo(f)
+
+
+def test_a_lone_build_gets_every_core(tmp_path, monkeypatch):
+    import os
+
+    from terd.zoo import build_zoo
+
+    entries = _zoo_with_fake_builds(tmp_path, monkeypatch, "  - {id: b, kind: benign}\n  - {id: c, kind: "
+                                    "benign-finetune, base: b}\n  - {id: d, kind: benign}\n  - {id: e, kind: benign}\n",
+                                    _fake_build)
     cores = os.cpu_count() or 1
-    zoo_mod.build_zoo(load_zoo(f)[:2], tmp_path / "chain", workers=2, echo=lambda s: None)
+    build_zoo(entries[:2], tmp_path / "chain", workers=2, echo=lambda s: None)
     # a chain: each build starts alone with nothing else ready
     assert [int((tmp_path / "chain" / f"{i}.threads").read_text()) for i in "bc"] == [cores, cores]
-    zoo_mod.build_zoo(load_zoo(f), tmp_path / "cache", workers=2, echo=lambda s: None)
+    build_zoo(entries, tmp_path / "cache", workers=2, echo=lambda s: None)
     # three ready at the start: they share the cores, two at a time
     assert int((tmp_path / "cache" / "d.threads").read_text()) == max(1, cores // 2)
 
@@ -800,18 +810,13 @@ def test_a_lone_build_gets_every_core(tmp_path, monkeypatch):
 def test_a_model_starts_when_its_base_is_built_not_its_layer(tmp_path, monkeypatch):
     """slow (a base) and quick are one layer; quick-ft (on quick) must start while slow still builds: slow's fake
     build waits for quick-ft's and reports whether it came. Built layer by layer, it never would."""
-    import multiprocessing
+    from terd.zoo import build_zoo
 
-    import terd.zoo as zoo_mod
-
-    if multiprocessing.get_start_method() != "fork":
-        pytest.skip("the fake builder reaches the worker only through fork")
-    f = tmp_path / "z.yaml"
-    f.write_text("models:\n  - {id: slow, kind: benign}\n  - {id: quick, kind: benign}\n"
-                 "  - {id: quick-ft, kind: benign-finetune, base: quick}\n")
-    monkeypatch.setattr(zoo_mod, "build_entry", _fake_build_waiting)
+    entries = _zoo_with_fake_builds(tmp_path, monkeypatch, "  - {id: slow, kind: benign}\n  - {id: quick, kind: "
+                                    "benign}\n  - {id: quick-ft, kind: benign-finetune, base: quick}\n",
+                                    _fake_build_waiting)
     seen = []
-    zoo_mod.build_zoo(load_zoo(f), tmp_path / "cache", workers=2, echo=seen.append)
+    build_zoo(entries, tmp_path / "cache", workers=2, echo=seen.append)
     assert (tmp_path / "cache" / "slow.txt").read_text() == "saw quick-ft"
     assert seen[0] == "building 3 model(s): slow, quick, quick-ft" and seen[-1] == "  built slow"
 
