@@ -416,7 +416,7 @@ def build_zoo(entries: list[ZooEntry], cache: str | Path, *, workers: int = 1, d
               echo: Callable[[str], None] = print) -> list[Path]:
     """Build every missing model, ``workers`` at a time (a local process pool). A model starts as soon as its
     base is built, not when the whole layer of :func:`build_order` before it is: a slow base (a 20-epoch 32 px
-    model, ~30 minutes) would otherwise leave a worker idle while the fine-tunes of built bases wait."""
+    model, ~24 minutes at foundation.md's 72 s per epoch) would otherwise leave a worker idle while the fine-tunes of built bases wait."""
     import os
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
