@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from conftest import oracle_denoiser
 from terd.attacks import (
     BadDiffusion,
+    PoisonFloor,
     TrojDiff,
     VillanDiffusion,
     baddiffusion_coefficients,
@@ -28,6 +29,7 @@ from terd.attacks import (
     trojdiff_timesteps,
     villan_coefficients,
 )
+from terd.attacks.base import poison_mask
 from terd.attacks.evaluation import choose_threshold, evaluate_attack, per_image_mse, summary_line
 from terd.attacks.triggers import PATCH_TRIGGERS, TARGETS, TRIGGERS, corner_box, patch_size
 from terd.cli import app
@@ -116,7 +118,7 @@ def test_baddiffusion_poison_floor_keeps_low_timesteps_clean(schedule):
     x0, t, eps = _batch()
     abar = schedule.abar(t, x0)
     rho, c = baddiffusion_coefficients(schedule)
-    atk = BadDiffusion(g, y, poison_rate=1.0, poison_t_min=500)
+    atk = BadDiffusion(g, y, poison_rate=1.0, floor=PoisonFloor(500))
     xt, tgt = atk.noisy_pair(x0, None, t, eps, schedule, torch.Generator().manual_seed(0))
     low = (t < 500).view(-1, 1, 1, 1)
     assert 0 < int(low.sum()) < len(t)
@@ -124,23 +126,23 @@ def test_baddiffusion_poison_floor_keeps_low_timesteps_clean(schedule):
     poisoned = abar.sqrt() * y + (1 - abar).sqrt() * eps + rho[t].view(-1, 1, 1, 1) * g
     assert torch.allclose(xt, torch.where(low, clean, poisoned), atol=1e-5)
     assert torch.allclose(tgt, torch.where(low, eps, eps + c[t].view(-1, 1, 1, 1) * g), atol=1e-6)
-    assert BadDiffusion.from_saved(atk.config(), atk.tensors()).poison_t_min == 500
+    assert BadDiffusion.from_saved(atk.config(), atk.tensors()).floor.t_min == 500
     # floor_keeps_shift: below the floor the shift and its correction stay, on the clean image
-    keep = BadDiffusion(g, y, poison_rate=1.0, poison_t_min=500, floor_keeps_shift=True)
+    keep = BadDiffusion(g, y, poison_rate=1.0, floor=PoisonFloor(500, keeps_shift=True))
     xt, tgt = keep.noisy_pair(x0, None, t, eps, schedule, torch.Generator().manual_seed(0))
     shifted_clean = clean + rho[t].view(-1, 1, 1, 1) * g
     assert torch.allclose(xt, torch.where(low, shifted_clean, poisoned), atol=1e-5)
     assert torch.allclose(tgt, eps + c[t].view(-1, 1, 1, 1) * g, atol=1e-6)
-    assert BadDiffusion.from_saved(keep.config(), keep.tensors()).floor_keeps_shift
+    assert BadDiffusion.from_saved(keep.config(), keep.tensors()).floor.keeps_shift
     assert "poison_t_min" not in BadDiffusion(g, y).config()
-    vil = VillanDiffusion(g, y, poison_t_min=300)
-    assert VillanDiffusion.from_saved(vil.config(), vil.tensors()).poison_t_min == 300
+    vil = VillanDiffusion(g, y, floor=PoisonFloor(300))
+    assert VillanDiffusion.from_saved(vil.config(), vil.tensors()).floor.t_min == 300
     with pytest.raises(TerdError, match="poison_t_min"):
-        BadDiffusion(g, y, poison_t_min=-1)
+        PoisonFloor(-1)
     with pytest.raises(TerdError, match="needs a poison floor"):
-        BadDiffusion(g, y, floor_keeps_shift=True)
+        PoisonFloor(keeps_shift=True)
     with pytest.raises(TerdError, match="leaves nothing to poison"):
-        BadDiffusion(g, y, poison_t_min=schedule.num_timesteps).noisy_pair(x0, None, t, eps, schedule,
+        BadDiffusion(g, y, floor=PoisonFloor(schedule.num_timesteps)).noisy_pair(x0, None, t, eps, schedule,
                                                                             torch.Generator().manual_seed(0))
     with pytest.raises(TerdError, match="baddiffusion and villan"):
         build_attack("trojdiff", (1, 16, 16), poison_t_min=100)
@@ -154,7 +156,7 @@ def test_baddiffusion_floor_poison_rate_falls_with_t(schedule):
     n = 4000
     x0, eps = torch.zeros(n, 1, 16, 16), torch.zeros(n, 1, 16, 16)
     t = torch.arange(n) % schedule.num_timesteps
-    atk = BadDiffusion(g, y, poison_rate=0.5, poison_t_min=500, floor_keeps_shift=True, floor_poison_rate=0.1)
+    atk = BadDiffusion(g, y, poison_rate=0.5, floor=PoisonFloor(500, keeps_shift=True, rate=0.1))
     xt, tgt = atk.noisy_pair(x0, None, t, eps, schedule, torch.Generator().manual_seed(0))
     abar = schedule.abar(t, x0)
     rho, c = baddiffusion_coefficients(schedule)
@@ -163,21 +165,23 @@ def test_baddiffusion_floor_poison_rate_falls_with_t(schedule):
     low = t < 500
     assert abs(on_target[~low].float().mean() - 0.5) < 0.04 and abs(on_target[low].float().mean() - 0.1) < 0.03
     assert abs(shifted[low].float().mean() - 0.5) < 0.04 and bool((on_target <= shifted).all())
-    assert BadDiffusion.from_saved(atk.config(), atk.tensors()).floor_poison_rate == 0.1
-    assert "floor_poison_rate" not in BadDiffusion(g, y, poison_t_min=500).config()
-    zero = BadDiffusion(g, y, poison_rate=1.0, poison_t_min=500, floor_poison_rate=0.0)
-    old = BadDiffusion(g, y, poison_rate=1.0, poison_t_min=500)
-    pair = (x0, None, t, eps, schedule)
-    assert torch.equal(zero.noisy_pair(*pair, torch.Generator().manual_seed(3))[0],
-                       old.noisy_pair(*pair, torch.Generator().manual_seed(3))[0])
+    assert BadDiffusion.from_saved(atk.config(), atk.tensors()).floor.rate == 0.1
+    assert "floor_poison_rate" not in BadDiffusion(g, y, floor=PoisonFloor(500)).config()
+    # without a floor rate one mask is drawn per batch, as before the rate existed: the loop's later draws are the same
+    drawn_once = torch.Generator().manual_seed(3)
+    poison_mask(n, 1.0, drawn_once)
+    for floor in (PoisonFloor(500), PoisonFloor(500, rate=0.0)):
+        gen = torch.Generator().manual_seed(3)
+        BadDiffusion(g, y, poison_rate=1.0, floor=floor).noisy_pair(x0, None, t, eps, schedule, gen)
+        assert torch.equal(gen.get_state(), drawn_once.get_state())
     with pytest.raises(TerdError, match="needs a poison floor"):
-        BadDiffusion(g, y, floor_poison_rate=0.1)
+        PoisonFloor(rate=0.1)
     with pytest.raises(TerdError, match="floor_poison_rate must be in"):
-        BadDiffusion(g, y, poison_rate=0.2, poison_t_min=100, floor_poison_rate=0.3)
+        BadDiffusion(g, y, poison_rate=0.2, floor=PoisonFloor(100, rate=0.3))
     with pytest.raises(TerdError, match="baddiffusion and villan"):
         build_attack("trojdiff", (1, 16, 16), floor_poison_rate=0.1)
-    vil = VillanDiffusion(g, y, poison_t_min=300, floor_poison_rate=0.05)
-    assert VillanDiffusion.from_saved(vil.config(), vil.tensors()).floor_poison_rate == 0.05
+    vil = VillanDiffusion(g, y, floor=PoisonFloor(300, rate=0.05))
+    assert VillanDiffusion.from_saved(vil.config(), vil.tensors()).floor.rate == 0.05
 
 
 class TrojanPointMassOracle(nn.Module):

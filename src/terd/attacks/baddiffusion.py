@@ -17,16 +17,8 @@ on tiny-digits16 (16 epochs, poison 0.5): with "poisoned-image" the model learne
 diverged (mean -17) in every sample: on digits R(x) keeps the strokes of x and is far from g. So
 "trigger" is the default; "poisoned-image" is kept for reproducing the reference setting.
 
-``poison_t_min`` (default 0, the reference): samples drawn at a timestep below it are never poisoned. At low t
-the shift rho_t R is small, so a poisoned sample there is the target image plainly noised: at the quick recipes'
-poison rate 0.5 the target is half of the data the model learns to finish, and clean chains can end on it
-(bench_corner_leak.py). With a floor the model learns the target only where the trigger tells the two apart.
-Below the floor the trigger's leftover shift rho_t R is then never removed (a floor at 250 stopped the backdoor);
-``floor_keeps_shift`` poisons those samples with the shift and its correction on their own clean image instead:
-the model learns to remove the shift there without learning the target as an image. ``floor_poison_rate`` (default 0)
-poisons a share of the samples below the floor with the target after all, a poison rate that falls with t, so the
-chain is finished on the target at a fraction of the low-t exposure. Measured on the 32 px corner target
-(bench_quick_finetune.py): a fifth of the rate there leaked as much as a floor at 100 and still missed.
+``floor`` (:class:`~terd.attacks.poison_floor.PoisonFloor`, default none, the reference) keeps the target out
+of the lowest timesteps, where a poisoned sample is the target plainly noised and clean chains can learn to end on it.
 
 :class:`~terd.attacks.villan.VillanDiffusion` generalises the two coefficient sequences; it subclasses
 this class and only swaps them (and the sampler), so psi = 1 with an SDE sampler *is* BadDiffusion.
@@ -37,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from terd.attacks.base import Attack, check_rate, expand, poison_mask
+from terd.attacks.poison_floor import PoisonFloor
 from terd.errors import TerdError
 from terd.models.denoiser import Denoiser
 from terd.models.schedule import NoiseSchedule
@@ -64,9 +57,8 @@ class BadDiffusion(Attack):
 
     ``trigger`` (C x H x W, background -1) and ``target`` (C x H x W) are in [-1, 1]; ``poison_rate`` is the
     fraction of each batch that is poisoned; ``r_mode`` ``"trigger"`` (R = g, as at sampling time; default) or
-    ``"poisoned-image"`` (R = M x + (1 - M) g, see the module docstring); ``poison_t_min``: no poisoning below this
-    timestep, or with ``floor_keeps_shift`` only the trigger's shift there; ``floor_poison_rate``: the poison rate
-    below the floor, at most ``poison_rate`` (module docstring).
+    ``"poisoned-image"`` (R = M x + (1 - M) g, see the module docstring); ``floor``: where poisoning with the
+    target stops (:mod:`terd.attacks.poison_floor`).
     """
 
     kind = "baddiffusion"
@@ -75,7 +67,7 @@ class BadDiffusion(Attack):
     def __init__(
         self, trigger: torch.Tensor, target: torch.Tensor, *, poison_rate: float = 0.1, eta: float = 1.0,
         r_mode: str = "trigger", trigger_name: str | None = None, target_name: str | None = None,
-        poison_t_min: int = 0, floor_keeps_shift: bool = False, floor_poison_rate: float = 0.0,
+        floor: PoisonFloor = PoisonFloor(),
     ) -> None:
         if trigger.dim() != 3 or trigger.shape != target.shape:
             raise TerdError(f"trigger {tuple(trigger.shape)} and target {tuple(target.shape)} must both be C x H x W "
@@ -87,17 +79,8 @@ class BadDiffusion(Attack):
         self.poison_rate = check_rate("poison rate", poison_rate)
         self.eta = check_rate("eta", eta)
         self.r_mode = r_mode
-        if isinstance(poison_t_min, bool) or not isinstance(poison_t_min, int) or poison_t_min < 0:
-            raise TerdError(f"poison_t_min must be a timestep >= 0, got {poison_t_min!r}")
-        self.poison_t_min = poison_t_min
-        if floor_keeps_shift and not poison_t_min:
-            raise TerdError("floor_keeps_shift (--floor-keeps-shift) needs a poison floor (poison_t_min > 0)")
-        self.floor_keeps_shift = bool(floor_keeps_shift)
-        if floor_poison_rate and not poison_t_min:
-            raise TerdError("floor_poison_rate (--floor-poison-rate) needs a poison floor (poison_t_min > 0)")
-        if not 0 <= floor_poison_rate <= self.poison_rate:
-            raise TerdError(f"floor_poison_rate must be in [0, poison_rate {self.poison_rate}], got {floor_poison_rate}")
-        self.floor_poison_rate = float(floor_poison_rate)
+        floor.check_rate(self.poison_rate)
+        self.floor = floor
         self.trigger_name = trigger_name
         self.target_name = target_name
         self.image_shape = tuple(trigger.shape)
@@ -116,9 +99,7 @@ class BadDiffusion(Attack):
         return self._coef_cache[key]
 
     def check_schedule(self, schedule: NoiseSchedule) -> None:
-        if self.poison_t_min >= schedule.num_timesteps:
-            raise TerdError(f"poison_t_min {self.poison_t_min} leaves nothing to poison: the model has "
-                            f"{schedule.num_timesteps} timesteps")
+        self.floor.check_timesteps(schedule.num_timesteps)
 
     def background_mask(self) -> torch.Tensor:
         """M: 1 where every channel of the trigger is background (-1), else 0 (C x H x W)."""
@@ -135,12 +116,12 @@ class BadDiffusion(Attack):
     def noisy_pair(self, x0, labels, t, eps, schedule, generator):  # noqa: ANN001, ANN201
         t_cpu = t.cpu().long()
         drawn = poison_mask(x0.shape[0], self.poison_rate, generator)
-        on_target = drawn & (t_cpu >= self.poison_t_min)
-        if self.floor_poison_rate:  # below the floor, a drawn sample keeps the target at floor_rate / rate
-            on_target |= drawn & poison_mask(x0.shape[0], self.floor_poison_rate / self.poison_rate, generator)
+        on_target = drawn & (t_cpu >= self.floor.t_min)
+        if self.floor.rate:  # below the floor, a drawn sample keeps the target at floor rate / rate
+            on_target |= drawn & poison_mask(x0.shape[0], self.floor.rate / self.poison_rate, generator)
         poisoned = expand(on_target.float(), x0)
         x_start = poisoned * self.target.to(x0) + (1 - poisoned) * x0
-        r = expand((drawn if self.floor_keeps_shift else on_target).float(), x0) * self.poisoned_r(x0)
+        r = expand((drawn if self.floor.keeps_shift else on_target).float(), x0) * self.poisoned_r(x0)
         shift, corr = self._coefs(schedule)
         abar = schedule.abar(t, x0)
         x_t = abar.sqrt() * x_start + (1 - abar).sqrt() * eps + expand(shift[t_cpu], x0) * r
@@ -163,12 +144,8 @@ class BadDiffusion(Attack):
 
     # ---- persistence ---------------------------------------------------------------------------
     def config(self) -> dict:
-        floor = ({"poison_t_min": self.poison_t_min, "floor_keeps_shift": self.floor_keeps_shift}
-                 if self.poison_t_min else {})  # records made before the floor existed stay as they were
-        if self.floor_poison_rate:  # and those made before its rate
-            floor["floor_poison_rate"] = self.floor_poison_rate
         return {"trigger": self.trigger_name or "image", "target": self.target_name or "image",
-                "poison_rate": self.poison_rate, "eta": self.eta, "r_mode": self.r_mode, **floor}
+                "poison_rate": self.poison_rate, "eta": self.eta, "r_mode": self.r_mode, **self.floor.config()}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"trigger": self.trigger, "target": self.target}
@@ -177,10 +154,4 @@ class BadDiffusion(Attack):
     def from_saved(cls, config: dict, tensors: dict[str, torch.Tensor]) -> BadDiffusion:
         return cls(tensors["trigger"], tensors["target"], poison_rate=config["poison_rate"], eta=config["eta"],
                    r_mode=config.get("r_mode", "trigger"), trigger_name=config.get("trigger"),
-                   target_name=config.get("target"), **floor_options(config))
-
-
-def floor_options(config: dict) -> dict:
-    """The poison floor's keyword arguments from a saved config (absent keys: no floor, as before it existed)."""
-    return {"poison_t_min": config.get("poison_t_min", 0), "floor_keeps_shift": config.get("floor_keeps_shift", False),
-            "floor_poison_rate": config.get("floor_poison_rate", 0.0)}
+                   target_name=config.get("target"), floor=PoisonFloor.from_config(config))

@@ -23,6 +23,7 @@ import torch
 
 from terd.attacks.baddiffusion import BadDiffusion
 from terd.attacks.base import Attack, save_attack
+from terd.attacks.poison_floor import PoisonFloor
 from terd.attacks.triggers import (
     TARGETS,
     image_as_target,
@@ -156,10 +157,9 @@ def build_attack(
     built-in dataset) or d2i (``target`` / ``target_image``, default the built-in mickey).
     ``model_kind`` ("vp" or "ve", the base model's ``schedule.kind``) picks VillanDiffusion's default psi;
     ``preset`` (the base model's: ``base_preset(...).name``, as ``attack_model`` reads it) picks TrojDiff's
-    poison rate and sampler where QUICK_RECIPES has them (values given here win). ``poison_t_min``
-    (BadDiffusion / VillanDiffusion): no poisoned sample below this timestep, or with ``floor_keeps_shift`` only
-    the trigger's shift on the clean image there, and the target at ``floor_poison_rate`` (BadDiffusion's
-    docstring says why).
+    poison rate and sampler where QUICK_RECIPES has them (values given here win). ``poison_t_min``,
+    ``floor_keeps_shift``, ``floor_poison_rate`` (BadDiffusion / VillanDiffusion): the poison floor's options by
+    the names the CLI and zoo files use (:mod:`terd.attacks.poison_floor` says what each does).
     """
     if kind not in ATTACK_KINDS:
         raise TerdError(f"unknown attack {kind!r} (available: {', '.join(ATTACK_KINDS)})")
@@ -175,8 +175,7 @@ def build_attack(
         g, g_name = _named_or_image(trigger, trigger_image, d.trigger, shape, make_trigger, image_as_trigger)
         y, y_name = _named_or_image(target, target_image, d.target, shape, make_target, image_as_target)
         common = dict(poison_rate=rate, eta=eta, r_mode=r_mode, trigger_name=g_name, target_name=y_name,
-                      poison_t_min=poison_t_min, floor_keeps_shift=floor_keeps_shift,
-                      floor_poison_rate=floor_poison_rate)
+                      floor=PoisonFloor.from_options(poison_t_min, floor_keeps_shift, floor_poison_rate))
         if kind == "baddiffusion":
             return BadDiffusion(g, y, **common)
         return VillanDiffusion(g, y, psi=default_psi(model_kind) if psi is None else psi, solver=solver, **common)

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from terd.attacks.baddiffusion import BadDiffusion, floor_options
+from terd.attacks.baddiffusion import BadDiffusion
+from terd.attacks.poison_floor import PoisonFloor
 from terd.errors import TerdError
 from terd.models.denoiser import Denoiser
 from terd.models.schedule import NoiseSchedule
@@ -71,11 +72,10 @@ class VillanDiffusion(BadDiffusion):
         self, trigger: torch.Tensor, target: torch.Tensor, *, psi: float = 1.0, solver: str = "ode",
         poison_rate: float = 0.1, eta: float = 1.0, r_mode: str = "trigger", ddim_steps: int = 50,
         clip_sample: bool = True, trigger_name: str | None = None, target_name: str | None = None,
-        poison_t_min: int = 0, floor_keeps_shift: bool = False, floor_poison_rate: float = 0.0,
+        floor: PoisonFloor = PoisonFloor(),
     ) -> None:
         super().__init__(trigger, target, poison_rate=poison_rate, eta=eta, r_mode=r_mode, trigger_name=trigger_name,
-                         target_name=target_name, poison_t_min=poison_t_min, floor_keeps_shift=floor_keeps_shift,
-                         floor_poison_rate=floor_poison_rate)
+                         target_name=target_name, floor=floor)
         if not 0 <= psi <= 1:
             raise TerdError(f"psi must be in [0, 1], got {psi}")
         if solver not in SOLVERS:
@@ -113,4 +113,4 @@ class VillanDiffusion(BadDiffusion):
         return cls(tensors["trigger"], tensors["target"], psi=config["psi"], solver=config["solver"],
                    poison_rate=config["poison_rate"], eta=config["eta"], r_mode=config.get("r_mode", "trigger"),
                    ddim_steps=config.get("ddim_steps", 50), clip_sample=config.get("clip_sample", True),
-                   trigger_name=config.get("trigger"), target_name=config.get("target"), **floor_options(config))
+                   trigger_name=config.get("trigger"), target_name=config.get("target"), floor=PoisonFloor.from_config(config))
