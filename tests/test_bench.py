@@ -375,6 +375,12 @@ def test_attack_success_takes_the_best_sampler_the_attack_offers(monkeypatch):
     earlier = {"trojdiff-ddim": {"asr": 0.86, "clean_asr": 0.0, "attack": "earlier"}}
     got = attack_success("m", 8, 0, measured=earlier)  # what was measured already is not sampled again
     assert calls[3:] == ["trojdiff-ddpm"] and got["asr_by_sampler"] == {"trojdiff-ddim": 0.86, "trojdiff-ddpm": 0.95}
+    asr["trojdiff-ddim"] = 1.0  # a sampler at ASR 1.0 cannot be beaten: the 1000-step DDPM check is not run
+    got = attack_success("m", 8, 0)
+    assert calls[4:] == ["trojdiff-ddim"] and got["asr_by_sampler"] == {"trojdiff-ddim": 1.0}
+    assert got["asr"] == 1.0 and got["clean_asr"] == 0.0 and got["asr_sampler"] == "trojdiff-ddim"
+    got = attack_success("m", 8, 0, measured={"trojdiff-ddpm": {"asr": 1.0, "clean_asr": 0.1, "attack": "earlier"}})
+    assert calls[5:] == [] and got["asr_sampler"] == "trojdiff-ddpm" and got["clean_asr"] == 0.1
 
 
 def test_attack_success_is_kept_in_the_cache_across_runs(tmp_path, monkeypatch):

@@ -97,14 +97,17 @@ def attack_success(model_dir: str | Path, n: int = ATTACK_N, seed: int = 0, meas
     """ASR of a backdoored model with every sampler its attack offers; the best one is the model's ASR (an
     attacker samples the way the backdoor fires). Clean ASR is that sampler's. A measurement only: nothing is
     written into ``model_dir`` (it may be a shipped or a user's model). ``measured``: {sampler: {"asr",
-    "clean_asr", "attack"}} already measured with the same ``n`` and ``seed`` (not sampled again)."""
+    "clean_asr", "attack"}} already measured with the same ``n`` and ``seed`` (not sampled again). Once a
+    sampler reaches ASR 1.0 no other can do better, so the rest are not run (TrojDiff's 1000-step DDPM check
+    after its DDIM one is the costliest measurement of a bench); the best and its clean ASR are those a full run
+    picks."""
     from terd.attacks import evaluate_attack, load_attack
     from terd.attacks.trojdiff import SAMPLERS, TrojDiff
 
     attack = load_attack(model_dir)
     reps = dict(measured or {})
     for name in SAMPLERS if isinstance(attack, TrojDiff) else (attack.sampler,):
-        if name not in reps:
+        if name not in reps and not any(rep["asr"] >= 1.0 for rep in reps.values()):
             rep = evaluate_attack(model_dir, n=n, seed=seed, sampler=name, device=device, write=False)
             reps[name] = {"asr": rep["triggered"]["asr"], "clean_asr": rep["clean"]["asr"], "attack": rep["description"]}
     best = max(reps, key=lambda name: reps[name]["asr"])
@@ -465,7 +468,8 @@ def _markdown(summary: dict, rows: list[dict], meta: dict) -> str:
     exc = summary["excluded_attacks_that_do_not_fire"]
     lines += ["", f"Backdoored models excluded because their attack does not fire (ASR < {summary['min_asr']}): "
               + (", ".join(exc) if exc else "none"), "", *_verdict_lines(rows), "## Attack success", "",
-              "ASR: the best of the samplers the attack offers (each listed); clean ASR with that sampler.", "",
+              "ASR: the best of the samplers the attack offers (each listed; one that reaches 1.0 ends the list, as no "
+              "other can do better); clean ASR with that sampler.", "",
               "| model | attack | ASR | clean ASR | ASR per sampler |", "|---|---|---|---|---|"]
     for r in rows:
         if r["backdoored"]:
