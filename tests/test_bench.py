@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -824,7 +825,7 @@ def test_a_model_starts_when_its_base_is_built_not_its_layer(tmp_path, monkeypat
     seen = []
     build_zoo(entries, tmp_path / "cache", workers=2, echo=seen.append)
     assert (tmp_path / "cache" / "slow.txt").read_text() == "saw quick-ft"
-    assert seen[0] == "building 3 model(s): slow, quick, quick-ft" and seen[-1] == "  built slow"
+    assert seen[0] == "building 3 model(s): slow, quick, quick-ft" and re.fullmatch(r"  built slow \(3/3, \d+:\d\d:\d\d\)", seen[-1])
 
 
 def _fake_build_waiting(e, cache, device, threads, base_dir):  # noqa: ANN001, ANN202

@@ -37,7 +37,7 @@ import torch
 from terd.defense.model_detection import FEATURES, KL_FEATURES, Thresholds
 from terd.errors import TerdError
 from terd.rates import INPUT_FPR
-from terd.zoo import ZooEntry, build_zoo, load_zoo, model_dir, pool_context, populations
+from terd.zoo import ZooEntry, build_zoo, load_zoo, model_dir, pool_context, populations, progress
 
 DEFENSES = ("terd-fast", "terd-paper", "elijah")
 
@@ -740,11 +740,12 @@ def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...
             echo(f"  attack success re-measured for {e.id} ({success['asr_sampler']}: {success['asr']})")
         futures = {pool.submit(evaluate_model, e, str(cache), tuple(defenses), str(out), n_inputs, ATTACK_N, seed,
                                threads, input_fpr, device): e for e in entries if e.id not in rows}
-        for f in as_completed(futures):
+        started = time.perf_counter()
+        for i, f in enumerate(as_completed(futures), 1):
             e = futures[f]
             rows[e.id] = f.result()
             _save_row(out, keys[e.id], rows[e.id])
-            echo(f"  evaluated {e.id}")
+            echo(f"  evaluated {e.id} {progress(i, len(futures), started)}")
     for e in entries:  # closed form / recorded, no network: also filled in on rows recorded before they existed
         changed = with_localization(rows[e.id], model_dir(e, cache))
         if rows[e.id]["backdoored"] and "input_tpr_bound" not in rows[e.id]:

@@ -412,14 +412,24 @@ def check_pretrained(entries: list[ZooEntry]) -> None:
                 raise TerdError(f"zoo model {e.id!r}: {exc}") from None
 
 
+def progress(done: int, total: int, start: float) -> str:
+    """"(3/56, 0:41:07)": how far a multi-hour build or evaluation is, for its log lines."""
+    import time
+    from datetime import timedelta
+
+    return f"({done}/{total}, {timedelta(seconds=round(time.perf_counter() - start))})"
+
+
 def build_zoo(entries: list[ZooEntry], cache: str | Path, *, workers: int = 1, device: str = "cpu",
               echo: Callable[[str], None] = print) -> list[Path]:
     """Build every missing model, ``workers`` at a time (a local process pool). A model starts as soon as its
     base is built, not when the whole layer of :func:`build_order` before it is: a slow base (a 20-epoch 32 px
     model, ~24 minutes at foundation.md's 72 s per epoch) would otherwise leave a worker idle while the fine-tunes of built bases wait."""
     import os
+    import time
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
+    start = time.perf_counter()
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     by_id = {e.id: e for e in entries}
@@ -429,12 +439,13 @@ def build_zoo(entries: list[ZooEntry], cache: str | Path, *, workers: int = 1, d
         return model_dir(by_id[e.base], cache) if e.base else None
 
     queue = [e for layer in build_order(entries) for e in layer if not is_built(e, cache)]
+    total = len(queue)
     if queue:
-        echo(f"building {len(queue)} model(s): {', '.join(e.id for e in queue)}")
+        echo(f"building {total} model(s): {', '.join(e.id for e in queue)}")
     if workers <= 1:
-        for e in queue:
+        for i, e in enumerate(queue, 1):
             build_entry(e, cache, device=device, base_dir=base_of(e))
-            echo(f"  built {e.id}")
+            echo(f"  built {e.id} {progress(i, total, start)}")
     elif queue:
         cores = os.cpu_count() or 1
         unbuilt = {e.id for e in queue}
@@ -454,7 +465,7 @@ def build_zoo(entries: list[ZooEntry], cache: str | Path, *, workers: int = 1, d
                     e = running.pop(job)
                     job.result()
                     unbuilt.discard(e.id)
-                    echo(f"  built {e.id}")
+                    echo(f"  built {e.id} {progress(total - len(unbuilt), total, start)}")
     return [model_dir(e, cache) for e in entries]
 
 
