@@ -125,6 +125,19 @@ def test_thresholds_are_fitted_per_network_where_a_dataset_holds_several(tmp_pat
     assert len(pooled[0]["defenses"]["terd-fast"]["decision"]["fitted_on"]) == 5
 
 
+def test_only_selects_models_and_builds_the_bases_they_need():
+    """terd bench --only: the matching entries are evaluated; the bases under them are built, not evaluated."""
+    from terd.zoo import select_entries
+
+    entries = load_zoo(ZOO)
+    picked = {e.id: e.evaluate for e in select_entries(entries, ("p32dc-troj-d2i-*", "d16-benign-s1"))}
+    assert picked == {"d16-benign-s1": True, "p32dc-benign-s0": False, "p32dc-troj-d2i-blend": True,
+                      "p32dc-troj-d2i-patch": True}
+    assert [e.id for e in select_entries(entries, ("d16-benign-ft-s1",))] == ["d16-benign-s1", "d16-benign-ft-s1"]
+    with pytest.raises(TerdError, match="matches no model"):
+        select_entries(entries, ("d32-*",))
+
+
 def test_report_files(tmp_path):
     rows = [_row(f"b{i}", False, 0.01 + 0.001 * i, 1e-4 * (1 + 0.1 * i)) for i in range(4)]
     rows.append(_row("x", True, 0.3, 1e-2, spread=0.1))
@@ -168,15 +181,18 @@ def test_bench_resumes_from_saved_rows(tmp_path, monkeypatch):
         (cache / f"b{i}" / "train.json").write_text(json.dumps({"preset": "tiny-digits16", "seed": i, "epochs": 40}))
     monkeypatch.setattr(bench, "evaluate_model", _fake_evaluate)
     out = tmp_path / "out"
+    bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, only=("b1",), echo=lambda s: None)
+    assert (out / "calls.txt").read_text().split() == ["b1"]  # a part of the zoo (terd bench --only)
+    assert "only the models matching b1" in (out / "report.md").read_text()
     bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, echo=lambda s: None)
-    assert sorted((out / "calls.txt").read_text().split()) == ["b0", "b1", "b2"]
+    assert sorted((out / "calls.txt").read_text().split()) == ["b0", "b1", "b2"]  # the full run reuses b1's row
     bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, echo=lambda s: None)
     assert len((out / "calls.txt").read_text().split()) == 3  # every row reused
     report = (out / "report.md").read_text()
-    assert "3 model(s) reused from an earlier run" in report
-    runs = json.loads((out / "results.json").read_text())["meta"]["runs"]  # the first run's cost is kept
-    assert [sorted(r["evaluated"]) for r in runs] == [["b0", "b1", "b2"], []]
-    assert "Runs that evaluated models here: " in report and "3 model(s)." in report
+    assert "3 model(s) reused from an earlier run" in report and "only the models matching" not in report
+    runs = json.loads((out / "results.json").read_text())["meta"]["runs"]  # the earlier runs' cost is kept
+    assert [sorted(r["evaluated"]) for r in runs] == [["b1"], ["b0", "b2"], []]
+    assert "Runs that evaluated models here: " in report and "2 model(s)." in report
     (cache / "b1" / "train.json").write_text(json.dumps({"preset": "tiny-digits16", "seed": 1, "epochs": 40,
                                                          "rebuilt": True}))
     summary = bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, echo=lambda s: None)
@@ -221,6 +237,11 @@ def test_bench_cli_resumes_into_its_own_out_dir_but_refuses_a_foreign_one(tmp_pa
     (interrupted / "rows").mkdir(parents=True)  # what a bench leaves before its report
     res = CliRunner().invoke(app, ["bench", "--zoo", str(missing), "--out", str(interrupted)])
     assert res.exit_code == 2 and "no such zoo file" in res.output  # past the out-dir check
+    for only, said in ((",", "needs at least one id pattern"), ("d32-*", "matches no model")):
+        fresh = tmp_path / f"fresh{len(said)}"
+        res = CliRunner().invoke(app, ["bench", "--zoo", str(ZOO), "--out", str(fresh), "--only", only])
+        assert res.exit_code == 2 and said in res.output and len(res.output.strip().splitlines()) == 1
+        assert not fresh.exists()  # refused before anything is written
 
 
 def test_a_cached_model_built_with_other_settings_is_refused_not_reused(tmp_path):

@@ -37,7 +37,16 @@ import torch
 from terd.defense.model_detection import FEATURES, KL_FEATURES, Thresholds
 from terd.errors import TerdError
 from terd.rates import INPUT_FPR
-from terd.zoo import ZooEntry, build_zoo, load_zoo, model_dir, pool_context, populations, progress
+from terd.zoo import (
+    ZooEntry,
+    build_zoo,
+    load_zoo,
+    model_dir,
+    pool_context,
+    populations,
+    progress,
+    select_entries,
+)
 
 DEFENSES = ("terd-fast", "terd-paper", "elijah")
 
@@ -443,7 +452,10 @@ def describe_fixed(spec: str | Path, fixed: dict[str, dict[str, Thresholds | Non
 
 def _markdown(summary: dict, rows: list[dict], meta: dict) -> str:
     lines = ["# terd bench report", "",
-             f"Zoo: `{meta['zoo']}`; defenses: {', '.join(meta['defenses'])}; {len(rows)} models; "
+             f"Zoo: `{meta['zoo']}`"
+             + (f" (only the models matching {', '.join(meta['only'])}, the bases they need built; leave-one-out "
+                "thresholds are fitted on the benign models among them)" if meta.get("only") else "")
+             + f"; defenses: {', '.join(meta['defenses'])}; {len(rows)} models; "
              f"wall time {meta['seconds']:.0f} s with {meta['workers']} worker(s) on {meta['machine']}"
              + (f", models on {meta['device']}" if meta.get("device", "cpu") != "cpu" else "")
              + (f"; {len(meta['reused_rows'])} model(s) reused from an earlier run with the same settings "
@@ -686,8 +698,12 @@ def _earlier_runs(out: Path) -> list[dict]:
 def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...] = ("terd-fast", "elijah"),
               cache: str | Path | None = None, workers: int = 1, n_inputs: int = 10_000, min_asr: float = 0.9,
               input_fpr: float = INPUT_FPR, seed: int = 0, device: str = "cpu", data: str | Path | None = None,
-              thresholds: str | Path | None = None, echo: Callable[[str], None] = print) -> dict:
+              thresholds: str | Path | None = None, only: tuple[str, ...] = (),
+              echo: Callable[[str], None] = print) -> dict:
     """Build (or reuse) the zoo, run the defenses on every model in a process pool, write the report.
+
+    ``only``: id patterns (``d16-*``): a part of the zoo (:func:`~terd.zoo.select_entries`); its rows are those
+    a full run makes, so a full run into the same ``out`` reuses them.
 
     ``device``: where models train and are scanned (e.g. ``cuda`` for the full-scale zoo); ``data``
     replaces the zoo file's training data (a local dataset path, e.g. a CIFAR-10 directory); ``thresholds``
@@ -707,6 +723,8 @@ def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...
     if thresholds is not None and str(thresholds) != SHIPPED:
         given = Thresholds.load(thresholds)
     entries = load_zoo(zoo_file, data=data)
+    if only:
+        entries = select_entries(entries, only)
     cache = Path(cache) if cache is not None else Path(zoo_file).with_suffix("").parent / "zoo-cache"
     out = Path(out)
     (out / "triggers").mkdir(parents=True, exist_ok=True)
@@ -756,6 +774,7 @@ def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...
     meta = {"zoo": str(zoo_file), "defenses": list(defenses), "workers": workers, "cache": str(cache),
             "seconds": round(time.perf_counter() - t0, 1), "n_inputs": n_inputs, "input_fpr": input_fpr,
             "seed": seed, "device": device, "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
+            **({"only": list(only)} if only else {}),
             "entries": [asdict(e) for e in entries], "reused_rows": reused}
     meta["runs"] = _earlier_runs(out) + [{
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": meta["seconds"],

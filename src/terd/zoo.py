@@ -385,6 +385,25 @@ def _build(entry: ZooEntry, cache: Path, out: Path, *, device: str, progress: bo
                  progress=progress, batch_size=entry.batch_size)
 
 
+def select_entries(entries: list[ZooEntry], patterns: tuple[str, ...]) -> list[ZooEntry]:
+    """The entries whose id matches one of ``patterns`` (shell-style: ``d16-*``), with the bases they are built
+    on, which are built but not evaluated unless they match too: one zoo file serves a part of a run
+    (``terd bench --only``), with the same rows a full run makes and reuses."""
+    import dataclasses
+    from fnmatch import fnmatchcase
+
+    chosen = {e.id for e in entries if any(fnmatchcase(e.id, p) for p in patterns)}
+    if not chosen:
+        raise TerdError(f"--only {','.join(patterns)} matches no model of the zoo")
+    by_id = {e.id: e for e in entries}
+    needed = set(chosen)
+    for e_id in chosen:
+        while (base := by_id[e_id].base) is not None:
+            needed.add(base)
+            e_id = base
+    return [e if e.id in chosen else dataclasses.replace(e, evaluate=False) for e in entries if e.id in needed]
+
+
 def build_order(entries: list[ZooEntry]) -> list[list[ZooEntry]]:
     """Layers that can be built in parallel: models without a base, then models on built bases, ..."""
     done: set[str] = set()

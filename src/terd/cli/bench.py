@@ -25,6 +25,9 @@ def bench(
     build_only: Annotated[bool, typer.Option(help="Only build (or finish building) the zoo.")] = False,
     data: Annotated[Path | None, typer.Option(help="Training data for the zoo's builds (a local image folder, "
                                               "CIFAR-10 directory or .npz), replacing the zoo file's 'data'.")] = None,
+    only: Annotated[str | None, typer.Option(
+        help="Comma-separated id patterns (e.g. 'd16-*'): bench only these zoo models (the bases they need "
+             "are built, not scanned); a later full run into the same --out reuses their rows.")] = None,
     device: DeviceOpt = None,
     thresholds: Annotated[str | None, typer.Option(
         help="Judge terd's defenses by thresholds fitted elsewhere (a held-out split): a thresholds file "
@@ -33,20 +36,26 @@ def bench(
 ) -> None:
     """Build the zoo (cached, resumable) and run the defenses on every model; write the report."""
     from terd.bench import run_bench
-    from terd.zoo import build_zoo, load_zoo
+    from terd.zoo import build_zoo, load_zoo, select_entries
 
     earlier_bench = (out / "results.json").is_file() or (out / "rows").is_dir()  # a report, or an interrupted run
     if out.exists() and any(out.iterdir()) and not earlier_bench:
         raise TerdError(f"{out}: directory is not empty and holds no earlier bench run; choose another --out")
     names = tuple(d.strip() for d in defenses.split(",") if d.strip())
+    patterns = tuple(p.strip() for p in (only or "").split(",") if p.strip())
+    if only is not None and not patterns:
+        raise TerdError("--only needs at least one id pattern, e.g. --only 'd16-*'")
     dev = resolve_device(device)
     if build_only:
         entries = load_zoo(zoo, data=data)
+        if patterns:
+            entries = select_entries(entries, patterns)
         build_zoo(entries, cache or zoo.with_suffix("").parent / "zoo-cache", workers=workers, device=dev,
                   echo=typer.echo)
         return
     summary = run_bench(zoo, out, defenses=names, cache=cache, workers=workers, n_inputs=n_inputs, min_asr=min_asr,
-                        input_fpr=input_fpr, device=dev, data=data, thresholds=thresholds, echo=typer.echo)
+                        input_fpr=input_fpr, device=dev, data=data, thresholds=thresholds, only=patterns,
+                        echo=typer.echo)
     for row in summary["table"]:
         typer.echo(f"{row['defense']:>10} {row['dataset']:>9} {row['family']:<32} TPR {row['TPR']} TNR {row['TNR']} "
                    f"AUC {row['AUC']}")
