@@ -40,11 +40,11 @@ from terd.rates import INPUT_FPR
 from terd.zoo import (
     ZooEntry,
     build_zoo,
+    how_far,
     load_zoo,
     model_dir,
     pool_context,
     populations,
-    progress,
     select_entries,
 )
 
@@ -763,7 +763,7 @@ def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...
             e = futures[f]
             rows[e.id] = f.result()
             _save_row(out, keys[e.id], rows[e.id])
-            echo(f"  evaluated {e.id} {progress(i, len(futures), started)}")
+            echo(f"  evaluated {e.id} {how_far(i, len(futures), started)}")
     for e in entries:  # closed form / recorded, no network: also filled in on rows recorded before they existed
         changed = with_localization(rows[e.id], model_dir(e, cache))
         if rows[e.id]["backdoored"] and "input_tpr_bound" not in rows[e.id]:

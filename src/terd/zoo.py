@@ -431,7 +431,7 @@ def check_pretrained(entries: list[ZooEntry]) -> None:
                 raise TerdError(f"zoo model {e.id!r}: {exc}") from None
 
 
-def progress(done: int, total: int, start: float) -> str:
+def how_far(done: int, total: int, start: float) -> str:
     """"(3/56, 0:41:07)": how far a multi-hour build or evaluation is, for its log lines."""
     import time
     from datetime import timedelta
@@ -464,7 +464,7 @@ def build_zoo(entries: list[ZooEntry], cache: str | Path, *, workers: int = 1, d
     if workers <= 1:
         for i, e in enumerate(queue, 1):
             build_entry(e, cache, device=device, base_dir=base_of(e))
-            echo(f"  built {e.id} {progress(i, total, start)}")
+            echo(f"  built {e.id} {how_far(i, total, start)}")
     elif queue:
         cores = os.cpu_count() or 1
         unbuilt = {e.id for e in queue}
@@ -484,7 +484,7 @@ def build_zoo(entries: list[ZooEntry], cache: str | Path, *, workers: int = 1, d
                     e = running.pop(job)
                     job.result()
                     unbuilt.discard(e.id)
-                    echo(f"  built {e.id} {progress(total - len(unbuilt), total, start)}")
+                    echo(f"  built {e.id} {how_far(total - len(unbuilt), total, start)}")
     return [model_dir(e, cache) for e in entries]
 
 
