@@ -153,7 +153,8 @@ ROWS = {
                                                                       "poison_t_min": 250, "floor_keeps_shift": True,
                                                                       "floor_poison_rate": 0.1}, 3, 16, 0),
     # the leak falls with Adam steps (768 at batch 16: clean 0.27; 1,536 at batch 8: 0.08; 2,048 in 8 epochs: 0.05):
-    # 2,048 steps at batch 4 in 2 epochs, within the budget if a step of 4 costs under half a step of 8?
+    # 2,048 steps at batch 4 in 2 epochs, within the budget if a step of 4 costs under half a step of 8? (226 s,
+    # 0.83 / 0.45: smaller batches leak more; the step count alone does not stop the leak)
     "bad-box-corner-b4-e2-np": ("baddiffusion", {"trigger": "box", "target": "corner"}, 2, 4, 0),
     # no epochs, no batch size: what `terd attack villan --base P32 --preview 0` alone does (its quick recipe)
     "villan-ode-default-np": (*VILLAN_ODE, None, None, 0),
