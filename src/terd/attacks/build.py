@@ -175,7 +175,7 @@ def build_attack(
         g, g_name = _named_or_image(trigger, trigger_image, d.trigger, shape, make_trigger, image_as_trigger)
         y, y_name = _named_or_image(target, target_image, d.target, shape, make_target, image_as_target)
         common = dict(poison_rate=rate, eta=eta, r_mode=r_mode, trigger_name=g_name, target_name=y_name,
-                      floor=PoisonFloor.from_options(poison_t_min, floor_keeps_shift, floor_poison_rate))
+                      floor=PoisonFloor(poison_t_min, floor_keeps_shift, floor_poison_rate))
         if kind == "baddiffusion":
             return BadDiffusion(g, y, **common)
         return VillanDiffusion(g, y, psi=default_psi(model_kind) if psi is None else psi, solver=solver, **common)

@@ -64,12 +64,7 @@ class PoisonFloor:
         return floor
 
     @classmethod
-    def from_options(cls, poison_t_min: int = 0, floor_keeps_shift: bool = False,
-                     floor_poison_rate: float = 0.0) -> PoisonFloor:
-        """From the flat option names (CLI flags, zoo ``args``, attack.json keys)."""
-        return cls(poison_t_min, floor_keeps_shift, floor_poison_rate)
-
-    @classmethod
     def from_config(cls, config: dict) -> PoisonFloor:
-        return cls.from_options(config.get("poison_t_min", 0), config.get("floor_keeps_shift", False),
-                                config.get("floor_poison_rate", 0.0))
+        """From attack.json's flat keys (absent: no floor, as in records made before it existed)."""
+        return cls(config.get("poison_t_min", 0), config.get("floor_keeps_shift", False),
+                   config.get("floor_poison_rate", 0.0))
