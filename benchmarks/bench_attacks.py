@@ -28,6 +28,9 @@ BASE = ROOT / "src/terd/assets/models/digits-benign"
 RUNS = ROOT / "runs/attacks"
 RESULTS = ROOT / "benchmarks/results/attacks_digits16"
 SHAPE = (1, 16, 16)
+# the base's preset picks TrojDiff's sampler and poison rate where QUICK_RECIPES has them, as `terd attack` does
+# (rows recorded before 2026-12-07 were built without it: their class targets sampled with DDIM, see the @ddpm rows)
+PRESET = json.loads((BASE / "train.json").read_text())["preset"]
 
 # name -> (attack kind, build_attack keyword arguments, epochs or None for the attack's default)
 CORE = {
@@ -63,7 +66,21 @@ EXTRA = {
     "troj-eta0.1": ("trojdiff", {"setting": "d2i", "eta": 0.1}, None),
     "villan-sde-psi0": ("villan", {"solver": "sde", "psi": 0.0}, None),
     "villan-ode-trigger-r": ("villan", {"solver": "ode", "r_mode": "trigger"}, None),
+    # the rest of the attacks issue's matrix, with `terd attack`'s defaults for this base (its preset's
+    # QUICK_RECIPES: TrojDiff's class targets sample with its DDPM sampler on tiny-digits16)
+    "bd-box-shoe": ("baddiffusion", {"trigger": "box", "target": "shoe"}, None),
+    "bd-stop-hat": ("baddiffusion", {"trigger": "stop-sign", "target": "hat"}, None),
+    "bd-stop-corner": ("baddiffusion", {"trigger": "stop-sign", "target": "corner"}, None),
+    "troj-in-d2d-patch": ("trojdiff", {"setting": "in-d2d", "trigger": "patch"}, None),
+    "troj-out-d2d-patch": ("trojdiff", {"setting": "out-d2d", "trigger": "patch"}, None),
+    # recipe trials for the two patch rows above (the default batch 64 makes 28 steps an epoch)
+    "troj-in-d2d-patch-b16-e12": ("trojdiff", {"setting": "in-d2d", "trigger": "patch"}, 12),
+    "troj-out-d2d-patch-b16-e12": ("trojdiff", {"setting": "out-d2d", "trigger": "patch"}, 12),
+    "troj-in-d2d-patch-b16-e24": ("trojdiff", {"setting": "in-d2d", "trigger": "patch"}, 24),
+    "troj-out-d2d-patch-b16-e24": ("trojdiff", {"setting": "out-d2d", "trigger": "patch"}, 24),
 }
+# name -> fine-tuning options other than the preset's (batch size)
+FINETUNE = {name: {"batch_size": 16} for name in EXTRA if "-b16-" in name}
 ALL = {**CORE, **EXTRA}
 # name -> (trained model above, sampler): the same model scored with another sampler (no training)
 RESAMPLED = {
@@ -76,7 +93,7 @@ RESAMPLED = {
 # name -> a row above (or a RESAMPLED one: its sampler): the clean base scored with that row's attack (trigger,
 # target, class judge, sampler), nothing trained: how often a model that never saw the backdoor already "hits"
 # the target. For In-D2D (a class of the training data) it is the floor the attack's clean rate is read against.
-CONTROLS = {"base@troj-in-d2d-24ep@ddpm": "troj-in-d2d-24ep@ddpm"}
+CONTROLS = {"base@troj-in-d2d-24ep@ddpm": "troj-in-d2d-24ep@ddpm", "base@troj-in-d2d-patch": "troj-in-d2d-patch"}
 
 
 def run_control(name: str, n: int) -> dict:
@@ -85,7 +102,7 @@ def run_control(name: str, n: int) -> dict:
     row = CONTROLS[name]
     model, sampler = RESAMPLED.get(row, (row, None))
     kind, kw, _ = ALL[model]
-    attack = build_attack(kind, SHAPE, data_name="digits16", **kw)  # procedural: the row's trigger and target
+    attack = build_attack(kind, SHAPE, data_name="digits16", preset=PRESET, **kw)  # procedural: the row's trigger and target
     print(f"[{name}] evaluating the clean base", flush=True)
     rep = evaluate_attack(BASE, n=n, attack=attack, sampler=sampler, write=False)
     return {
@@ -110,7 +127,8 @@ def run_one(name: str, retrain: bool, n: int, reuse_eval: bool = False) -> dict:
     model, sampler = RESAMPLED.get(name, (name, None))
     kind, kw, epochs = ALL[model]
     out = RUNS / model
-    build_attack_model(name, out, kind, kw, SHAPE, "digits16", BASE, epochs, retrain)
+    build_attack_model(name, out, kind, {**kw, "preset": PRESET}, SHAPE, "digits16", BASE, epochs, retrain,
+                       **FINETUNE.get(model, {}))
     train_info = json.loads((out / "train.json").read_text())
     saved = out / (f"eval-attack-{sampler}.json" if sampler else "eval-attack.json")
     if reuse_eval and saved.is_file() and not retrain:
@@ -121,7 +139,7 @@ def run_one(name: str, retrain: bool, n: int, reuse_eval: bool = False) -> dict:
         rep = evaluate_attack(out, n=n, sampler=sampler)
     return {
         "attack": kind, "options": kw, "description": rep["description"], "sampler": rep["sampler"],
-        "epochs": train_info["epochs"], "train_seconds": train_info["seconds"],
+        "epochs": train_info["epochs"], "batch_size": train_info.get("batch_size"), "train_seconds": train_info["seconds"],
         "poison_rate": json.loads((out / "attack.json").read_text()).get("poison_rate"),
         **_scores(rep), "n": n, "eval_seconds": rep["seconds"], "model_dir": str(out.relative_to(ROOT)),
     }
@@ -161,6 +179,11 @@ NOTES = (
     "model (ASR 0.41 / 0.12 / 0.06): low-poison rows need longer fine-tuning, not run yet.",
     "troj-d2i-p0.1 (the paper's poison rate) fires (0.91) with the same clean rate (0.08) as at 0.5: the clean "
     "D2I hits are not a poison-rate effect.",
+    "The rest of the attacks issue's matrix (2026-12-07, `terd attack`'s defaults for this base, default 2 threads, "
+    "idle machine): BadDiffusion box -> shoe 0.97 / 0.02, stop-sign -> hat 0.98 / 0.03, stop-sign -> corner "
+    "0.98 / 0.02 (107-120 s of training). TrojDiff's 2 x 2 white patch misses both class targets with DDPM: "
+    "In-D2D 0.94 / clean 0.34, a leak (the clean base scored with the same trigger, judge and sampler, "
+    "base@troj-in-d2d-patch: 0.08 / 0.11), and Out-D2D 0.69 / 0.08 (177-185 s).",
 )
 
 
@@ -175,16 +198,17 @@ def write_markdown(results: dict) -> str:
         "puts in the target class, the floor of a clean In-D2D rate (a benign model draws that class as often as "
         "the data holds it).",
         "",
-        "| model | attack | sampler | epochs | poison | train s | n | ASR trig | ASR clean | MSE trig | MSE clean "
+        "| model | attack | sampler | epochs | batch | poison | train s | n | ASR trig | ASR clean | MSE trig | MSE clean "
         "| SSIM trig | digit conf. | real target rate | criterion |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     real = None
     for name, r in results.items():
         q = r.get("quality") or {}
         real = q.get("real_digits", real)
         lines.append(
-            f"| {name} | {r['description']} | {r['sampler']} | {r['epochs']} | {'–' if r['poison_rate'] is None else r['poison_rate']} | "
+            f"| {name} | {r['description']} | {r['sampler']} | {r['epochs']} | {r.get('batch_size') or '–'} | "
+            f"{'–' if r['poison_rate'] is None else r['poison_rate']} | "
             f"{r['train_seconds']:.0f} | {r['n']} | {r['asr_triggered']:.2f} | {r['asr_clean']:.2f} | {r['mse_triggered']:.4f} | "
             f"{r['mse_clean']:.4f} | {r['ssim_triggered']:.3f} | {q.get('clean_samples', float('nan')):.3f} | "
             f"{'' if r.get('real_data_rate') is None else r['real_data_rate']} | {r['criterion']} |")
