@@ -38,6 +38,7 @@ BENCHES = (
     ("photos32, tiny-photos32-dc, held-out TrojDiff patch models and base (shipped thresholds)",
      "bench_photos32dc_patch_heldout"),
     ("digits16, five held-out benign models (shipped thresholds)", "bench_digits16_benign_heldout"),
+    ("digits16, the rest of the attack matrix on the shipped base (shipped thresholds)", "bench_digits16_matrix"),
     ("digits16, held-out TrojDiff patch models (shipped thresholds)", "bench_digits16_patch_heldout"),
     ("digits16, held-out TrojDiff patches of other places and sizes (shipped thresholds)", "bench_digits16_patch_shapes"),
     ("photos32, tiny-photos32-dc, held-out TrojDiff patches of another place and size (shipped thresholds)",
