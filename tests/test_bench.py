@@ -136,6 +136,7 @@ def test_only_selects_models_and_builds_the_bases_they_need():
     assert [e.id for e in select_entries(entries, ("d16-benign-ft-s1",))] == ["d16-benign-s1", "d16-benign-ft-s1"]
     with pytest.raises(TerdError, match="matches no model"):
         select_entries(entries, ("d32-*",))
+    assert select_entries(entries, ()) == entries  # no --only: the whole zoo, each entry's own evaluate flag
 
 
 def test_report_files(tmp_path):

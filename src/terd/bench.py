@@ -40,6 +40,7 @@ from terd.rates import INPUT_FPR
 from terd.zoo import (
     ZooEntry,
     build_zoo,
+    default_cache,
     how_far,
     load_zoo,
     model_dir,
@@ -722,10 +723,8 @@ def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...
     given = thresholds  # a file is read once, now: a bad one fails before the scans
     if thresholds is not None and str(thresholds) != SHIPPED:
         given = Thresholds.load(thresholds)
-    entries = load_zoo(zoo_file, data=data)
-    if only:
-        entries = select_entries(entries, only)
-    cache = Path(cache) if cache is not None else Path(zoo_file).with_suffix("").parent / "zoo-cache"
+    entries = select_entries(load_zoo(zoo_file, data=data), only)
+    cache = Path(cache) if cache is not None else default_cache(zoo_file)
     out = Path(out)
     (out / "triggers").mkdir(parents=True, exist_ok=True)
     (out / "rows").mkdir(exist_ok=True)

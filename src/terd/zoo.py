@@ -86,6 +86,11 @@ class ZooEntry:
         return Path(self.data).name if self.data else self.source
 
 
+def default_cache(zoo_file: str | Path) -> Path:
+    """Where a zoo's models are built when no ``--cache`` is given: ``zoo-cache`` next to the zoo file."""
+    return Path(zoo_file).parent / "zoo-cache"
+
+
 def model_dir(entry: ZooEntry, cache: str | Path) -> Path:
     """Where an entry's model is: its own directory for ``pretrained``, else ``CACHE/<id>``."""
     return Path(entry.path) if entry.kind == "pretrained" else Path(cache) / entry.id
@@ -386,12 +391,14 @@ def _build(entry: ZooEntry, cache: Path, out: Path, *, device: str, progress: bo
 
 
 def select_entries(entries: list[ZooEntry], patterns: tuple[str, ...]) -> list[ZooEntry]:
-    """The entries whose id matches one of ``patterns`` (shell-style: ``d16-*``), with the bases they are built
-    on, which are built but not evaluated unless they match too: one zoo file serves a part of a run
-    (``terd bench --only``), with the same rows a full run makes and reuses."""
+    """The entries whose id matches one of ``patterns`` (shell-style: ``d16-*``; none: every entry), with the
+    bases they are built on, which are built but not evaluated unless they match too: one zoo file serves a part
+    of a run (``terd bench --only``), with the same rows a full run makes and reuses."""
     import dataclasses
     from fnmatch import fnmatchcase
 
+    if not patterns:
+        return entries
     chosen = {e.id for e in entries if any(fnmatchcase(e.id, p) for p in patterns)}
     if not chosen:
         raise TerdError(f"--only {','.join(patterns)} matches no model of the zoo")

@@ -36,7 +36,7 @@ def bench(
 ) -> None:
     """Build the zoo (cached, resumable) and run the defenses on every model; write the report."""
     from terd.bench import run_bench
-    from terd.zoo import build_zoo, load_zoo, select_entries
+    from terd.zoo import build_zoo, default_cache, load_zoo, select_entries
 
     earlier_bench = (out / "results.json").is_file() or (out / "rows").is_dir()  # a report, or an interrupted run
     if out.exists() and any(out.iterdir()) and not earlier_bench:
@@ -47,11 +47,8 @@ def bench(
         raise TerdError("--only needs at least one id pattern, e.g. --only 'd16-*'")
     dev = resolve_device(device)
     if build_only:
-        entries = load_zoo(zoo, data=data)
-        if patterns:
-            entries = select_entries(entries, patterns)
-        build_zoo(entries, cache or zoo.with_suffix("").parent / "zoo-cache", workers=workers, device=dev,
-                  echo=typer.echo)
+        build_zoo(select_entries(load_zoo(zoo, data=data), patterns), cache or default_cache(zoo), workers=workers,
+                  device=dev, echo=typer.echo)
         return
     summary = run_bench(zoo, out, defenses=names, cache=cache, workers=workers, n_inputs=n_inputs, min_asr=min_asr,
                         input_fpr=input_fpr, device=dev, data=data, thresholds=thresholds, only=patterns,
