@@ -188,7 +188,9 @@ NOTES = (
     "Recipe trials for those two (same day, n = 64, DDPM): four times the steps (batch 16, 12 epochs, 157-160 s) "
     "change neither (In-D2D 0.91 / 0.34, Out-D2D 0.70 / 0.12); a lower poison rate lowers In-D2D's ASR far faster "
     "than its clean rate (0.2: 0.62 / 0.33; 0.1: 0.30 / 0.20); poison 0.75 (the 32 px Out-D2D recipe) lifts "
-    "Out-D2D to 0.84 / 0.09. None passes both bars; the defaults are unchanged.",
+    "Out-D2D to 0.84 / 0.09. None passes both bars; the defaults are unchanged. The In-D2D leak is not noise "
+    "that looks like the trigger: over 256 clean noises its clean hits are as frequent in the quartile whose "
+    "patch pixels are brightest as in the other three (0.36 / 0.36; clean base 0.08; patch_leak.md).",
 )
 
 
