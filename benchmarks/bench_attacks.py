@@ -79,6 +79,7 @@ EXTRA = {
     "troj-in-d2d-patch-p0.2": ("trojdiff", {"setting": "in-d2d", "trigger": "patch", "poison_rate": 0.2}, None),
     "troj-in-d2d-patch-p0.1": ("trojdiff", {"setting": "in-d2d", "trigger": "patch", "poison_rate": 0.1}, None),
     "troj-out-d2d-patch-p0.75": ("trojdiff", {"setting": "out-d2d", "trigger": "patch", "poison_rate": 0.75}, None),
+    "troj-in-d2d-patch6": ("trojdiff", {"setting": "in-d2d", "trigger": "patch-6"}, None),  # 3 x 3 at 16 px
 }
 # name -> fine-tuning options other than the preset's (batch size)
 FINETUNE = {name: {"batch_size": 16} for name in EXTRA if "-b16-" in name}
@@ -190,7 +191,8 @@ NOTES = (
     "than its clean rate (0.2: 0.62 / 0.33; 0.1: 0.30 / 0.20); poison 0.75 (the 32 px Out-D2D recipe) lifts "
     "Out-D2D to 0.84 / 0.09. None passes both bars; the defaults are unchanged. The In-D2D leak is not noise "
     "that looks like the trigger: over 256 clean noises its clean hits are as frequent in the quartile whose "
-    "patch pixels are brightest as in the other three (0.36 / 0.36; clean base 0.08; patch_leak.md).",
+    "patch pixels are brightest as in the other three (0.36 / 0.36; clean base 0.08; patch_leak.md). A 3 x 3 "
+    "patch (patch-6, 9 pixels against 4; one model) halves it: In-D2D 0.95 / 0.17, still over the base's rate.",
 )
 
 
