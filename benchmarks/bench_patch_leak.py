@@ -16,33 +16,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
+from bench_attacks import BASE, ROOT, RUNS
+from common import machine
 
 from terd.attacks import load_attack
-from terd.attacks.class_judge import class_negatives, fit_class_judge
-from terd.attacks.evaluation import reference_dataset
+from terd.attacks.evaluation import reference_dataset, target_judge
+from terd.errors import TerdError
 from terd.models import load_denoiser
 from terd.sampling import initial_noise
 
-ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks/results/patch_leak"
-BASE = ROOT / "src/terd/assets/models/digits-benign"
 QUARTILES = 4
 
 
-def clean_hits(model_dir: Path, attack, eps: torch.Tensor, seed: int) -> tuple[torch.Tensor, float]:  # noqa: ANN001
-    """Which clean samples (plain sampler, from ``eps``) the attack's class judge calls the target; seconds."""
+def clean_hits(model_dir: Path, attack, judge, eps: torch.Tensor, seed: int) -> tuple[torch.Tensor, float]:  # noqa: ANN001
+    """Which clean samples (plain sampler, from ``eps``) ``judge`` calls the target; seconds."""
     t0 = time.perf_counter()
     den = load_denoiser(model_dir)
     with torch.no_grad():
         clean = attack.sample(den, eps, triggered=False, generator=torch.Generator().manual_seed(seed + 1)).cpu()
-    ref = reference_dataset(model_dir, den)
-    negatives, _ = class_negatives(attack.config(), ref, den.image_shape)
-    judge = fit_class_judge(attack.target_images().cpu(), negatives, seed=seed)
     return torch.as_tensor(judge.hits(clean)).bool(), time.perf_counter() - t0
 
 
@@ -59,7 +55,7 @@ def by_quartile(score: torch.Tensor, hits: torch.Tensor) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=ROOT / "runs/attacks/troj-in-d2d-patch")
+    ap.add_argument("--model", type=Path, default=RUNS / "troj-in-d2d-patch")
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--render", action="store_true", help="rewrite the markdown from the recorded JSON only")
@@ -67,16 +63,25 @@ def main() -> None:
     if args.render:
         OUT.with_suffix(".md").write_text(write_markdown(json.loads(OUT.with_suffix(".json").read_text())))
         return
-    attack = load_attack(args.model)
+    try:
+        attack = load_attack(args.model)
+    except (TerdError, OSError, ValueError) as exc:
+        ap.error(f"{args.model}: not a terd attack model ({exc})")
+    if getattr(attack, "trigger_type", None) != "patch" or not attack.target_is_class:
+        ap.error(f"{args.model}: needs a TrojDiff patch model with a class target (In-D2D / Out-D2D), got "
+                 f"{attack.describe()}")
+    # one judge for both models: the same attack and training data (digits16)
+    judge, _ = target_judge(attack, reference_dataset(args.model, load_denoiser(args.model)), seed=args.seed,
+                            where=args.model)
     mask = attack.true_trigger()[0] != 0  # the patch: where the trigger shifts the noise
     eps = initial_noise(args.n, attack.image_shape, seed=args.seed)
     patch_mean = eps[:, mask].mean(1)
     result = {"model": str(args.model.relative_to(ROOT)) if args.model.is_relative_to(ROOT) else str(args.model),
               "attack": attack.describe(), "sampler": attack.sampler, "n": args.n, "seed": args.seed,
-              "patch_elements": int(mask.sum()), "machine": {"torch": torch.__version__, "python": platform.python_version()},
+              "patch_elements": int(mask.sum()), "machine": machine(),
               "models": {}}
     for name, where in (("backdoored", args.model), ("clean base", BASE)):
-        hits, seconds = clean_hits(where, attack, eps, args.seed)
+        hits, seconds = clean_hits(where, attack, judge, eps, args.seed)
         result["models"][name] = {"clean_hit_rate": round(float(hits.float().mean()), 4), "seconds": round(seconds, 1),
                                   "quartiles": by_quartile(patch_mean, hits)}
         print(f"{name}: clean hit rate {result['models'][name]['clean_hit_rate']} ({seconds:.0f} s)", flush=True)

@@ -6,7 +6,7 @@ there is what `bench.attack_success` measured earlier. Both scripts measured the
 function (`evaluate_attack`, seed 0, CPU) and n = 64 = `bench.ATTACK_N`; BadDiffusion's 1000-step sampler costs
 13-40 minutes per model at 32 px on 2 CPU cores (quick_finetune_photos32.md, eval_seconds), ~6 at 16 px. A
 measurement is handed over only when the cached model is the one that row built: its train.json records the same
-training seconds (to 0.01 s), epochs and batch (where the row records one), and the same attack. Samplers a row
+training seconds (to 0.01 s), epochs and batch, and the same attack. Samplers a row
 did not measure (e.g. TrojDiff's other one) are left for the bench to measure.
 
 Run: .venv/bin/python benchmarks/reuse_quick_asr.py --cache runs/zoo-cache [--zoo photos32dc-heldout|digits16-matrix]
@@ -55,8 +55,7 @@ def main() -> int:
         train = json.loads((where / "train.json").read_text())
         attack = json.loads((where / "attack.json").read_text())
         same = (train.get("seconds") == row["train_seconds"] and train.get("epochs") == row["epochs"]
-                and train.get("batch_size") == row.get("batch_size", train.get("batch_size"))
-                and attack.get("attack") == row["attack"]
+                and train.get("batch_size") == row["batch_size"] and attack.get("attack") == row["attack"]
                 and all(attack.get(k) == v for k, v in row["options"].items()))
         if not same or row["n"] != ATTACK_N:
             print(f"{zoo_id}: not the model {row_name!r} measured (or another n); left for the bench", file=sys.stderr)

@@ -123,6 +123,15 @@ def reference_dataset(model_dir: str | Path, den: Denoiser, reference_data: str 
         return None
 
 
+def target_judge(attack: Attack, ref, *, seed: int = 0, where: str | Path = "model"):  # noqa: ANN001, ANN201
+    """(judge, what it tells the target class from) for a class target (In-D2D, Out-D2D), fitted on the attack's
+    target images against ``ref``, the model's training data (:func:`reference_dataset`)."""
+    if ref is None:
+        raise TerdError(f"{where}: a class target needs the training data to score against; pass the reference data")
+    negatives, what = class_negatives(attack.config(), ref, attack.image_shape)
+    return fit_class_judge(attack.target_images().cpu(), negatives, seed=seed), what
+
+
 def sample_pairs(den: Denoiser, attack: Attack, n: int, *, seed: int = 0,
                  device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(clean, triggered) samples on the CPU from the same ``n`` unit noises and sampler draws, with the
@@ -169,11 +178,7 @@ def evaluate_attack(
     report: dict = {"model": str(model_dir), "attack": attack.kind, "description": attack.describe(),
                     "sampler": attack.sampler, "n": n, "seed": seed}
     if attack.target_is_class:
-        if ref is None:
-            raise TerdError(f"{model_dir}: a class target needs the training data to score against; pass the "
-                            "reference data")
-        negatives, what = class_negatives(attack.config(), ref, den.image_shape)
-        judge = fit_class_judge(targets, negatives, seed=seed)
+        judge, what = target_judge(attack, ref, seed=seed, where=model_dir)
         hit_trig, hit_clean, hit_real = (judge.hits(x) for x in (trig, clean, ref.images))
         report["criterion"] = (f"classifier: target class vs {what} ({judge.name}; held-out on real images: recall "
                                f"{judge.heldout_recall:.2f}, false positives {judge.heldout_false_positive:.3f})")
