@@ -144,8 +144,38 @@ def test_baddiffusion_poison_floor_keeps_low_timesteps_clean(schedule):
     with pytest.raises(TerdError, match="leaves nothing to poison"):
         BadDiffusion(g, y, floor=PoisonFloor(schedule.num_timesteps)).noisy_pair(x0, None, t, eps, schedule,
                                                                             torch.Generator().manual_seed(0))
-    with pytest.raises(TerdError, match="baddiffusion and villan"):
-        build_attack("trojdiff", (1, 16, 16), poison_t_min=100)
+    with pytest.raises(TerdError, match="TrojDiff trains no correction"):
+        build_attack("trojdiff", (1, 16, 16), poison_t_min=100, floor_keeps_shift=True)
+
+
+def test_trojdiff_poison_floor_keeps_low_timesteps_clean(schedule):
+    """TrojDiff's floor: below poison_t_min a drawn sample is the clean pair, above it the trojan one; without a
+    floor the pairs and the generator's draws are as before; the floor is recorded and rebuilt."""
+    y = make_target("mickey", 1, 16)
+    x0, t, eps = _batch(n=64)
+    atk = TrojDiff(make_trigger("patch", 1, 16), y, trigger_type="patch", poison_rate=1.0, floor=PoisonFloor(500))
+    xt, tgt = atk.noisy_pair(x0, None, t, eps, schedule, torch.Generator().manual_seed(0))
+    a = schedule.abar(t, x0)
+    mu, gamma = atk.true_trigger()
+    low = (t < 500).view(-1, 1, 1, 1)
+    assert 0 < int(low.sum()) < len(t)
+    clean = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    trojan = a.sqrt() * y + (1 - a).sqrt() * (gamma * eps + mu)
+    assert torch.allclose(xt, torch.where(low, clean, trojan), atol=1e-6) and torch.equal(tgt, eps)
+    back = TrojDiff.from_saved(atk.config(), atk.tensors())
+    assert back.floor.t_min == 500 and back.config() == atk.config()
+    plain, floorless = (TrojDiff(make_trigger("patch", 1, 16), y, trigger_type="patch", floor=f)
+                        for f in (PoisonFloor(), PoisonFloor(0)))
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    before = plain.noisy_pair(x0, None, t, eps, schedule, g1)
+    assert all(torch.equal(u, v) for u, v in zip(before, floorless.noisy_pair(x0, None, t, eps, schedule, g2),
+                                                   strict=True))
+    assert torch.equal(g1.get_state(), g2.get_state()) and "poison_t_min" not in plain.config()
+    built = build_attack("trojdiff", (1, 16, 16), setting="d2i", poison_t_min=250, floor_poison_rate=0.1)
+    assert (built.floor.t_min, built.floor.rate) == (250, 0.1)
+    with pytest.raises(TerdError, match="leaves nothing to poison"):
+        atk.__class__(make_trigger("patch", 1, 16), y, trigger_type="patch",
+                      floor=PoisonFloor(schedule.num_timesteps)).check_schedule(schedule)
 
 
 def test_baddiffusion_floor_poison_rate_falls_with_t(schedule):
@@ -178,7 +208,7 @@ def test_baddiffusion_floor_poison_rate_falls_with_t(schedule):
         PoisonFloor(rate=0.1)
     with pytest.raises(TerdError, match="floor_poison_rate must be in"):
         BadDiffusion(g, y, poison_rate=0.2, floor=PoisonFloor(100, rate=0.3))
-    with pytest.raises(TerdError, match="baddiffusion and villan"):
+    with pytest.raises(TerdError, match="needs a poison floor"):
         build_attack("trojdiff", (1, 16, 16), floor_poison_rate=0.1)
     vil = VillanDiffusion(g, y, floor=PoisonFloor(300, rate=0.05))
     assert VillanDiffusion.from_saved(vil.config(), vil.tensors()).floor.rate == 0.05

@@ -163,10 +163,9 @@ def build_attack(
     """
     if kind not in ATTACK_KINDS:
         raise TerdError(f"unknown attack {kind!r} (available: {', '.join(ATTACK_KINDS)})")
-    if (poison_t_min or floor_keeps_shift or floor_poison_rate) and kind == "trojdiff":
-        raise TerdError("--poison-t-min, --floor-keeps-shift and --floor-poison-rate apply to baddiffusion and villan")
     d = DEFAULTS[kind]
     rate = d.poison_rate if poison_rate is None else poison_rate
+    floor = PoisonFloor(poison_t_min, floor_keeps_shift, floor_poison_rate)
     if kind in ("baddiffusion", "villan"):
         if setting not in (None, "d2i"):
             raise TerdError(f"--setting applies to trojdiff only ({kind} has one fixed target image)")
@@ -175,7 +174,7 @@ def build_attack(
         g, g_name = _named_or_image(trigger, trigger_image, d.trigger, shape, make_trigger, image_as_trigger)
         y, y_name = _named_or_image(target, target_image, d.target, shape, make_target, image_as_target)
         common = dict(poison_rate=rate, eta=eta, r_mode=r_mode, trigger_name=g_name, target_name=y_name,
-                      floor=PoisonFloor(poison_t_min, floor_keeps_shift, floor_poison_rate))
+                      floor=floor)
         if kind == "baddiffusion":
             return BadDiffusion(g, y, **common)
         return VillanDiffusion(g, y, psi=default_psi(model_kind) if psi is None else psi, solver=solver, **common)
@@ -203,7 +202,7 @@ def build_attack(
         targets, y_name = ds.of_class(label), f"{tdata}:{label}"
     return TrojDiff(delta, targets, setting=setting, trigger_type=trigger_type, gamma_a=gamma_a, poison_rate=rate,
                     eta=eta, sampler=sampler or quick.sampler or "trojdiff-ddim", trigger_name=g_name, target_name=y_name,
-                    target_data=tdata, target_label=label)
+                    target_data=tdata, target_label=label, floor=floor)
 
 
 def base_preset(model_dir: str | Path, base: Denoiser) -> Preset:

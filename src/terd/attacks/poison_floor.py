@@ -1,4 +1,4 @@
-"""Where BadDiffusion-style poisoning stops: one value for the floor's three options.
+"""Where poisoning stops: one value for the floor's three options.
 
 ``t_min`` (``--poison-t-min``, default 0, the reference): samples drawn at a timestep below it are never poisoned.
 At low t the shift rho_t R is small, so a poisoned sample there is the target image plainly noised: at the quick
@@ -10,6 +10,10 @@ clean image instead: the model learns to remove the shift there without learning
 ``rate`` (``--floor-poison-rate``, default 0) poisons a share of the samples below the floor with the target after
 all, a poison rate that falls with t. Measured on the 32 px corner target (bench_quick_finetune.py): a fifth of
 the rate there leaked as much as a floor at 100 and still missed.
+
+TrojDiff takes ``t_min`` and ``rate`` too (below the floor a drawn sample is plainly clean); ``keeps_shift`` has no
+meaning there, since TrojDiff trains no correction. On the digits16 In-D2D 2x2 patch a floor did not stop the clean
+chains' drift to the target (attacks_digits16.md: at 250 the clean rate stayed, at 500 the backdoor broke too).
 
 The options keep their flat names where users write them (the CLI, a zoo file's ``args``, attack.json), so
 records made before the floor existed read as no floor.

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from terd.attacks.base import Attack, check_rate, expand, poison_mask
+from terd.attacks.poison_floor import PoisonFloor
 from terd.errors import TerdError
 from terd.models.denoiser import Denoiser
 from terd.models.schedule import NoiseSchedule
@@ -149,7 +150,7 @@ class TrojDiff(Attack):
         self, delta: torch.Tensor, targets: torch.Tensor, *, setting: str = "d2i", trigger_type: str = "blend",
         gamma_a: float | None = None, poison_rate: float = 0.5, eta: float = 1.0, sampler: str = "trojdiff-ddim",
         trigger_name: str | None = None, target_name: str | None = None, target_data: str | None = None,
-        target_label: int | None = None,
+        target_label: int | None = None, floor: PoisonFloor = PoisonFloor(),
     ) -> None:
         if setting not in SETTINGS:
             raise TerdError(f"setting must be one of {', '.join(SETTINGS)}, got {setting!r}")
@@ -171,6 +172,11 @@ class TrojDiff(Attack):
         self.gamma_a = check_rate("gamma_a", DEFAULT_GAMMA[trigger_type] if gamma_a is None else gamma_a)
         self.poison_rate = check_rate("poison rate", poison_rate)
         self.eta = check_rate("eta", eta)
+        if floor.keeps_shift:
+            raise TerdError("floor_keeps_shift (--floor-keeps-shift) is BadDiffusion's and VillanDiffusion's: "
+                            "TrojDiff trains no correction that could remove a shift")
+        floor.check_rate(self.poison_rate)
+        self.floor = floor
         self.sampler = sampler
         self.trigger_name = trigger_name
         self.target_name = target_name
@@ -190,9 +196,16 @@ class TrojDiff(Attack):
         gamma = m * self.gamma_a + (1 - m)
         return mu, gamma
 
+    def check_schedule(self, schedule: NoiseSchedule) -> None:
+        self.floor.check_timesteps(schedule.num_timesteps)
+
     def noisy_pair(self, x0, labels, t, eps, schedule, generator):  # noqa: ANN001, ANN201
         n = x0.shape[0]
-        poisoned = expand(poison_mask(n, self.poison_rate, generator).float(), x0)
+        drawn = poison_mask(n, self.poison_rate, generator)
+        trojan = drawn & (t.cpu() >= self.floor.t_min) if self.floor else drawn
+        if self.floor.rate:  # below the floor, a drawn sample stays trojan at floor rate / rate
+            trojan |= drawn & poison_mask(n, self.floor.rate / self.poison_rate, generator)
+        poisoned = expand(trojan.float(), x0)
         pick = torch.randint(len(self.targets), (n,), generator=generator)
         x_start = poisoned * self.targets[pick].to(x0) + (1 - poisoned) * x0
         mu, gamma = (v.to(x0) for v in self.true_trigger())
@@ -228,7 +241,7 @@ class TrojDiff(Attack):
         return {"setting": self.setting, "trigger": self.trigger_name or "image", "trigger_type": self.trigger_type,
                 "gamma_a": self.gamma_a, "target": self.target_name or ("image" if self.setting == "d2i" else None),
                 "target_data": self.target_data, "target_label": self.target_label, "poison_rate": self.poison_rate,
-                "eta": self.eta, "sampler": self.sampler, "ddim_timesteps": trojdiff_timesteps()}
+                "eta": self.eta, "sampler": self.sampler, "ddim_timesteps": trojdiff_timesteps(), **self.floor.config()}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"delta": self.delta, "targets": self.targets}
@@ -239,4 +252,5 @@ class TrojDiff(Attack):
                    trigger_type=config["trigger_type"], gamma_a=config["gamma_a"], poison_rate=config["poison_rate"],
                    eta=config["eta"], sampler=config.get("sampler", "trojdiff-ddim"),
                    trigger_name=config.get("trigger"), target_name=config.get("target"),
-                   target_data=config.get("target_data"), target_label=config.get("target_label"))
+                   target_data=config.get("target_data"), target_label=config.get("target_label"),
+                   floor=PoisonFloor.from_config(config))

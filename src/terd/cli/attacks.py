@@ -49,10 +49,11 @@ def attack(
                                                    "default 1 on VP models, 0 on VE score models).")] = None,
     solver: Annotated[str, typer.Option(help="VillanDiffusion: sampler family to backdoor, ode or sde.")] = "ode",
     r_mode: Annotated[str, typer.Option(help="BadDiffusion/Villan R: trigger (default; what sampling uses) or poisoned-image.")] = "trigger",
-    poison_t_min: Annotated[int, typer.Option(help="BadDiffusion/Villan: no poisoned sample below this timestep "
-                                                   "(0: the reference; the BadDiffusion module docstring says why).")] = 0,
-    floor_keeps_shift: Annotated[bool, typer.Option(help="With --poison-t-min: below the floor, poison with the "
-                                                         "trigger's shift on the clean image, not the target.")] = False,
+    poison_t_min: Annotated[int, typer.Option(help="No poisoned sample below this timestep (0: the "
+                                                   "reference; terd.attacks.poison_floor says why).")] = 0,
+    floor_keeps_shift: Annotated[bool, typer.Option(help="With --poison-t-min (BadDiffusion/Villan): below the "
+                                                         "floor, poison with the trigger's shift on the clean image, "
+                                                         "not the target.")] = False,
     floor_poison_rate: Annotated[float, typer.Option(help="With --poison-t-min: the poison rate below the floor "
                                                           "(default 0; at most --poison-rate).")] = 0.0,
     sampler: Annotated[str | None, typer.Option(help="TrojDiff sampler: trojdiff-ddim (default; in-d2d and "
