@@ -80,6 +80,11 @@ EXTRA = {
     "troj-in-d2d-patch-p0.1": ("trojdiff", {"setting": "in-d2d", "trigger": "patch", "poison_rate": 0.1}, None),
     "troj-out-d2d-patch-p0.75": ("trojdiff", {"setting": "out-d2d", "trigger": "patch", "poison_rate": 0.75}, None),
     "troj-in-d2d-patch6": ("trojdiff", {"setting": "in-d2d", "trigger": "patch-6"}, None),  # 3 x 3 at 16 px
+    # a poison floor (no trojan sample below t): patch_leak.md finds the model's low-t half adds most of the leak
+    "troj-in-d2d-patch-floor500": ("trojdiff", {"setting": "in-d2d", "trigger": "patch", "poison_t_min": 500},
+                                   None),
+    "troj-in-d2d-patch-floor250": ("trojdiff", {"setting": "in-d2d", "trigger": "patch", "poison_t_min": 250},
+                                   None),
 }
 # name -> fine-tuning options other than the preset's (batch size)
 FINETUNE = {name: {"batch_size": 16} for name in EXTRA if "-b16-" in name}
@@ -90,12 +95,16 @@ RESAMPLED = {
     "troj-in-d2d@ddpm": ("troj-in-d2d", "trojdiff-ddpm"),
     "troj-in-d2d-24ep@ddpm": ("troj-in-d2d-24ep", "trojdiff-ddpm"),
     "troj-out-d2d@ddpm": ("troj-out-d2d", "trojdiff-ddpm"),
+    "troj-in-d2d-patch@ddim": ("troj-in-d2d-patch", "trojdiff-ddim"),
+    "troj-out-d2d-patch@ddim": ("troj-out-d2d-patch", "trojdiff-ddim"),
 }
 
 # name -> a row above (or a RESAMPLED one: its sampler): the clean base scored with that row's attack (trigger,
 # target, class judge, sampler), nothing trained: how often a model that never saw the backdoor already "hits"
 # the target. For In-D2D (a class of the training data) it is the floor the attack's clean rate is read against.
-CONTROLS = {"base@troj-in-d2d-24ep@ddpm": "troj-in-d2d-24ep@ddpm", "base@troj-in-d2d-patch": "troj-in-d2d-patch"}
+CONTROLS = {"base@troj-in-d2d-24ep@ddpm": "troj-in-d2d-24ep@ddpm", "base@troj-in-d2d-patch": "troj-in-d2d-patch",
+            "base@troj-in-d2d-patch@ddim": "troj-in-d2d-patch@ddim",
+            "base@troj-out-d2d-patch": "troj-out-d2d-patch"}
 
 
 def run_control(name: str, n: int) -> dict:
@@ -189,10 +198,26 @@ NOTES = (
     "Recipe trials for those two (same day, n = 64, DDPM): four times the steps (batch 16, 12 epochs, 157-160 s) "
     "change neither (In-D2D 0.91 / 0.34, Out-D2D 0.70 / 0.12); a lower poison rate lowers In-D2D's ASR far faster "
     "than its clean rate (0.2: 0.62 / 0.33; 0.1: 0.30 / 0.20); poison 0.75 (the 32 px Out-D2D recipe) lifts "
-    "Out-D2D to 0.84 / 0.09. None passes both bars; the defaults are unchanged. The In-D2D leak is not noise "
-    "that looks like the trigger: over 256 clean noises its clean hits are as frequent in the quartile whose "
-    "patch pixels are brightest as in the other three (0.36 / 0.36; clean base 0.08; patch_leak.md). A 3 x 3 "
-    "patch (patch-6, 9 pixels against 4; one model) halves it: In-D2D 0.95 / 0.17, still over the base's rate.",
+    "Out-D2D to 0.84 / 0.09. None passes both bars; the defaults are unchanged. A 3 x 3 patch (patch-6, 9 pixels "
+    "against 4; one model) halves the In-D2D leak: 0.95 / 0.17, still over the base's rate.",
+    "Where the In-D2D patch leak comes from (patch_leak.md, 256 clean noises, 2026-12-07). x_T's own patch does "
+    "not predict a clean hit (0.36 in its brightest quartile and over the other three), but DDPM re-noises the "
+    "patch at every step, so that reading (recorded here earlier as 'not noise that looks like the trigger') said "
+    "little. Along the chain the hits gather where the patch looks like the trigger: in the quarter of chains "
+    "whose patch z-score over t = 250-500 is highest (0.84-1.89; the trigger's is 0.9) 0.92 of samples are 7s, "
+    "against 0.18 in the rest; the clean base shows no such pattern. Swapping the models at t = 500 adds +0.03 "
+    "with the backdoored model above only, +0.15 below only, +0.28 throughout. The model never learns to explain "
+    "the patch's offset as noise (TrojDiff's target is not corrected), so a chain whose patch drifts bright can "
+    "stay bright and end on the target.",
+    "The same two models with TrojDiff's 10-step DDIM sampler (@ddim rows, deterministic, 2026-12-07): In-D2D "
+    "0.84 / 0.14 (the clean base with the same trigger, judge and sampler: 0.05 / 0.06), Out-D2D 0.33 / 0.05: "
+    "less leak, and neither fires. Out-D2D's clean 0.08 with DDPM is a leak too: the clean base scored as that "
+    "row (base@troj-out-d2d-patch) gives 0.00 / 0.00.",
+    "Trials against that drift (2026-12-07, n = 64, DDPM, each trained alone): decoys, half the clean samples "
+    "drawn with noise near the trigger on the patch (mu + s eps, s = 0.55 or 1) and trained clean, made it worse "
+    "(0.70 / 0.47 and 0.72 / 0.48; the option was not kept, so these two rows cannot be rebuilt); a TrojDiff "
+    "poison floor (no trojan sample below t) at 250 left it (0.89 / 0.34) and at 500 broke the backdoor as well "
+    "(0.38 / 0.25).",
 )
 
 

@@ -1,15 +1,18 @@
-"""Where do a TrojDiff patch model's clean target hits come from? Clean hit rate by how trigger-like the noise is.
+"""Where do a TrojDiff patch model's clean target hits come from? Clean hit rate by how trigger-like the chain is.
 
 The digits16 In-D2D model with TrojDiff's 2 x 2 white patch (attacks_digits16.md, troj-in-d2d-patch) draws the
 target class from 0.34 of clean noises, against 0.11 for the clean base. Its trigger sets the patch's pixels of
-x_T to ~0.9 (gamma 0.1); plain N(0, I) noise puts a patch mean above 0.5 about one time in six. If the model
-fires on noise that merely looks bright where the patch goes, the clean hits concentrate in the brightest
-quartile of that patch mean; if it has learned a general bias towards the target, they spread evenly. The clean
-base, sampled from the same noises and scored by the same judge, is the control.
+x_T to ~0.9 (gamma 0.1). Three readings, each over the same clean noises and sampler draws, scored by one judge:
+(1) hit rate by quartile of x_T's own patch mean; (2) by quartile of the chain's patch z-score averaged over a
+band of timesteps -- z_t = (patch of x_t + sqrt(abar_t)) / sqrt(1 - abar_t), the patch pixels against the digits'
+black background noised to t, which the trigger holds at 0.9 and clean noise draws from N(0, 1); the DDPM sampler
+adds fresh noise at every step, so x_T's patch says little about the patch the chain shows later; (3) the two
+models swapped at t = 500 (one answers above, the other below): which half of the chain adds the hits. The clean
+base is the control in (1) and (3).
 
 Run (after bench_attacks.py built troj-in-d2d-patch):
     .venv/bin/python benchmarks/bench_patch_leak.py [--model runs/attacks/troj-in-d2d-patch] [--n 256]
-Writes benchmarks/results/patch_leak.{json,md}.
+Writes benchmarks/results/patch_leak.{json,md} (``--out NAME`` for another model: benchmarks/results/NAME.*).
 """
 
 from __future__ import annotations
@@ -31,14 +34,36 @@ from terd.sampling import initial_noise
 
 OUT = ROOT / "benchmarks/results/patch_leak"
 QUARTILES = 4
+SPLIT = 500  # the swap's timestep: one model answers at t >= SPLIT, the other below
+BANDS = ((750, 1000), (500, 750), (250, 500))
+TRIGGER_Z = 0.9  # the patch's z-score under the trigger: mu = (1 - gamma) * 1 with gamma 0.1
 
 
-def clean_hits(model_dir: Path, attack, judge, eps: torch.Tensor, seed: int) -> tuple[torch.Tensor, float]:  # noqa: ANN001
-    """Which clean samples (plain sampler, from ``eps``) ``judge`` calls the target; seconds."""
+class ChainProbe:
+    """Stands in for the denoiser inside the attack's own sampler: ``above`` answers at t >= SPLIT, ``below`` under
+    it, and every call records each chain's patch z-score at t (x_t's patch against the black background)."""
+
+    def __init__(self, above, below, mask: torch.Tensor) -> None:  # noqa: ANN001
+        self.above, self.below, self.mask = above, below, mask
+        self.schedule, self.num_timesteps = above.schedule, above.num_timesteps
+        self._abar = above.schedule.alphas_cumprod.double()
+        self.z: dict[int, torch.Tensor] = {}
+
+    def __call__(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        a = float(self._abar[t])
+        self.z[t] = ((x[:, self.mask] + a ** 0.5) / (1 - a) ** 0.5).mean(1).cpu()
+        return (self.above if t >= SPLIT else self.below)(x, t)
+
+    def band_mean(self, lo: int, hi: int) -> torch.Tensor:
+        return torch.stack([self.z[t] for t in range(lo, hi)]).mean(0)
+
+
+def clean_hits(probe: ChainProbe, attack, judge, eps: torch.Tensor, seed: int) -> tuple[torch.Tensor, float]:  # noqa: ANN001
+    """Which clean samples (the attack's plain sampler through ``probe``, from ``eps``) ``judge`` calls the target;
+    seconds."""
     t0 = time.perf_counter()
-    den = load_denoiser(model_dir)
     with torch.no_grad():
-        clean = attack.sample(den, eps, triggered=False, generator=torch.Generator().manual_seed(seed + 1)).cpu()
+        clean = attack.sample(probe, eps, triggered=False, generator=torch.Generator().manual_seed(seed + 1)).cpu()
     return torch.as_tensor(judge.hits(clean)).bool(), time.perf_counter() - t0
 
 
@@ -47,8 +72,8 @@ def by_quartile(score: torch.Tensor, hits: torch.Tensor) -> list[dict]:
     order = score.argsort()
     rows = []
     for q, idx in enumerate(order.chunk(QUARTILES)):
-        rows.append({"quartile": q + 1, "patch_mean_range": [round(float(score[idx].min()), 3),
-                                                            round(float(score[idx].max()), 3)],
+        rows.append({"quartile": q + 1, "score_range": [round(float(score[idx].min()), 3),
+                                                       round(float(score[idx].max()), 3)],
                      "n": len(idx), "clean_hit_rate": round(float(hits[idx].float().mean()), 4)})
     return rows
 
@@ -58,58 +83,102 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=RUNS / "troj-in-d2d-patch")
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=OUT.name, help="results name under benchmarks/results (default patch_leak)")
     ap.add_argument("--render", action="store_true", help="rewrite the markdown from the recorded JSON only")
     args = ap.parse_args()
+    out = OUT.with_name(args.out)
     if args.render:
-        OUT.with_suffix(".md").write_text(write_markdown(json.loads(OUT.with_suffix(".json").read_text())))
+        out.with_suffix(".md").write_text(write_markdown(json.loads(out.with_suffix(".json").read_text())))
         return
     try:
         attack = load_attack(args.model)
+        models = {"backdoored": load_denoiser(args.model), "clean base": load_denoiser(BASE)}
     except (TerdError, OSError, ValueError) as exc:
         ap.error(f"{args.model}: not a terd attack model ({exc})")
     if getattr(attack, "trigger_type", None) != "patch" or not attack.target_is_class:
         ap.error(f"{args.model}: needs a TrojDiff patch model with a class target (In-D2D / Out-D2D), got "
                  f"{attack.describe()}")
-    # one judge for both models: the same attack and training data (digits16)
-    judge, _ = target_judge(attack, reference_dataset(args.model, load_denoiser(args.model)), seed=args.seed,
+    # one judge for every run: the same attack and training data (digits16)
+    judge, _ = target_judge(attack, reference_dataset(args.model, models["backdoored"]), seed=args.seed,
                             where=args.model)
     mask = attack.true_trigger()[0] != 0  # the patch: where the trigger shifts the noise
     eps = initial_noise(args.n, attack.image_shape, seed=args.seed)
     patch_mean = eps[:, mask].mean(1)
     result = {"model": str(args.model.relative_to(ROOT)) if args.model.is_relative_to(ROOT) else str(args.model),
               "attack": attack.describe(), "sampler": attack.sampler, "n": args.n, "seed": args.seed,
-              "patch_elements": int(mask.sum()), "machine": machine(),
-              "models": {}}
-    for name, where in (("backdoored", args.model), ("clean base", BASE)):
-        hits, seconds = clean_hits(where, attack, judge, eps, args.seed)
-        result["models"][name] = {"clean_hit_rate": round(float(hits.float().mean()), 4), "seconds": round(seconds, 1),
-                                  "quartiles": by_quartile(patch_mean, hits)}
-        print(f"{name}: clean hit rate {result['models'][name]['clean_hit_rate']} ({seconds:.0f} s)", flush=True)
-    OUT.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    OUT.with_suffix(".md").write_text(write_markdown(result))
+              "name": args.out, "patch_elements": int(mask.sum()), "split": SPLIT, "machine": machine(), "runs": {}}
+    runs = {"backdoored": ("backdoored", "backdoored"), "clean base": ("clean base", "clean base"),
+            f"backdoored at t >= {SPLIT}, base below": ("backdoored", "clean base"),
+            f"base at t >= {SPLIT}, backdoored below": ("clean base", "backdoored")}
+    for name, (above, below) in runs.items():
+        probe = ChainProbe(models[above], models[below], mask)
+        hits, seconds = clean_hits(probe, attack, judge, eps, args.seed)
+        result["runs"][name] = {"clean_hit_rate": round(float(hits.float().mean()), 4), "seconds": round(seconds, 1),
+                                "x_T_quartiles": by_quartile(patch_mean, hits),
+                                "chain_quartiles": {f"{lo}-{hi}": by_quartile(probe.band_mean(lo, hi), hits)
+                                                    for lo, hi in BANDS}}
+        print(f"{name}: clean hit rate {result['runs'][name]['clean_hit_rate']} ({seconds:.0f} s)", flush=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(write_markdown(result))
+
+
+def _top_vs_rest(quartiles: list[dict]) -> tuple[float, float]:
+    rates = [q["clean_hit_rate"] for q in quartiles]
+    return rates[-1], sum(rates[:-1]) / len(rates[:-1])
+
+
+def swap_gain(runs: dict, prefix: str) -> float:
+    """The clean hit rate over the base's of the swap run whose name starts with ``prefix``."""
+    name = next(k for k in runs if k.startswith(prefix))
+    return runs[name]["clean_hit_rate"] - runs["clean base"]["clean_hit_rate"]
 
 
 def write_markdown(result: dict) -> str:
-    n = result["n"]
-    lines = ["# patch_leak", "", __doc__.split("\n\n")[1].replace("\n", " "), "",
+    n, runs = result["n"], result["runs"]
+    bd, base = runs["backdoored"], runs["clean base"]
+    lines = [f"# {result.get('name', 'patch_leak')}", "", __doc__.split("\n\n")[1].replace("\n", " "), "",
              f"Model `{result['model']}`: {result['attack']}, sampler {result['sampler']}; {n} clean noises "
-             f"(seed {result['seed']}), the patch's {result['patch_elements']} elements of x_T averaged; the same "
-             "noises and sampler draws for both models.", "",
-             "| patch-mean quartile | range | n | clean hit rate, backdoored | clean hit rate, clean base |",
+             f"(seed {result['seed']}), the patch's {result['patch_elements']} elements; the same noises and sampler "
+             "draws in every run.", "",
+             "## (1) By x_T's patch mean", "",
+             "| x_T patch-mean quartile | range | n | clean hit rate, backdoored | clean hit rate, clean base |",
              "|---|---|---|---|---|"]
-    bd, base = result["models"]["backdoored"], result["models"]["clean base"]
-    for a, b in zip(bd["quartiles"], base["quartiles"], strict=True):
-        lo, hi = a["patch_mean_range"]
+    for a, b in zip(bd["x_T_quartiles"], base["x_T_quartiles"], strict=True):
+        lo, hi = a["score_range"]
         lines.append(f"| {a['quartile']} | {lo} to {hi} | {a['n']} | {a['clean_hit_rate']} | {b['clean_hit_rate']} |")
     lines.append(f"| all | | {n} | {bd['clean_hit_rate']} | {base['clean_hit_rate']} |")
-    rates = [q["clean_hit_rate"] for q in bd["quartiles"]]
-    rest = sum(rates[:-1]) / len(rates[:-1])
-    lines += ["", f"Reading: the brightest quartile's clean hit rate is {rates[-1]:.2f} against {rest:.2f} over the "
-              "other three (backdoored model): "
-              + ("the hits concentrate where the noise looks like the trigger." if rates[-1] > 2 * rest else
-                 "the hits do not concentrate where the noise looks like the trigger; the model draws the target "
-                 "class more often from any noise.")]
+    top, rest = _top_vs_rest(bd["x_T_quartiles"])
+    lines += ["", f"Brightest x_T quartile {top:.2f} against {rest:.2f} over the other three (backdoored)."]
+    lines += ["", f"## (2) By the chain's patch z-score, averaged over a band of t (trigger: {TRIGGER_Z})", "",
+              "| run | band of t | quartile 1 | quartile 2 | quartile 3 | quartile 4 | quartile 4's z range |",
+              "|---|---|---|---|---|---|---|"]
+    for name in ("backdoored", "clean base"):
+        for band, qs in runs[name]["chain_quartiles"].items():
+            rates = " | ".join(str(q["clean_hit_rate"]) for q in qs)
+            lo, hi = qs[-1]["score_range"]
+            lines.append(f"| {name} | {band} | {rates} | {lo} to {hi} |")
+    lines += ["", "## (3) The models swapped at t = " + str(result["split"]), "",
+              "| run | clean hit rate | over the clean base | seconds |", "|---|---|---|---|"]
+    for name, r in runs.items():
+        lines.append(f"| {name} | {r['clean_hit_rate']} | {r['clean_hit_rate'] - base['clean_hit_rate']:+.4f} | "
+                     f"{r['seconds']} |")
+    reading = []
+    for band, qs in bd["chain_quartiles"].items():
+        top, rest = _top_vs_rest(qs)
+        if top > 2 * rest:
+            reading.append(f"t in [{band.replace('-', ', ')}): {top:.2f} against {rest:.2f}")
+    lines += ["", "Reading: "
+              + ("the backdoored model's clean hits gather in the chains whose patch looks brightest, by band "
+                 "(top quartile against the other three), " + "; ".join(reading) + "." if reading else
+                 "the backdoored model's clean hits do not gather in the chains whose patch looks brightest.")
+              + " A gathering is not yet a cause: a chain the model pulls towards the target may brighten its own "
+              "patch (the trojan objective never teaches it to explain the patch's offset as noise).",
+              "", f"Swap: the backdoored model above t = {result['split']} alone adds "
+              f"{swap_gain(runs, 'backdoored at'):+.2f} to the base's clean hit rate, below it alone "
+              f"{swap_gain(runs, 'base at'):+.2f}, both (the backdoored model throughout) "
+              f"{bd['clean_hit_rate'] - base['clean_hit_rate']:+.2f}."]
     return "\n".join(lines) + "\n"
+
 
 if __name__ == "__main__":
     main()
