@@ -116,9 +116,7 @@ class BadDiffusion(Attack):
     def noisy_pair(self, x0, labels, t, eps, schedule, generator):  # noqa: ANN001, ANN201
         t_cpu = t.cpu().long()
         drawn = poison_mask(x0.shape[0], self.poison_rate, generator)
-        on_target = drawn & (t_cpu >= self.floor.t_min)
-        if self.floor.rate:  # below the floor, a drawn sample keeps the target at floor rate / rate
-            on_target |= drawn & poison_mask(x0.shape[0], self.floor.rate / self.poison_rate, generator)
+        on_target = self.floor.takes_target(drawn, t_cpu, self.poison_rate, generator)
         poisoned = expand(on_target.float(), x0)
         x_start = poisoned * self.target.to(x0) + (1 - poisoned) * x0
         r = expand((drawn if self.floor.keeps_shift else on_target).float(), x0) * self.poisoned_r(x0)

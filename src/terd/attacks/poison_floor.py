@@ -23,6 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+from terd.attacks.base import poison_mask
 from terd.errors import TerdError
 
 
@@ -52,6 +55,15 @@ class PoisonFloor:
         """The rate below the floor cannot exceed the rate above it."""
         if not 0 <= self.rate <= poison_rate:
             raise TerdError(f"floor_poison_rate must be in [0, poison_rate {poison_rate}], got {self.rate}")
+
+    def takes_target(self, drawn: torch.Tensor, t: torch.Tensor, poison_rate: float,
+                     generator: torch.Generator) -> torch.Tensor:
+        """Which ``drawn`` (poisoned) samples take the target: those at t >= t_min, and below it a share
+        rate / poison_rate of them (drawn from ``generator`` only when rate is set)."""
+        on = drawn & (t.cpu() >= self.t_min)
+        if self.rate:
+            on |= drawn & poison_mask(len(drawn), self.rate / poison_rate, generator)
+        return on
 
     def check_timesteps(self, num_timesteps: int) -> None:
         if self.t_min >= num_timesteps:

@@ -201,10 +201,7 @@ class TrojDiff(Attack):
 
     def noisy_pair(self, x0, labels, t, eps, schedule, generator):  # noqa: ANN001, ANN201
         n = x0.shape[0]
-        drawn = poison_mask(n, self.poison_rate, generator)
-        trojan = drawn & (t.cpu() >= self.floor.t_min) if self.floor else drawn
-        if self.floor.rate:  # below the floor, a drawn sample stays trojan at floor rate / rate
-            trojan |= drawn & poison_mask(n, self.floor.rate / self.poison_rate, generator)
+        trojan = self.floor.takes_target(poison_mask(n, self.poison_rate, generator), t, self.poison_rate, generator)
         poisoned = expand(trojan.float(), x0)
         pick = torch.randint(len(self.targets), (n,), generator=generator)
         x_start = poisoned * self.targets[pick].to(x0) + (1 - poisoned) * x0
