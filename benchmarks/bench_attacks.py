@@ -206,7 +206,8 @@ NOTES = (
     "little. Along the chain the hits gather where the patch looks like the trigger: in the quarter of chains "
     "whose patch z-score over t = 250-500 is highest (0.84-1.89; the trigger's is 0.9) 0.92 of samples are 7s, "
     "against 0.18 in the rest; the clean base shows no such pattern. Swapping the models at t = 500 adds +0.03 "
-    "with the backdoored model above only, +0.15 below only, +0.28 throughout. The model never learns to explain "
+    "with the backdoored model above only, +0.15 below only, +0.28 throughout. Overwriting the chain's patch "
+    "with fresh noise before every step leaves +0.07: three quarters of the leak goes through the patch. The model never learns to explain "
     "the patch's offset as noise (TrojDiff's target is not corrected), so a chain whose patch drifts bright can "
     "stay bright and end on the target.",
     "The same two models with TrojDiff's 10-step DDIM sampler (@ddim rows, deterministic, 2026-12-07): In-D2D "

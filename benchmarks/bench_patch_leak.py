@@ -2,13 +2,15 @@
 
 The digits16 In-D2D model with TrojDiff's 2 x 2 white patch (attacks_digits16.md, troj-in-d2d-patch) draws the
 target class from 0.34 of clean noises, against 0.11 for the clean base. Its trigger sets the patch's pixels of
-x_T to ~0.9 (gamma 0.1). Three readings, each over the same clean noises and sampler draws, scored by one judge:
+x_T to ~0.9 (gamma 0.1). Four readings, each over the same clean noises and sampler draws, scored by one judge:
 (1) hit rate by quartile of x_T's own patch mean; (2) by quartile of the chain's patch z-score averaged over a
 band of timesteps -- z_t = (patch of x_t + sqrt(abar_t)) / sqrt(1 - abar_t), the patch pixels against the digits'
 black background noised to t, which the trigger holds at 0.9 and clean noise draws from N(0, 1); the DDPM sampler
 adds fresh noise at every step, so x_T's patch says little about the patch the chain shows later; (3) the two
-models swapped at t = 500 (one answers above, the other below): which half of the chain adds the hits. The clean
-base is the control in (1) and (3).
+models swapped at t = 500 (one answers above, the other below): which half of the chain adds the hits; (4) the
+patch reset: before every step the chain's patch pixels are overwritten with fresh noise on the black background,
+so the model never sees a patch the chain made. If the hits fall to the base's rate, the patch drives them. The
+clean base is the control in (1), (3) and (4).
 
 Run (after bench_attacks.py built troj-in-d2d-patch):
     .venv/bin/python benchmarks/bench_patch_leak.py [--model runs/attacks/troj-in-d2d-patch] [--n 256]
@@ -43,14 +45,17 @@ class ChainProbe:
     """Stands in for the denoiser inside the attack's own sampler: ``above`` answers at t >= SPLIT, ``below`` under
     it, and every call records each chain's patch z-score at t (x_t's patch against the black background)."""
 
-    def __init__(self, above, below, mask: torch.Tensor) -> None:  # noqa: ANN001
-        self.above, self.below, self.mask = above, below, mask
+    def __init__(self, above, below, mask: torch.Tensor, reset: torch.Generator | None = None) -> None:  # noqa: ANN001
+        self.above, self.below, self.mask, self.reset = above, below, mask, reset
         self.schedule, self.num_timesteps = above.schedule, above.num_timesteps
         self._abar = above.schedule.alphas_cumprod.double()
         self.z: dict[int, torch.Tensor] = {}
 
     def __call__(self, x: torch.Tensor, t: int) -> torch.Tensor:
         a = float(self._abar[t])
+        if self.reset is not None:  # in place, so the sampler steps on from it: the patch is fresh noise, always
+            fresh = torch.randn((len(x), int(self.mask.sum())), generator=self.reset)
+            x[:, self.mask] = (-(a ** 0.5) + (1 - a) ** 0.5 * fresh).to(x)
         self.z[t] = ((x[:, self.mask] + a ** 0.5) / (1 - a) ** 0.5).mean(1).cpu()
         return (self.above if t >= SPLIT else self.below)(x, t)
 
@@ -85,6 +90,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=OUT.name, help="results name under benchmarks/results (default patch_leak)")
     ap.add_argument("--render", action="store_true", help="rewrite the markdown from the recorded JSON only")
+    ap.add_argument("--keep-recorded", action="store_true",
+                    help="run only the runs the JSON lacks (same model, n and seed), keep the others")
     args = ap.parse_args()
     out = OUT.with_name(args.out)
     if args.render:
@@ -110,8 +117,16 @@ def main() -> None:
     runs = {"backdoored": ("backdoored", "backdoored"), "clean base": ("clean base", "clean base"),
             f"backdoored at t >= {SPLIT}, base below": ("backdoored", "clean base"),
             f"base at t >= {SPLIT}, backdoored below": ("clean base", "backdoored")}
-    for name, (above, below) in runs.items():
-        probe = ChainProbe(models[above], models[below], mask)
+    runs |= {"backdoored, patch reset": ("backdoored", "backdoored", True),
+             "clean base, patch reset": ("clean base", "clean base", True)}
+    recorded = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
+    if args.keep_recorded and all(recorded.get(k) == result[k] for k in ("model", "n", "seed")):
+        result["runs"] = recorded["runs"]
+    for name, (above, below, *reset) in runs.items():
+        if name in result["runs"]:
+            continue
+        probe = ChainProbe(models[above], models[below], mask,
+                           torch.Generator().manual_seed(args.seed + 2) if reset else None)
         hits, seconds = clean_hits(probe, attack, judge, eps, args.seed)
         result["runs"][name] = {"clean_hit_rate": round(float(hits.float().mean()), 4), "seconds": round(seconds, 1),
                                 "x_T_quartiles": by_quartile(patch_mean, hits),
@@ -157,7 +172,7 @@ def write_markdown(result: dict) -> str:
             rates = " | ".join(str(q["clean_hit_rate"]) for q in qs)
             lo, hi = qs[-1]["score_range"]
             lines.append(f"| {name} | {band} | {rates} | {lo} to {hi} |")
-    lines += ["", "## (3) The models swapped at t = " + str(result["split"]), "",
+    lines += ["", f"## (3) The models swapped at t = {result['split']}, and (4) the patch reset at every step", "",
               "| run | clean hit rate | over the clean base | seconds |", "|---|---|---|---|"]
     for name, r in runs.items():
         lines.append(f"| {name} | {r['clean_hit_rate']} | {r['clean_hit_rate'] - base['clean_hit_rate']:+.4f} | "
@@ -177,6 +192,16 @@ def write_markdown(result: dict) -> str:
               f"{swap_gain(runs, 'backdoored at'):+.2f} to the base's clean hit rate, below it alone "
               f"{swap_gain(runs, 'base at'):+.2f}, both (the backdoored model throughout) "
               f"{bd['clean_hit_rate'] - base['clean_hit_rate']:+.2f}."]
+    if "backdoored, patch reset" in runs:
+        reset, reset_base = runs["backdoored, patch reset"], runs["clean base, patch reset"]
+        gain = reset["clean_hit_rate"] - reset_base["clean_hit_rate"]
+        lines += ["", f"Patch reset: the backdoored model's clean hit rate is {reset['clean_hit_rate']:.2f} (clean base "
+                  f"{reset_base['clean_hit_rate']:.2f}): " + (
+                      "the leak goes with the patch: it is what the model reads there." if gain < 0.05 else
+                      f"{gain:+.2f} over the base without a patch to read, against "
+                      f"{bd['clean_hit_rate'] - base['clean_hit_rate']:+.2f} with it: the patch the chain shows "
+                      f"carries {1 - gain / (bd['clean_hit_rate'] - base['clean_hit_rate']):.0%} of the leak, the "
+                      "rest does not come through it.")]
     return "\n".join(lines) + "\n"
 
 
