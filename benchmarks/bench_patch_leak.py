@@ -43,7 +43,8 @@ TRIGGER_Z = 0.9  # the patch's z-score under the trigger: mu = (1 - gamma) * 1 w
 
 class ChainProbe:
     """Stands in for the denoiser inside the attack's own sampler: ``above`` answers at t >= SPLIT, ``below`` under
-    it, and every call records each chain's patch z-score at t (x_t's patch against the black background)."""
+    it, and every call records each chain's patch z-score at t (x_t's patch against the black background). With a
+    ``reset`` generator it first overwrites that patch with fresh noise on the background, in place."""
 
     def __init__(self, above, below, mask: torch.Tensor, reset: torch.Generator | None = None) -> None:  # noqa: ANN001
         self.above, self.below, self.mask, self.reset = above, below, mask, reset
@@ -95,6 +96,8 @@ def main() -> None:
     args = ap.parse_args()
     out = OUT.with_name(args.out)
     if args.render:
+        if not out.with_suffix(".json").is_file():
+            ap.error(f"{out.with_suffix('.json')}: nothing recorded to render")
         out.with_suffix(".md").write_text(write_markdown(json.loads(out.with_suffix(".json").read_text())))
         return
     try:
@@ -114,11 +117,11 @@ def main() -> None:
     result = {"model": str(args.model.relative_to(ROOT)) if args.model.is_relative_to(ROOT) else str(args.model),
               "attack": attack.describe(), "sampler": attack.sampler, "n": args.n, "seed": args.seed,
               "name": args.out, "patch_elements": int(mask.sum()), "split": SPLIT, "machine": machine(), "runs": {}}
-    runs = {"backdoored": ("backdoored", "backdoored"), "clean base": ("clean base", "clean base"),
+    runs = {"backdoored": ("backdoored", "backdoored"), "clean base": ("clean base", "clean base"),  # (above, below)
             f"backdoored at t >= {SPLIT}, base below": ("backdoored", "clean base"),
-            f"base at t >= {SPLIT}, backdoored below": ("clean base", "backdoored")}
-    runs |= {"backdoored, patch reset": ("backdoored", "backdoored", True),
-             "clean base, patch reset": ("clean base", "clean base", True)}
+            f"base at t >= {SPLIT}, backdoored below": ("clean base", "backdoored"),
+            "backdoored, patch reset": ("backdoored", "backdoored", True),
+            "clean base, patch reset": ("clean base", "clean base", True)}
     recorded = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
     if args.keep_recorded and all(recorded.get(k) == result[k] for k in ("model", "n", "seed")):
         result["runs"] = recorded["runs"]
