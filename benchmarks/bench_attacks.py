@@ -207,9 +207,9 @@ NOTES = (
     "whose patch z-score over t = 250-500 is highest (0.84-1.89; the trigger's is 0.9) 0.92 of samples are 7s, "
     "against 0.18 in the rest; the clean base shows no such pattern. Swapping the models at t = 500 adds +0.03 "
     "with the backdoored model above only, +0.15 below only, +0.28 throughout. Overwriting the chain's patch "
-    "with fresh noise before every step leaves +0.07: three quarters of the leak goes through the patch. The model never learns to explain "
-    "the patch's offset as noise (TrojDiff's target is not corrected), so a chain whose patch drifts bright can "
-    "stay bright and end on the target.",
+    "with fresh noise before every step leaves +0.07: three quarters of the leak goes through the patch. The "
+    "model never learns to explain the patch's offset as noise (TrojDiff's target is not corrected), so a chain "
+    "whose patch drifts bright can stay bright and end on the target.",
     "The same two models with TrojDiff's 10-step DDIM sampler (@ddim rows, deterministic, 2026-12-07): In-D2D "
     "0.84 / 0.14 (the clean base with the same trigger, judge and sampler: 0.05 / 0.06), Out-D2D 0.33 / 0.05: "
     "less leak, and neither fires. Out-D2D's clean 0.08 with DDPM is a leak too: the clean base scored as that "
