@@ -191,10 +191,17 @@ def write_markdown(result: dict) -> str:
                  "the backdoored model's clean hits do not gather in the chains whose patch looks brightest.")
               + " A gathering is not yet a cause: a chain the model pulls towards the target may brighten its own "
               "patch (the trojan objective never teaches it to explain the patch's offset as noise).",
-              "", f"Swap: the backdoored model above t = {result['split']} alone adds "
+              ""]
+    leak = bd["clean_hit_rate"] - base["clean_hit_rate"]
+    noise = 2 * sum(r["clean_hit_rate"] * (1 - r["clean_hit_rate"]) / n for r in (bd, base)) ** 0.5
+    if leak < noise:
+        lines.append(f"The leak over the clean base, {leak:+.2f}, is within this sample's noise (two standard errors: "
+                     f"{noise:.2f}), so neither the swap nor the reset can apportion it.")
+        return "\n".join(lines) + "\n"
+    lines += [f"Swap: the backdoored model above t = {result['split']} alone adds "
               f"{swap_gain(runs, 'backdoored at'):+.2f} to the base's clean hit rate, below it alone "
               f"{swap_gain(runs, 'base at'):+.2f}, both (the backdoored model throughout) "
-              f"{bd['clean_hit_rate'] - base['clean_hit_rate']:+.2f}."]
+              f"{leak:+.2f}."]
     if "backdoored, patch reset" in runs:
         reset, reset_base = runs["backdoored, patch reset"], runs["clean base, patch reset"]
         gain = reset["clean_hit_rate"] - reset_base["clean_hit_rate"]
@@ -202,8 +209,8 @@ def write_markdown(result: dict) -> str:
                   f"{reset_base['clean_hit_rate']:.2f}): " + (
                       "the leak goes with the patch: it is what the model reads there." if gain < 0.05 else
                       f"{gain:+.2f} over the base without a patch to read, against "
-                      f"{bd['clean_hit_rate'] - base['clean_hit_rate']:+.2f} with it: the patch the chain shows "
-                      f"carries {1 - gain / (bd['clean_hit_rate'] - base['clean_hit_rate']):.0%} of the leak, the "
+                      f"{leak:+.2f} with it: the patch the chain shows "
+                      f"carries {1 - gain / leak:.0%} of the leak, the "
                       "rest does not come through it.")]
     return "\n".join(lines) + "\n"
 
