@@ -264,9 +264,15 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=64, help="samples with and without the trigger")
     ap.add_argument("--reuse-eval", action="store_true",
                     help="take a model's existing eval-attack*.json instead of sampling again")
+    ap.add_argument("--render", action="store_true", help="rewrite the markdown from the recorded JSON only")
     args = ap.parse_args()
-    names = args.only or (list(ALL) + list(RESAMPLED) if args.all else list(CORE))
     path = RESULTS.with_suffix(".json")
+    if args.render:
+        if not path.is_file():
+            ap.error(f"{path}: nothing recorded to render")
+        RESULTS.with_suffix(".md").write_text(write_markdown(json.loads(path.read_text())["results"]))
+        return
+    names = args.only or (list(ALL) + list(RESAMPLED) if args.all else list(CORE))
     for name in names:
         t0 = time.perf_counter()
         r = run_one(name, args.retrain, args.n, args.reuse_eval)

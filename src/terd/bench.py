@@ -40,7 +40,7 @@ from terd.rates import INPUT_FPR
 from terd.zoo import (
     ZooEntry,
     build_zoo,
-    default_cache,
+    cache_dir,
     how_far,
     load_zoo,
     model_dir,
@@ -724,7 +724,7 @@ def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...
     if thresholds is not None and str(thresholds) != SHIPPED:
         given = Thresholds.load(thresholds)
     entries = select_entries(load_zoo(zoo_file, data=data), only)
-    cache = Path(cache) if cache is not None else default_cache(zoo_file)
+    cache = cache_dir(zoo_file, cache)
     out = Path(out)
     (out / "triggers").mkdir(parents=True, exist_ok=True)
     (out / "rows").mkdir(exist_ok=True)

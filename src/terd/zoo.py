@@ -86,9 +86,9 @@ class ZooEntry:
         return Path(self.data).name if self.data else self.source
 
 
-def default_cache(zoo_file: str | Path) -> Path:
-    """Where a zoo's models are built when no ``--cache`` is given: ``zoo-cache`` next to the zoo file."""
-    return Path(zoo_file).parent / "zoo-cache"
+def cache_dir(zoo_file: str | Path, cache: str | Path | None = None) -> Path:
+    """Where a zoo's models are built: ``cache`` (``--cache``) if given, else ``zoo-cache`` next to the zoo file."""
+    return Path(cache) if cache is not None else Path(zoo_file).parent / "zoo-cache"
 
 
 def model_dir(entry: ZooEntry, cache: str | Path) -> Path:

@@ -36,7 +36,7 @@ def bench(
 ) -> None:
     """Build the zoo (cached, resumable) and run the defenses on every model; write the report."""
     from terd.bench import run_bench
-    from terd.zoo import build_zoo, default_cache, load_zoo, select_entries
+    from terd.zoo import build_zoo, cache_dir, load_zoo, select_entries
 
     earlier_bench = (out / "results.json").is_file() or (out / "rows").is_dir()  # a report, or an interrupted run
     if out.exists() and any(out.iterdir()) and not earlier_bench:
@@ -47,7 +47,7 @@ def bench(
         raise TerdError("--only needs at least one id pattern, e.g. --only 'd16-*'")
     dev = resolve_device(device)
     if build_only:
-        build_zoo(select_entries(load_zoo(zoo, data=data), patterns), cache or default_cache(zoo), workers=workers,
+        build_zoo(select_entries(load_zoo(zoo, data=data), patterns), cache_dir(zoo, cache), workers=workers,
                   device=dev, echo=typer.echo)
         return
     summary = run_bench(zoo, out, defenses=names, cache=cache, workers=workers, n_inputs=n_inputs, min_asr=min_asr,
