@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -94,6 +95,8 @@ def main() -> None:
     ap.add_argument("--keep-recorded", action="store_true",
                     help="run only the runs the JSON lacks (same model, n and seed), keep the others")
     args = ap.parse_args()
+    if not re.fullmatch(r"[\w.-]+", args.out) or args.out.startswith("."):
+        ap.error(f"--out {args.out!r}: a plain name (letters, digits, '_', '-', '.'), written under benchmarks/results")
     out = OUT.with_name(args.out)
     if args.render:
         if not out.with_suffix(".json").is_file():

@@ -134,6 +134,7 @@ def test_baddiffusion_poison_floor_keeps_low_timesteps_clean(schedule):
     assert torch.allclose(xt, torch.where(low, shifted_clean, poisoned), atol=1e-5)
     assert torch.allclose(tgt, eps + c[t].view(-1, 1, 1, 1) * g, atol=1e-6)
     assert BadDiffusion.from_saved(keep.config(), keep.tensors()).floor.keeps_shift
+    assert "floor_keeps_shift=True" in keep.describe()
     assert "poison_t_min" not in BadDiffusion(g, y).config()
     vil = VillanDiffusion(g, y, floor=PoisonFloor(300))
     assert VillanDiffusion.from_saved(vil.config(), vil.tensors()).floor.t_min == 300
@@ -164,6 +165,7 @@ def test_trojdiff_poison_floor_keeps_low_timesteps_clean(schedule):
     assert torch.allclose(xt, torch.where(low, clean, trojan), atol=1e-6) and torch.equal(tgt, eps)
     back = TrojDiff.from_saved(atk.config(), atk.tensors())
     assert back.floor.t_min == 500 and back.config() == atk.config()
+    assert "poison_t_min=500" in atk.describe() and "floor_keeps_shift" not in atk.describe()
     plain, floorless = (TrojDiff(make_trigger("patch", 1, 16), y, trigger_type="patch", floor=f)
                         for f in (PoisonFloor(), PoisonFloor(0)))
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)

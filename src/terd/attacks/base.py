@@ -120,11 +120,11 @@ class Attack(ABC):
         """Inverse of (:meth:`config`, :meth:`tensors`)."""
 
     def describe(self) -> str:
-        """One line for logs and reports."""
+        """One line for logs and reports (an option left off, recorded as False, is not shown)."""
         c = self.config()
         shown = ("setting", "trigger", "target", "poison_rate", "poison_t_min", "floor_keeps_shift",
                  "floor_poison_rate", "solver", "psi", "eta")
-        keys = [k for k in shown if k in c]
+        keys = [k for k in shown if k in c and c[k] is not False]
         return f"{self.kind}(" + ", ".join(f"{k}={c[k]}" for k in keys) + ")"
 
 
