@@ -193,7 +193,9 @@ def test_bench_resumes_from_saved_rows(tmp_path, monkeypatch):
     assert "3 model(s) reused from an earlier run" in report and "only the models matching" not in report
     runs = json.loads((out / "results.json").read_text())["meta"]["runs"]  # the earlier runs' cost is kept
     assert [sorted(r["evaluated"]) for r in runs] == [["b1"], ["b0", "b2"], []]
+    assert all(0 <= r["build_seconds"] <= r["seconds"] for r in runs)  # nothing built: a share of the run
     assert "Runs that evaluated models here: " in report and "2 model(s)." in report
+    assert " s building) with 1 worker(s), 2 model(s)" in report
     (cache / "b1" / "train.json").write_text(json.dumps({"preset": "tiny-digits16", "seed": 1, "epochs": 40,
                                                          "rebuilt": True}))
     summary = bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, echo=lambda s: None)
@@ -434,6 +436,7 @@ def test_attack_success_is_kept_in_the_cache_across_runs(tmp_path, monkeypatch):
     assert sorted(p.name for p in (cache / "t").iterdir()) == ["train.json"]  # nothing written beside the model
     again = bench.evaluate_model(entry, str(cache), (), str(tmp_path / "out2"), attack_n=4)
     assert len(calls) == 2 and again["asr_by_sampler"] == row["asr_by_sampler"]  # another run reuses it
+    assert row["asr_seconds"] >= 0 and again["asr_seconds"] >= 0  # what the check cost each row (reused: ~0)
     bench.evaluate_model(entry, str(cache), (), str(tmp_path / "out1"), attack_n=8)
     assert len(calls) == 4  # another n is another measurement
     (cache / "t" / "train.json").write_text('{"seconds": 2}')  # the model was rebuilt
@@ -676,6 +679,7 @@ def test_a_report_from_before_run_history_keeps_its_last_run(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps({"meta": {"runs": [{"seconds": 1}]}}))
     assert _earlier_runs(tmp_path) == []  # a damaged record is dropped, not a crash
     assert "7831.0 s with 1 worker(s), 2 model(s)" in line and "(no recorded time): a." in line
+    assert "building" not in line  # a run from before build times were kept says nothing of them
 
 
 def test_a_broken_pretrained_model_stops_the_zoo_before_any_build(tmp_path, monkeypatch):

@@ -180,9 +180,10 @@ def evaluate_model(entry: ZooEntry, cache: str, defenses: tuple[str, ...], out: 
         from terd.attacks import load_true_trigger
 
         key = success_key(where, attack_n, seed, device)
+        t0 = time.perf_counter()
         success = attack_success(where, attack_n, seed, device=device, measured=stored_success(cache, entry.id, key))
         store_success(cache, entry.id, key, success.pop("measurements"))
-        row |= success
+        row |= success | {"asr_seconds": round(time.perf_counter() - t0, 2)}  # near 0 when kept in the cache
         r_true, g_true = load_true_trigger(where)
     den = load_denoiser(where, device=device)
     for name in defenses:
@@ -406,8 +407,9 @@ def _runs_line(meta: dict) -> list[str]:
     if not runs:
         return []
     line = "Runs that evaluated models here: " + "; ".join(
-        f"{r['finished'][:16].replace('T', ' ')} UTC, {r['seconds']} s with {r['workers']} worker(s), "
-        f"{len(r['evaluated'])} model(s)" for r in runs) + "."
+        f"{r['finished'][:16].replace('T', ' ')} UTC, {r['seconds']} s"
+        + (f" ({r['build_seconds']} s building)" if r.get("build_seconds") is not None else "")
+        + f" with {r['workers']} worker(s), {len(r['evaluated'])} model(s)" for r in runs) + "."
     timed = {i for r in runs for i in r["evaluated"]}
     if untimed := [e["id"] for e in meta.get("entries", []) if e["id"] not in timed]:
         line += f" Evaluated in runs before these (no recorded time): {', '.join(untimed)}."
@@ -675,7 +677,7 @@ def _save_row(out: Path, key: dict, row: dict) -> None:
     (out / "rows" / f"{row['id']}.json").write_text(json.dumps({"key": key, "row": row}, indent=2, default=str))
 
 
-RUN_FIELDS = {"finished", "seconds", "workers", "evaluated"}
+RUN_FIELDS = {"finished", "seconds", "workers", "evaluated"}  # build_seconds: runs since it was kept
 
 
 def _earlier_runs(out: Path) -> list[dict]:
@@ -730,6 +732,7 @@ def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...
     (out / "rows").mkdir(exist_ok=True)
     t0 = time.perf_counter()
     build_zoo(entries, cache, workers=workers, device=device, echo=echo)
+    built = time.perf_counter() - t0  # the run's time splits into building and evaluating (the report says so)
     entries = [e for e in entries if e.evaluate]  # the rest are bases built for others (zoo: evaluate false)
     threads = max(1, (os.cpu_count() or 1) // workers)
     rows: dict[str, dict] = {}
@@ -771,13 +774,15 @@ def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...
         if changed:
             _save_row(out, keys[e.id], rows[e.id])
     meta = {"zoo": str(zoo_file), "defenses": list(defenses), "workers": workers, "cache": str(cache),
-            "seconds": round(time.perf_counter() - t0, 1), "n_inputs": n_inputs, "input_fpr": input_fpr,
+            "seconds": round(time.perf_counter() - t0, 1), "build_seconds": round(built, 1),
+            "n_inputs": n_inputs, "input_fpr": input_fpr,
             "seed": seed, "device": device, "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
             **({"only": list(only)} if only else {}),
             "entries": [asdict(e) for e in entries], "reused_rows": reused}
     meta["runs"] = _earlier_runs(out) + [{
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": meta["seconds"],
-        "workers": workers, "machine": meta["machine"], "evaluated": [e.id for e in entries if e.id not in reused]}]
+        "build_seconds": meta["build_seconds"], "workers": workers, "machine": meta["machine"],
+        "evaluated": [e.id for e in entries if e.id not in reused]}]
     for e_id, pop in populations(entries).items():  # report-time: the zoo decides who is compared with whom
         rows[e_id]["population"] = pop
     ordered = [rows[e.id] for e in entries]
