@@ -26,6 +26,7 @@ END = "<!-- results:end -->"
 # is a subset of the digits16 zoo rebuilt from an empty cache and run with the current code; bench_photos32_mini
 # is left out: the same benign models, recorded before P_r existed, and neither of its attacks fired.
 BENCHES = (
+    ("zoo-tiny, digits16 half, first 18 of its 28 models (VP DDPM)", "bench_tiny"),
     ("digits16 core, current code (VP DDPM)", "bench_digits16_core"),
     ("digits16 (VP DDPM)", "bench_digits16"),
     ("photos32 (VP DDPM)", "bench_photos32_e24"),
