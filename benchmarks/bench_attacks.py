@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import build_attack_model
+from common import build_attack_model, render_recorded
 
 from terd.attacks import evaluate_attack
 from terd.attacks.build import DEFAULTS
@@ -266,12 +266,10 @@ def main() -> None:
                     help="take a model's existing eval-attack*.json instead of sampling again")
     ap.add_argument("--render", action="store_true", help="rewrite the markdown from the recorded JSON only")
     args = ap.parse_args()
-    path = RESULTS.with_suffix(".json")
     if args.render:
-        if not path.is_file():
-            ap.error(f"{path}: nothing recorded to render")
-        RESULTS.with_suffix(".md").write_text(write_markdown(json.loads(path.read_text())["results"]))
+        render_recorded(ap, RESULTS, lambda recorded: write_markdown(recorded["results"]))
         return
+    path = RESULTS.with_suffix(".json")
     names = args.only or (list(ALL) + list(RESAMPLED) if args.all else list(CORE))
     for name in names:
         t0 = time.perf_counter()

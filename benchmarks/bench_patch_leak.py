@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from bench_attacks import BASE, ROOT, RUNS
-from common import machine
+from common import machine, render_recorded
 
 from terd.attacks import load_attack
 from terd.attacks.evaluation import reference_dataset, target_judge
@@ -99,9 +99,7 @@ def main() -> None:
         ap.error(f"--out {args.out!r}: a plain name (letters, digits, '_', '-', '.'), written under benchmarks/results")
     out = OUT.with_name(args.out)
     if args.render:
-        if not out.with_suffix(".json").is_file():
-            ap.error(f"{out.with_suffix('.json')}: nothing recorded to render")
-        out.with_suffix(".md").write_text(write_markdown(json.loads(out.with_suffix(".json").read_text())))
+        render_recorded(ap, out, write_markdown)
         return
     try:
         attack = load_attack(args.model)

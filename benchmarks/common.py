@@ -51,6 +51,14 @@ def machine() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
+def render_recorded(ap, stem: Path, to_markdown: Callable[[dict], str]) -> None:  # noqa: ANN001
+    """--render: rewrite STEM.md from the recorded STEM.json alone (one-line exit 2 when nothing is recorded)."""
+    path = stem.with_suffix(".json")
+    if not path.is_file():
+        ap.error(f"{path}: nothing recorded to render")
+    stem.with_suffix(".md").write_text(to_markdown(json.loads(path.read_text())))
+
+
 def write_results(name: str, rows: list[dict], columns: list[str], notes: str = "") -> Path:
     """benchmarks/results/NAME.json (rows + machine) and NAME.md (a table a person reads)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
