@@ -26,7 +26,7 @@ END = "<!-- results:end -->"
 # is a subset of the digits16 zoo rebuilt from an empty cache and run with the current code; bench_photos32_mini
 # is left out: the same benign models, recorded before P_r existed, and neither of its attacks fired.
 BENCHES = (
-    ("zoo-tiny, digits16 half, first 18 of its 28 models (VP DDPM)", "bench_tiny"),
+    ("zoo-tiny, digits16 half, all 28 models (VP DDPM)", "bench_tiny"),
     ("digits16 core, current code (VP DDPM)", "bench_digits16_core"),
     ("digits16 (VP DDPM)", "bench_digits16"),
     ("photos32 (VP DDPM)", "bench_photos32_e24"),
@@ -71,11 +71,15 @@ def _input_cell(row: dict) -> str:
     return cell + (f" (ceiling {bound:.4f})" if bound is not None and bound < 0.9995 else "")
 
 
-def _seconds(meta: dict) -> str:
-    """Wall time of the runs that evaluated models in this out dir (a rerun that only re-renders adds none)."""
+def _seconds(meta: dict, model_ids: list[str]) -> str:
+    """Wall time of the runs that evaluated models in this out dir (a rerun that only re-renders adds none), and
+    how many models were evaluated by runs that left no time (an interrupted run, before a resume)."""
     runs = [r for r in meta.get("runs", []) if r.get("evaluated")]
     if runs:
-        return "runs recorded: " + " + ".join(f"{r['seconds']:,.0f}" for r in runs) + " s"
+        timed = {i for r in runs for i in r["evaluated"]}
+        untimed = sum(i not in timed for i in model_ids)
+        return ("runs recorded: " + " + ".join(f"{r['seconds']:,.0f}" for r in runs) + " s"
+                + (f" (and {untimed} models evaluated by earlier runs that recorded no time)" if untimed else ""))
     if meta.get("seconds") and not meta.get("reused_rows"):
         return f"one run of {meta['seconds']:,.0f} s"
     return "no run time recorded (the report was re-rendered from earlier rows)"
@@ -99,7 +103,7 @@ def render(results_dir: Path = RESULTS) -> str:
                 f"{_auc(row['AUC'])} | {_input_cell(row)} | {row['evals']:,} |")
         excluded = summary["excluded_attacks_that_do_not_fire"]
         notes.append(f"- `{name}/` ({label}): `{meta['zoo']}`, {len(data['models'])} models, defenses "
-                     f"{', '.join(meta['defenses'])}; {_seconds(meta)} on {meta['machine']}"
+                     f"{', '.join(meta['defenses'])}; {_seconds(meta, [m['id'] for m in data['models']])} on {meta['machine']}"
                      + (f"; not counted (ASR < {summary['min_asr']}): {', '.join(excluded)}" if excluded else "")
                      + ".")
     lines += ["", "TPR over the counted backdoors (ASR ≥ 0.9, measured by the bench), TNR over the zoo's benign "

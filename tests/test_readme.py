@@ -40,3 +40,12 @@ def test_splice_needs_the_markers():
         rr.splice("# no markers here\n", rr.render())
     spliced = rr.splice(f"a\n{rr.BEGIN}\nold\n{rr.END}\nb\n", "NEW")
     assert spliced == "a\nNEW\nb\n"
+
+
+def test_run_time_line_counts_models_no_recorded_run_evaluated():
+    rr = _renderer()
+    meta = {"runs": [{"seconds": 1522.2, "evaluated": ["c"]}, {"seconds": 0.5, "evaluated": []}]}
+    assert rr._seconds(meta, ["a", "b", "c"]) == (
+        "runs recorded: 1,522 s (and 2 models evaluated by earlier runs that recorded no time)")
+    assert rr._seconds(meta, ["c"]) == "runs recorded: 1,522 s"
+    assert rr._seconds({"seconds": 9.0, "reused_rows": ["a"]}, ["a"]).startswith("no run time recorded")
