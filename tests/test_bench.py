@@ -391,6 +391,7 @@ def test_attack_success_takes_the_best_sampler_the_attack_offers(monkeypatch):
     assert calls == ["trojdiff-ddim", "trojdiff-ddpm"]
     assert got["asr"] == 0.95 and got["clean_asr"] == 0.1 and got["asr_sampler"] == "trojdiff-ddpm"
     assert got["asr_by_sampler"] == {"trojdiff-ddim": 0.86, "trojdiff-ddpm": 0.95}
+    assert got["clean_asr_by_sampler"] == {"trojdiff-ddim": 0.0, "trojdiff-ddpm": 0.1}  # a sampler's leak, seen
     bd = build_attack("baddiffusion", (1, 16, 16))
     asr[bd.sampler] = 0.97
     monkeypatch.setattr(attacks, "load_attack", lambda d: bd)
@@ -479,7 +480,8 @@ def _fake_success(model_dir, n, seed, measured, device):  # noqa: ANN001
     assert measured == {"own": {"asr": 0.86, "clean_asr": 0.0, "attack": "fake"}}
     with (Path(model_dir).parent / "asr-calls.txt").open("a") as fh:
         fh.write(Path(model_dir).name + "\n")
-    return {"asr": 0.95, "clean_asr": 0.0, "asr_sampler": "s", "asr_by_sampler": {"s": 0.95}, "attack": "fake"}
+    return {"asr": 0.95, "clean_asr": 0.0, "asr_sampler": "s", "asr_by_sampler": {"s": 0.95}, "clean_asr_by_sampler": {"s": 0.0},
+            "attack": "fake"}
 
 
 def test_bench_re_measures_only_the_attack_of_rows_saved_before_every_sampler(tmp_path, monkeypatch):
@@ -505,6 +507,33 @@ def test_bench_re_measures_only_the_attack_of_rows_saved_before_every_sampler(tm
     assert (cache / "asr-calls.txt").read_text().split() == ["b0"]  # measured once
 
 
+def test_bench_fills_in_clean_asr_per_sampler_from_the_cache_without_sampling(tmp_path, monkeypatch):
+    """A row recorded before clean ASR was kept per sampler gets it from the zoo cache's measurements: nothing is
+    sampled again, the defenses are not rerun, and the report lists each sampler's clean ASR."""
+    import terd.bench as bench
+    from terd.attacks import build_attack, save_attack
+
+    zoo, cache = _one_built_model_zoo(tmp_path)
+    save_attack(build_attack("trojdiff", (1, 16, 16), setting="d2i"), cache / "b0")  # a real attack record, no weights
+    monkeypatch.setattr(bench, "evaluate_model", _fake_evaluate)
+    out = tmp_path / "out"
+    bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, echo=lambda s: None)
+    _write_true_trigger(cache / "b0")
+    saved = json.loads((out / "rows" / "b0.json").read_text())
+    saved["row"] |= {"backdoored": True, "asr": 0.95, "clean_asr": 0.16, "attack": "fake", "asr_sampler": "trojdiff-ddpm",
+                     "asr_by_sampler": {"trojdiff-ddim": 0.91, "trojdiff-ddpm": 0.95}}
+    (out / "rows" / "b0.json").write_text(json.dumps(saved))
+    key = bench.success_key(cache / "b0", bench.ATTACK_N, 0, "cpu")
+    bench.store_success(cache, "b0", key, {name: {"asr": asr, "clean_asr": clean, "attack": "fake"} for name, asr, clean
+                                           in (("trojdiff-ddim", 0.91, 0.03), ("trojdiff-ddpm", 0.95, 0.16))})
+    # the worker has no weights to sample with: the fill-in must come from the row and the cache alone
+    bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, echo=lambda s: None)
+    assert (out / "calls.txt").read_text().split() == ["b0"]  # the defenses were not run again
+    row = json.loads((out / "rows" / "b0.json").read_text())["row"]
+    assert row["clean_asr_by_sampler"] == {"trojdiff-ddim": 0.03, "trojdiff-ddpm": 0.16} and row["asr"] == 0.95
+    assert "trojdiff-ddim 0.91 (clean 0.03), trojdiff-ddpm 0.95 (clean 0.16)" in (out / "report.md").read_text()
+
+
 def test_bench_fills_in_the_input_detection_ceiling_of_backdoored_rows_without_rerunning_them(tmp_path, monkeypatch):
 
     from scipy.stats import norm
@@ -518,7 +547,8 @@ def test_bench_fills_in_the_input_detection_ceiling_of_backdoored_rows_without_r
     bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, echo=lambda s: None)
     saved = json.loads((out / "rows" / "b0.json").read_text())
     assert "input_tpr_bound" not in saved["row"]  # benign: no trigger, no ceiling
-    saved["row"] |= {"backdoored": True, "asr": 0.95, "clean_asr": 0.0, "attack": "fake", "asr_by_sampler": {"s": 0.95}}
+    saved["row"] |= {"backdoored": True, "asr": 0.95, "clean_asr": 0.0, "attack": "fake", "asr_by_sampler": {"s": 0.95},
+                     "clean_asr_by_sampler": {"s": 0.0}}
     (out / "rows" / "b0.json").write_text(json.dumps(saved))  # a backdoored row recorded before the ceiling existed
     bench.run_bench(zoo, out, defenses=("terd-fast",), cache=cache, input_fpr=bench.INPUT_FPR, echo=lambda s: None)
     assert (out / "calls.txt").read_text().split() == ["b0"]  # the defenses were not run again

@@ -116,13 +116,16 @@ def attack_success(model_dir: str | Path, n: int = ATTACK_N, seed: int = 0, meas
 
     attack = load_attack(model_dir)
     reps = dict(measured or {})
-    for name in SAMPLERS if isinstance(attack, TrojDiff) else (attack.sampler,):
+    order = SAMPLERS if isinstance(attack, TrojDiff) else (attack.sampler,)
+    for name in order:
         if name not in reps and not any(rep["asr"] >= 1.0 for rep in reps.values()):
             rep = evaluate_attack(model_dir, n=n, seed=seed, sampler=name, device=device, write=False)
             reps[name] = {"asr": rep["triggered"]["asr"], "clean_asr": rep["clean"]["asr"], "attack": rep["description"]}
+    # listed in the attack's sampler order, however they were measured
+    reps = {name: reps[name] for name in sorted(reps, key=lambda name: order.index(name) if name in order else len(order))}
     best = max(reps, key=lambda name: reps[name]["asr"])
     return {**reps[best], "asr_sampler": best, "asr_by_sampler": {name: rep["asr"] for name, rep in reps.items()},
-            "measurements": reps}
+            "clean_asr_by_sampler": {name: rep["clean_asr"] for name, rep in reps.items()}, "measurements": reps}
 
 
 SUCCESS_DIR = "attack-success"  # CACHE/attack-success/<id>.json: ASR kept across bench runs and output dirs
@@ -155,10 +158,17 @@ def store_success(cache: str | Path, entry_id: str, key: dict, measurements: dic
 
 
 def _earlier_success(model_dir: Path, row: dict) -> dict:
-    """A row saved before ASR covered every sampler was measured with the attack's own sampler (same n, seed)."""
+    """What a row saved before the per-sampler fields already measured (same n, seed): its ASR and clean ASR with
+    its best sampler, or, from before ASR covered every sampler, with the attack's own."""
     from terd.attacks import load_attack
 
-    return {load_attack(model_dir).sampler: {k: row.get(k) for k in ("asr", "clean_asr", "attack")}}
+    sampler = row.get("asr_sampler") or load_attack(model_dir).sampler
+    return {sampler: {k: row.get(k) for k in ("asr", "clean_asr", "attack")}}
+
+
+def _lacks_success_fields(row: dict) -> bool:
+    """A backdoored row from before ASR (and clean ASR) were recorded per sampler."""
+    return row["backdoored"] and not {"asr_by_sampler", "clean_asr_by_sampler"} <= row.keys()
 
 
 def evaluate_model(entry: ZooEntry, cache: str, defenses: tuple[str, ...], out: str, n_inputs: int = 10_000,
@@ -483,12 +493,14 @@ def _markdown(summary: dict, rows: list[dict], meta: dict) -> str:
     exc = summary["excluded_attacks_that_do_not_fire"]
     lines += ["", f"Backdoored models excluded because their attack does not fire (ASR < {summary['min_asr']}): "
               + (", ".join(exc) if exc else "none"), "", *_verdict_lines(rows), "## Attack success", "",
-              "ASR: the best of the samplers the attack offers (each listed; one that reaches 1.0 ends the list, as no "
-              "other can do better); clean ASR with that sampler.", "",
+              "ASR: the best of the samplers the attack offers (each listed with its clean ASR; one that reaches 1.0 "
+              "ends the list, as no other can do better); clean ASR with that sampler.", "",
               "| model | attack | ASR | clean ASR | ASR per sampler |", "|---|---|---|---|---|"]
     for r in rows:
         if r["backdoored"]:
-            per = ", ".join(f"{k} {v}" for k, v in r.get("asr_by_sampler", {}).items())
+            clean = r.get("clean_asr_by_sampler", {})
+            per = ", ".join(f"{k} {v}" + (f" (clean {clean[k]})" if k in clean else "")
+                            for k, v in r.get("asr_by_sampler", {}).items())
             lines.append(f"| {r['id']} | {r.get('attack', '')} | {r.get('asr')} | {r.get('clean_asr')} | {per} |")
     return "\n".join(lines) + "\n"
 
@@ -747,17 +759,21 @@ def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...
             rows[e.id] = row
             echo(f"  reused {e.id} (evaluated earlier)")
     reused = list(rows)
-    stale = [e for e in entries if e.id in rows and rows[e.id]["backdoored"] and "asr_by_sampler" not in rows[e.id]]
+    stale = [e for e in entries if e.id in rows and _lacks_success_fields(rows[e.id])]
+    success_keys = {e.id: success_key(model_dir(e, cache), ATTACK_N, seed, device) for e in stale}
     with ProcessPoolExecutor(max_workers=workers, max_tasks_per_child=1, mp_context=pool_context(device)) as pool:
-        # rows from before ASR covered every sampler: only the attack is re-evaluated, the defenses stay
+        # rows from before ASR was recorded per sampler: only the attack is re-evaluated (what the row or the
+        # cache already holds is not sampled again), the defenses stay
         for e, success in zip(stale, pool.map(attack_success, [str(model_dir(e, cache)) for e in stale],
                                               [ATTACK_N] * len(stale), [seed] * len(stale),
-                                              [_earlier_success(model_dir(e, cache), rows[e.id]) for e in stale],
+                                              [_earlier_success(model_dir(e, cache), rows[e.id])
+                                               | stored_success(cache, e.id, success_keys[e.id]) for e in stale],
                                               [device] * len(stale)), strict=True):
-            success.pop("measurements", None)
+            if (measurements := success.pop("measurements", None)) is not None:
+                store_success(cache, e.id, success_keys[e.id], measurements)
             rows[e.id] |= success
             _save_row(out, keys[e.id], rows[e.id])
-            echo(f"  attack success re-measured for {e.id} ({success['asr_sampler']}: {success['asr']})")
+            echo(f"  attack success per sampler completed for {e.id} ({success['asr_sampler']}: {success['asr']})")
         futures = {pool.submit(evaluate_model, e, str(cache), tuple(defenses), str(out), n_inputs, ATTACK_N, seed,
                                threads, input_fpr, device): e for e in entries if e.id not in rows}
         started = time.perf_counter()
