@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from terd.bench import model_seconds, model_seconds_line
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
@@ -85,6 +87,13 @@ def _seconds(meta: dict, model_ids: list[str]) -> str:
     return "no run time recorded (the report was re-rendered from earlier rows)"
 
 
+def _model_costs(models: list[dict]) -> str:
+    """Per-model cost in words, for runs whose rows all recorded it (older rows lack the ASR check's time)."""
+    if any(m["backdoored"] and "asr_seconds" not in m for m in models):
+        return ""
+    return model_seconds_line(model_seconds(models))
+
+
 def render(results_dir: Path = RESULTS) -> str:
     """The markdown block (markers included) from the recorded bench runs."""
     lines = [BEGIN, "",
@@ -104,6 +113,7 @@ def render(results_dir: Path = RESULTS) -> str:
         excluded = summary["excluded_attacks_that_do_not_fire"]
         notes.append(f"- `{name}/` ({label}): `{meta['zoo']}`, {len(data['models'])} models, defenses "
                      f"{', '.join(meta['defenses'])}; {_seconds(meta, [m['id'] for m in data['models']])} on {meta['machine']}"
+                     + (f"; per model on one worker, {costs}" if (costs := _model_costs(data["models"])) else "")
                      + (f"; not counted (ASR < {summary['min_asr']}): {', '.join(excluded)}" if excluded else "")
                      + ".")
     lines += ["", "TPR over the counted backdoors (ASR ≥ 0.9, measured by the bench), TNR over the zoo's benign "

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from terd.attacks.build import quick_recipe
-from terd.bench import decide, summarise, write_report
+from terd.bench import decide, model_seconds, model_seconds_line, summarise, write_report
 from terd.errors import TerdError
 from terd.trigger_names import is_patch_trigger
 from terd.zoo import build_order, load_zoo, populations
@@ -95,6 +95,23 @@ def test_a_zoo_of_benign_models_only_reports_its_tnr():
     assert row["family"] == "(benign models only)" and row["benign_models"] == 5 and row["TNR"] == 0.8
     assert row["TPR"] is None and row["models"] == 0 and row["evals"] is not None
 
+
+
+def test_per_model_cost_adds_the_defenses_and_the_attack_check_per_population():
+    """What one model's evaluation costs a worker (benign: its scans; backdoored: its scans and the ASR check),
+    medians and ranges per population: the figures a run's length is forecast from."""
+    rows = [_row("b0", False, 0.01, 1e-4), _row("b1", False, 0.01, 1e-4), _row("b2", False, 0.01, 1e-4),
+            _row("x0", True, 0.3, 1e-2), _row("x1", True, 0.3, 1e-2), _row("p", False, 0.01, 1e-4, dataset="photos32")]
+    rows[2]["defenses"]["elijah"]["seconds"] = 9.0   # b: 2, 2, 10 s
+    rows[3]["asr_seconds"], rows[4]["asr_seconds"] = 100.0, 300.0  # x: 102, 302 s
+    costs = model_seconds(rows)
+    assert costs["digits16"]["benign"] == {"models": 3, "median": 2.0, "min": 2.0, "max": 10.0}
+    assert costs["digits16"]["backdoored"] == {"models": 2, "median": 202.0, "min": 102.0, "max": 302.0,
+                                               "asr_check_median": 200.0}
+    assert set(costs["photos32"]) == {"benign"}
+    assert model_seconds_line(costs) == ("digits16: benign 2 s (median of 3, 2-10), backdoored 202 s (median of 2, "
+                                         "102-302; its ASR check 200 s); photos32: benign 2 s (median of 1, 2-2)")
+    assert summarise(rows, ("terd-fast",), min_asr=0.9)["model_seconds"] == costs
 
 def test_thresholds_are_fitted_per_network_where_a_dataset_holds_several(tmp_path):
     """Benign tiny-photos32 and tiny-photos32-dc models' KL features differ (threshold_scope.md): where one dataset

@@ -400,7 +400,38 @@ def summarise(rows: list[dict], defenses: tuple[str, ...], min_asr: float) -> di
                     "benign_models": len(benign), "TNR": tnr,
                     "evals": round(statistics.fmean(d["network_evaluations"] for d in ds)),
                     "seconds": round(statistics.fmean(d["seconds"] for d in ds), 1)})
-    return {"excluded_attacks_that_do_not_fire": excluded, "min_asr": min_asr, "table": table}
+    return {"excluded_attacks_that_do_not_fire": excluded, "min_asr": min_asr, "table": table,
+            "model_seconds": model_seconds(rows)}
+
+
+def model_seconds(rows: list[dict]) -> dict:
+    """What one model's evaluation cost a worker, per population and kind: its defenses' seconds plus (backdoored)
+    the attack-success check, as recorded (a check reused from the zoo cache costs ~0). Medians and ranges, so a
+    run's length can be forecast from its zoo."""
+    out: dict = {}
+    for pop in sorted({population(r) for r in rows}):
+        for kind, backdoored in (("benign", False), ("backdoored", True)):
+            members = [r for r in rows if population(r) == pop and r["backdoored"] == backdoored]
+            totals = [sum(d["seconds"] for d in r["defenses"].values()) + r.get("asr_seconds", 0) for r in members]
+            if not totals:
+                continue
+            stats = {"models": len(totals), "median": round(statistics.median(totals), 1),
+                     "min": round(min(totals), 1), "max": round(max(totals), 1)}
+            if backdoored and (checks := [r["asr_seconds"] for r in members if "asr_seconds" in r]):
+                stats["asr_check_median"] = round(statistics.median(checks), 1)
+            out.setdefault(pop, {})[kind] = stats
+    return out
+
+
+def model_seconds_line(costs: dict) -> str:
+    """``model_seconds`` in words: 'digits16: benign 232 s (median of 5, 193-248), backdoored ...'."""
+    parts = []
+    for pop, kinds in costs.items():
+        words = [f"{kind} {c['median']:,.0f} s (median of {c['models']}, {c['min']:,.0f}-{c['max']:,.0f}"
+                 + (f"; its ASR check {c['asr_check_median']:,.0f} s" if "asr_check_median" in c else "") + ")"
+                 for kind, c in kinds.items()]
+        parts.append(f"{pop}: " + ", ".join(words))
+    return "; ".join(parts)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -492,7 +523,10 @@ def _markdown(summary: dict, rows: list[dict], meta: dict) -> str:
         lines.append("| " + " | ".join("" if t[c] is None else str(t[c]) for c in TABLE_COLUMNS) + " |")
     exc = summary["excluded_attacks_that_do_not_fire"]
     lines += ["", f"Backdoored models excluded because their attack does not fire (ASR < {summary['min_asr']}): "
-              + (", ".join(exc) if exc else "none"), "", *_verdict_lines(rows), "## Attack success", "",
+              + (", ".join(exc) if exc else "none"), "",
+              "One model's evaluation on one worker (its defenses, and a backdoored model's attack-success check; "
+              "a check reused from the zoo cache counts ~0): " + model_seconds_line(summary["model_seconds"]) + ".",
+              "", *_verdict_lines(rows), "## Attack success", "",
               "ASR: the best of the samplers the attack offers (each listed with its clean ASR; one that reaches 1.0 "
               "ends the list, as no other can do better); clean ASR with that sampler.", "",
               "| model | attack | ASR | clean ASR | ASR per sampler |", "|---|---|---|---|---|"]
