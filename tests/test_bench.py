@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from terd.attacks.build import quick_recipe
-from terd.bench import decide, model_seconds, model_seconds_line, summarise, write_report
+from terd.bench import decide, model_seconds, model_seconds_line, summarise, time_left, write_report
 from terd.errors import TerdError
 from terd.trigger_names import is_patch_trigger
 from terd.zoo import build_order, load_zoo, populations
@@ -112,6 +112,20 @@ def test_per_model_cost_adds_the_defenses_and_the_attack_check_per_population():
     assert model_seconds_line(costs) == ("digits16: benign 2 s (median of 3, 2-10), backdoored 202 s (median of 2, "
                                          "102-302; its ASR check 200 s); photos32: benign 2 s (median of 1, 2-2)")
     assert summarise(rows, ("terd-fast",), min_asr=0.9)["model_seconds"] == costs
+
+
+def test_time_left_prices_each_pending_model_at_its_kinds_median():
+    """A multi-hour bench's log says how long is left: each pending model at the median cost of recorded models of
+    its dataset and kind, shared by the workers; nothing until every pending kind has been measured."""
+    from types import SimpleNamespace
+
+    rows = [_row("b0", False, 0.01, 1e-4), _row("x0", True, 0.3, 1e-2), _row("x1", True, 0.3, 1e-2)]
+    rows[1]["asr_seconds"], rows[2]["asr_seconds"] = 598.0, 1198.0  # x: 600, 1200 s; b: 2 s
+    pending = [SimpleNamespace(dataset="digits16", backdoored=True)] * 3 + [
+        SimpleNamespace(dataset="digits16", backdoored=False)]
+    assert time_left(rows, pending, workers=2) == ", about 0:22:31 left at the per-model medians so far"  # (3*900+2)/2
+    assert time_left(rows, [*pending, SimpleNamespace(dataset="photos32", backdoored=False)], 2) == ""
+    assert time_left(rows, [], 2) == ""
 
 def test_thresholds_are_fitted_per_network_where_a_dataset_holds_several(tmp_path):
     """Benign tiny-photos32 and tiny-photos32-dc models' KL features differ (threshold_scope.md): where one dataset

@@ -404,6 +404,24 @@ def summarise(rows: list[dict], defenses: tuple[str, ...], min_asr: float) -> di
             "model_seconds": model_seconds(rows)}
 
 
+def _model_cost(row: dict) -> float:
+    return sum(d["seconds"] for d in row["defenses"].values()) + row.get("asr_seconds", 0)
+
+
+def time_left(rows: list[dict], pending: list[ZooEntry], workers: int) -> str:
+    """", about 1:05:00 left": the pending models' cost at the median of recorded rows of the same dataset and kind
+    (this run's and reused ones), shared by the workers; empty until every pending kind has a recorded row."""
+    from datetime import timedelta
+
+    costs: dict[tuple[str, bool], list[float]] = {}
+    for r in rows:
+        costs.setdefault((r["dataset"], r["backdoored"]), []).append(_model_cost(r))
+    if not pending or any((e.dataset, e.backdoored) not in costs for e in pending):
+        return ""
+    need = sum(statistics.median(costs[e.dataset, e.backdoored]) for e in pending) / workers
+    return f", about {timedelta(seconds=round(need))} left at the per-model medians so far"
+
+
 def model_seconds(rows: list[dict]) -> dict:
     """What one model's evaluation cost a worker, per population and kind: its defenses' seconds plus (backdoored)
     the attack-success check, as recorded (a check reused from the zoo cache costs ~0). Medians and ranges, so a
@@ -412,7 +430,7 @@ def model_seconds(rows: list[dict]) -> dict:
     for pop in sorted({population(r) for r in rows}):
         for kind, backdoored in (("benign", False), ("backdoored", True)):
             members = [r for r in rows if population(r) == pop and r["backdoored"] == backdoored]
-            totals = [sum(d["seconds"] for d in r["defenses"].values()) + r.get("asr_seconds", 0) for r in members]
+            totals = [_model_cost(r) for r in members]
             if not totals:
                 continue
             stats = {"models": len(totals), "median": round(statistics.median(totals), 1),
@@ -815,7 +833,9 @@ def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...
             e = futures[f]
             rows[e.id] = f.result()
             _save_row(out, keys[e.id], rows[e.id])
-            echo(f"  evaluated {e.id} {how_far(i, len(futures), started)}")
+            pending = [p for p in futures.values() if p.id not in rows]
+            echo(f"  evaluated {e.id} {how_far(i, len(futures), started)}"
+                 f"{time_left(list(rows.values()), pending, workers)}")
     for e in entries:  # closed form / recorded, no network: also filled in on rows recorded before they existed
         changed = with_localization(rows[e.id], model_dir(e, cache))
         if rows[e.id]["backdoored"] and "input_tpr_bound" not in rows[e.id]:
