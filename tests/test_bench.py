@@ -116,16 +116,24 @@ def test_per_model_cost_adds_the_defenses_and_the_attack_check_per_population():
 
 def test_time_left_prices_each_pending_model_at_its_kinds_median():
     """A multi-hour bench's log says how long is left: each pending model at the median cost of recorded models of
-    its dataset and kind, shared by the workers; nothing until every pending kind has been measured."""
+    its population (a network's own cost) and kind, shared by the workers; nothing until every pending kind has been
+    measured."""
     from types import SimpleNamespace
 
-    rows = [_row("b0", False, 0.01, 1e-4), _row("x0", True, 0.3, 1e-2), _row("x1", True, 0.3, 1e-2)]
-    rows[1]["asr_seconds"], rows[2]["asr_seconds"] = 598.0, 1198.0  # x: 600, 1200 s; b: 2 s
-    pending = [SimpleNamespace(dataset="digits16", backdoored=True)] * 3 + [
-        SimpleNamespace(dataset="digits16", backdoored=False)]
-    assert time_left(rows, pending, workers=2) == ", about 0:22:31 left at the per-model medians so far"  # (3*900+2)/2
-    assert time_left(rows, [*pending, SimpleNamespace(dataset="photos32", backdoored=False)], 2) == ""
-    assert time_left(rows, [], 2) == ""
+    rows = [_row("b0", False, 0.01, 1e-4), _row("x0", True, 0.3, 1e-2), _row("x1", True, 0.3, 1e-2),
+            _row("dc0", False, 0.01, 1e-4, dataset="photos32")]
+    rows[1]["asr_seconds"], rows[2]["asr_seconds"] = 598.0, 1198.0  # x: 600, 1200 s; b0, dc0: 2 s
+
+    def entry(i: str, dataset: str = "digits16", backdoored: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(id=i, dataset=dataset, backdoored=backdoored)
+
+    pending = [entry(f"x{i}", backdoored=True) for i in range(2, 5)] + [entry("b1")]
+    assert time_left(rows, pending, 2, {}) == ", about 0:22:31 left at the per-model medians so far"  # (3*900+2)/2
+    assert time_left(rows, [*pending, entry("dc1", "photos32")], 2, {"dc0": "photos32 [dc]", "dc1": "photos32 [dc]"}
+                     ) == ", about 0:22:32 left at the per-model medians so far"
+    assert time_left(rows, [entry("p1", "photos32")], 2, {"dc0": "photos32 [dc]", "p1": "photos32 [p]"}) == ""
+    assert time_left(rows, [], 2, {}) == ""
+
 
 def test_thresholds_are_fitted_per_network_where_a_dataset_holds_several(tmp_path):
     """Benign tiny-photos32 and tiny-photos32-dc models' KL features differ (threshold_scope.md): where one dataset

@@ -408,17 +408,22 @@ def _model_cost(row: dict) -> float:
     return sum(d["seconds"] for d in row["defenses"].values()) + row.get("asr_seconds", 0)
 
 
-def time_left(rows: list[dict], pending: list[ZooEntry], workers: int) -> str:
-    """", about 1:05:00 left": the pending models' cost at the median of recorded rows of the same dataset and kind
-    (this run's and reused ones), shared by the workers; empty until every pending kind has a recorded row."""
+def time_left(rows: list[dict], pending: list[ZooEntry], workers: int, groups: dict[str, str]) -> str:
+    """", about 1:05:00 left": the pending models' cost at the median of recorded rows of the same population
+    (``groups``: id -> zoo.populations' group; a network's cost, as its thresholds, is its own) and kind (this run's
+    and reused rows), shared by the workers; empty until every pending kind has a recorded row."""
     from datetime import timedelta
+
+    def kind(i: str, dataset: str, backdoored: bool) -> tuple[str, bool]:
+        return groups.get(i, dataset), backdoored
 
     costs: dict[tuple[str, bool], list[float]] = {}
     for r in rows:
-        costs.setdefault((r["dataset"], r["backdoored"]), []).append(_model_cost(r))
-    if not pending or any((e.dataset, e.backdoored) not in costs for e in pending):
+        costs.setdefault(kind(r["id"], r["dataset"], r["backdoored"]), []).append(_model_cost(r))
+    wanted = [kind(e.id, e.dataset, e.backdoored) for e in pending]
+    if not wanted or any(k not in costs for k in wanted):
         return ""
-    need = sum(statistics.median(costs[e.dataset, e.backdoored]) for e in pending) / workers
+    need = sum(statistics.median(costs[k]) for k in wanted) / workers
     return f", about {timedelta(seconds=round(need))} left at the per-model medians so far"
 
 
@@ -442,7 +447,7 @@ def model_seconds(rows: list[dict]) -> dict:
 
 
 def model_seconds_line(costs: dict) -> str:
-    """``model_seconds`` in words: 'digits16: benign 232 s (median of 5, 193-248), backdoored ...'."""
+    """``model_seconds`` in words: 'digits16: benign 232 s (median of 5, 212-248), backdoored ...'."""
     parts = []
     for pop, kinds in costs.items():
         words = [f"{kind} {c['median']:,.0f} s (median of {c['models']}, {c['min']:,.0f}-{c['max']:,.0f}"
@@ -828,14 +833,14 @@ def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...
             echo(f"  attack success per sampler completed for {e.id} ({success['asr_sampler']}: {success['asr']})")
         futures = {pool.submit(evaluate_model, e, str(cache), tuple(defenses), str(out), n_inputs, ATTACK_N, seed,
                                threads, input_fpr, device): e for e in entries if e.id not in rows}
-        started = time.perf_counter()
+        started, groups = time.perf_counter(), populations(entries)
         for i, f in enumerate(as_completed(futures), 1):
             e = futures[f]
             rows[e.id] = f.result()
             _save_row(out, keys[e.id], rows[e.id])
             pending = [p for p in futures.values() if p.id not in rows]
             echo(f"  evaluated {e.id} {how_far(i, len(futures), started)}"
-                 f"{time_left(list(rows.values()), pending, workers)}")
+                 f"{time_left(list(rows.values()), pending, workers, groups)}")
     for e in entries:  # closed form / recorded, no network: also filled in on rows recorded before they existed
         changed = with_localization(rows[e.id], model_dir(e, cache))
         if rows[e.id]["backdoored"] and "input_tpr_bound" not in rows[e.id]:
