@@ -29,6 +29,8 @@ END = "<!-- results:end -->"
 # is left out: the same benign models, recorded before P_r existed, and neither of its attacks fired.
 BENCHES = (
     ("zoo-tiny, digits16 half, all 28 models (VP DDPM)", "bench_tiny"),
+    ("zoo-tiny, photos32 half, its 5 benign models (tiny-photos32-dc; its 23 attacks not yet evaluated)",
+     "bench_tiny_p32_benign"),
     ("digits16 core, current code (VP DDPM)", "bench_digits16_core"),
     ("digits16 (VP DDPM)", "bench_digits16"),
     ("photos32 (VP DDPM)", "bench_photos32_e24"),
