@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from terd.bench import model_seconds, model_seconds_line
+from terd.bench import model_seconds, model_seconds_line, runs_here
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -78,8 +78,7 @@ def _input_cell(row: dict) -> str:
 def _seconds(meta: dict, model_ids: list[str]) -> str:
     """Wall time of the runs that evaluated models in this out dir (a rerun that only re-renders adds none), and
     how many models were evaluated by runs that left no time (an interrupted run, before a resume)."""
-    runs = [r for r in meta.get("runs", []) if r.get("evaluated")]
-    if runs:
+    if runs := runs_here(meta):
         timed = {i for r in runs for i in r["evaluated"]}
         untimed = sum(i not in timed for i in model_ids)
         return ("runs recorded: " + " + ".join(f"{r['seconds']:,.0f}" for r in runs) + " s"

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from terd.attacks.build import quick_recipe
 from terd.bench import decide, model_seconds, model_seconds_line, summarise, time_left, write_report
@@ -749,6 +750,11 @@ def test_a_report_from_before_run_history_keeps_its_last_run(tmp_path):
     assert _earlier_runs(tmp_path) == []  # a damaged record is dropped, not a crash
     assert "7831.0 s with 1 worker(s), 2 model(s)" in line and "(no recorded time): a." in line
     assert "building" not in line  # a run from before build times were kept says nothing of them
+    # an --only report into the same directory lists only the runs that evaluated its models, and how many
+    other = {"finished": "2026-12-08T02:22:20+00:00", "seconds": 2991.7, "workers": 2, "evaluated": ["p", "q"]}
+    both = {**other, "seconds": 50.0, "evaluated": ["b", "p"]}
+    line = _runs_line({"runs": [*runs, other, both], "entries": old["entries"]})[0]
+    assert "2991.7" not in line and "50.0 s with 2 worker(s), 1 model(s) (2 in that run)" in line
 
 
 def test_a_broken_pretrained_model_stops_the_zoo_before_any_build(tmp_path, monkeypatch):
@@ -972,3 +978,40 @@ def test_a_model_in_a_feature_s_own_fit_is_not_judged_by_it(tmp_path):
     thr = refit_feature(_held_out_thresholds(["b0"]), "L_p", [1.0, 2.0], ["b1", "b2"])
     assert _not_judged({"id": "b1"}, thr, tmp_path) == "in the fit"
     assert _not_judged({"id": "b0"}, thr, tmp_path) == "in the fit" and _not_judged({"id": "x"}, thr, tmp_path) is None
+
+
+def test_a_flagged_patch_model_s_input_detection_uses_the_candidates_its_verdict_implicates(tmp_path):
+    """The report re-measures input detection as scan + check-inputs run it: on a model the patch probe's features
+    flagged, over the probe's candidate and the reversion candidates with an image-wide anomaly (same noises, saved
+    candidates, no network)."""
+    from terd.defense.trigger import Trigger, save_candidates
+
+    shape = (1, 4, 4)
+    window = torch.zeros(shape, dtype=torch.bool)
+    window[0, 2:4, 2:4] = True
+    patch = Trigger(torch.where(window, 0.9, 0.0), torch.where(window, 0.1, 1.0))
+    (tmp_path / "cache" / "x").mkdir(parents=True)
+    patch.save(tmp_path / "cache" / "x" / "true_trigger.safetensors")
+    at_patch = Trigger(torch.where(window, -2.0, 0.0), torch.ones(shape))  # the patch's place, the wrong value
+    (tmp_path / "out" / "triggers").mkdir(parents=True)
+    save_candidates([at_patch, patch], tmp_path / "out" / "triggers" / "x--terd-fast.candidates.safetensors")
+    rows = [_row(f"b{i}", False, 0.01 + 0.001 * i, 1e-4 * (1 + 0.1 * i)) for i in range(4)]
+    rows += [_row("x", True, 0.3, 1e-2), _row("missed", True, 0.0115, 1.1e-4)]
+    for r in rows:
+        r["defenses"]["terd-fast"]["L_p"] = 1.0 + 0.01 * len(r["id"]) * (r["id"] != "x") + 40.0 * (r["id"] == "x")
+    rows[4]["defenses"]["terd-fast"]["patch_probe"] = {"candidate_index": 1}
+    for r in rows[4:]:
+        r["defenses"]["terd-fast"]["input_detection"] = {"tpr": 0.5, "tnr": 0.999, "n": 2000}
+    meta = {"zoo": "z", "defenses": ["terd-fast"], "workers": 1, "seconds": 1.0, "machine": "test", "seed": 0,
+            "input_fpr": 5e-4}
+    summary = write_report(rows, ("terd-fast",), tmp_path / "out", meta, 0.9, tmp_path / "cache")
+    inp = rows[4]["defenses"]["terd-fast"]["input_detection"]
+    assert rows[4]["defenses"]["terd-fast"]["decision"]["flagged_by"] == ["M_r", "V_r", "L_p"]
+    assert inp["by_verdict"]["candidates"] == [1] and inp["by_verdict"]["tpr"] > 0.9 and inp["by_verdict"]["tnr"] > 0.99
+    assert "by_verdict" not in rows[5]["defenses"]["terd-fast"]["input_detection"]  # not flagged: the any-candidate rule
+    (row,) = [t for t in summary["table"] if t["defense"] == "terd-fast"]
+    assert row["input_TPR_any"] == 0.5 and row["input_TPR"] == 0.5  # the worst model: the missed one, as before
+    rows.pop()
+    summary = write_report(rows, ("terd-fast",), tmp_path / "out", meta, 0.9, tmp_path / "cache")
+    (row,) = [t for t in summary["table"] if t["defense"] == "terd-fast"]
+    assert row["input_TPR"] == round(inp["by_verdict"]["tpr"], 4) and row["input_TPR_any"] == 0.5

@@ -25,6 +25,7 @@ from terd.defense.input_detection import (
     guarded_sample,
     imhof_sf,
     llr,
+    load_input_detector,
     tail_method,
 )
 from terd.defense.loss import reversed_loss, reversed_losses
@@ -847,11 +848,27 @@ def test_cli_scan_end_to_end_with_thresholds_and_resume(tmp_path, tiny_unet, sch
     assert f"terd check-inputs NOISES --trigger {out / 'candidates.safetensors'}" in res.output
     rep2 = json.loads((out / "report.json").read_text())
     assert rep2["verdict"] == "backdoored" and rep2["scores"] == rep["scores"]  # resumed from the finished run
+    # these thresholds have no L_p or W_p: the probe is not over them, so input detection keeps the any-candidate
+    # screen (terd.defense.implicated), and so does check-inputs on the scan's file
+    assert rep2["input_detection"]["rule"] == "any candidate flags"
+    assert load_input_detector(out / "candidates.safetensors").implicated is None
     assert rep["thresholds_warning"] is None and rep2["thresholds_warning"] == "a held-out benign model exceeds these"
     assert "thresholds warning: a held-out benign model exceeds these" in res.output  # where the user sees it
     res = runner.invoke(app, ["scan", str(model), "--out", str(out), "--thresholds", str(tmp_path / "thr.json"),
                               "--resume", "--samples", "0"])
     assert res.exit_code == 0
+    # with the probe over its thresholds, its candidate and every candidate over M_r / V_r outside its window
+    Thresholds(-1.0, -1.0, {"n_models": 3}, P_r=-1.0, L_p=-1.0, W_p=-1e9).save(tmp_path / "thr2.json")
+    res = runner.invoke(app, ["scan", str(model), "--out", str(out), "--thresholds", str(tmp_path / "thr2.json"),
+                              "--resume", "--samples", "0"])
+    assert res.exit_code == 0, res.output
+    rep3 = json.loads((out / "report.json").read_text())
+    det = load_input_detector(out / "candidates.safetensors")
+    if rep["patch_probe"]["candidate"]:  # the random network's probe may find no window
+        assert rep3["input_detection"]["rule"] == "any candidate the verdict implicates flags"
+        assert rep3["input_detection"]["kept_candidates"] == det.kept == list(range(len(cands)))
+    else:
+        assert rep3["input_detection"]["rule"] == "any candidate flags" and det.implicated is None
 
 
 @pytest.mark.slow

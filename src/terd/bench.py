@@ -341,7 +341,11 @@ def decide(rows: list[dict], defense: str, k: float = 3.0) -> None:
             score = max(zs)
             by = [f for f, z in zip(feats, zs, strict=True) if z > k]
             flagged = bool(by)  # the largest z over k
+            cuts = {f: statistics.fmean(v) + k * statistics.stdev(v)
+                    for f in feats if (v := [r["defenses"][defense][f] for r in ref])}
         d["decision"] = {"flagged": bool(flagged), "score": score, "flagged_by": by, "fitted_on": [r["id"] for r in ref]}
+        if defense != "elijah":
+            d["decision"]["cuts"] = cuts  # the same rule as z > k, as thresholds (what the verdict's inputs use)
 
 
 def _rate(flags: list[bool]) -> float | None:
@@ -355,6 +359,11 @@ def _auc(pos: list[float], neg: list[float]) -> float | None:
 
     clean = [max(min(v, 1e9), -1e9) for v in pos + neg]
     return round(float(roc_auc_score([1] * len(pos) + [0] * len(neg), clean)), 4)
+
+
+def _headline(inp: dict) -> dict:
+    """A model's input-detection result as terd runs it: over the candidates its verdict implicates, else any."""
+    return inp.get("by_verdict") or inp
 
 
 def summarise(rows: list[dict], defenses: tuple[str, ...], min_asr: float) -> dict:
@@ -383,8 +392,9 @@ def summarise(rows: list[dict], defenses: tuple[str, ...], min_asr: float) -> di
                     "benign_models": len(benign), "TPR": _rate(flags), "TNR": tnr,
                     "AUC": _auc([d["decision"]["score"] for d in ds if d.get("decision", {}).get("score") is not None],
                                 neg_scores),
-                    "input_TPR": round(min(i["tpr"] for i in inp), 4) if inp else None,
-                    "input_TNR": round(min(i["tnr"] for i in inp), 4) if inp else None,
+                    "input_TPR": round(min(_headline(i)["tpr"] for i in inp), 4) if inp else None,
+                    "input_TNR": round(min(_headline(i)["tnr"] for i in inp), 4) if inp else None,
+                    "input_TPR_any": round(min(i["tpr"] for i in inp), 4) if inp else None,
                     "input_TPR_rep": (round(min(i["tpr_reported_candidate"] for i in inp), 4)
                                       if inp and all("tpr_reported_candidate" in i for i in inp) else None),
                     "input_TPR_bound": (round(min(m["input_tpr_bound"] for m in members), 4)
@@ -462,18 +472,31 @@ def model_seconds_line(costs: dict) -> str:
 # --------------------------------------------------------------------------------------------------
 
 TABLE_COLUMNS = ["defense", "dataset", "family", "models", "benign_models", "TPR", "TNR", "AUC", "input_TPR",
-                 "input_TNR", "input_TPR_rep", "input_TPR_bound", "trigger_l2", "evals", "seconds"]
+                 "input_TNR", "input_TPR_any", "input_TPR_rep", "input_TPR_bound", "trigger_l2", "evals", "seconds"]
+
+
+def runs_here(meta: dict) -> list[dict]:
+    """The runs into a report's output directory that evaluated models of this report (an ``--only`` report
+    shares its directory with the runs of other parts of the zoo)."""
+    ids = {e["id"] for e in meta.get("entries", [])}
+    return [r for r in meta.get("runs", []) if r.get("evaluated") and (not ids or ids & set(r["evaluated"]))]
 
 
 def _runs_line(meta: dict) -> list[str]:
-    """Every run into this output directory that evaluated models: when, how long, how many."""
-    runs = [r for r in meta.get("runs", []) if r.get("evaluated")]
-    if not runs:
+    """Every run into this output directory that evaluated models of this report: when, how long, how many (a
+    run that also evaluated models outside an ``--only`` report says how many of its models are here)."""
+    ids = {e["id"] for e in meta.get("entries", [])}
+    if not (runs := runs_here(meta)):
         return []
+
+    def models(r: dict) -> str:
+        here = len(ids & set(r["evaluated"])) if ids else len(r["evaluated"])
+        return f"{here} model(s)" + (f" ({len(r['evaluated'])} in that run)" if here < len(r["evaluated"]) else "")
+
     line = "Runs that evaluated models here: " + "; ".join(
         f"{r['finished'][:16].replace('T', ' ')} UTC, {r['seconds']} s"
         + (f" ({r['build_seconds']} s building)" if r.get("build_seconds") is not None else "")
-        + f" with {r['workers']} worker(s), {len(r['evaluated'])} model(s)" for r in runs) + "."
+        + f" with {r['workers']} worker(s), {models(r)}" for r in runs) + "."
     timed = {i for r in runs for i in r["evaluated"]}
     if untimed := [e["id"] for e in meta.get("entries", []) if e["id"] not in timed]:
         line += f" Evaluated in runs before these (no recorded time): {', '.join(untimed)}."
@@ -533,10 +556,14 @@ def _markdown(summary: dict, rows: list[dict], meta: dict) -> str:
              "suffix) on benign models only (mean + 3 std of each feature; Elijah: "
              "mean - 3 std of generation spread). A benign model is judged by thresholds fitted on the other "
              "benign models (leave-one-out); a backdoored model by all benign models. Input detection "
-             "(input_TPR/TNR): an input is flagged when any of the k scan candidates that could be a trigger "
-             "(their detector catches >= half of their own inputs) flags it, each at FPR "
-             f"{meta.get('input_fpr', INPUT_FPR):g} / k from the closed-form benign law (union bound: at most "
-             f"{meta.get('input_fpr', INPUT_FPR):g} in all, so the measured FPR stays <= 0.1%); input_TPR_rep: the "
+             "(input_TPR/TNR), as `terd scan` and `check-inputs` run it: an input is flagged when any of the k scan "
+             "candidates the verdict implicates (on a model flagged through the patch probe, L_p or W_p: the probe's "
+             "candidate and the reversion candidates whose M_r or V_r, read outside the probe's window, cross their "
+             "thresholds) flags it, each at "
+             f"FPR {meta.get('input_fpr', INPUT_FPR):g} / k from the closed-form benign law (union bound: at most "
+             f"{meta.get('input_fpr', INPUT_FPR):g} in all, so the measured FPR stays <= 0.1%); a model not flagged, "
+             "or whose verdict implicates none, uses every candidate that could be a trigger (their detector catches "
+             ">= half of their own inputs), as input_TPR_any does for every model; input_TPR_rep: the "
              "reported candidate alone at the same FPR; input_TPR_bound: the most any detector of x_T alone can "
              f"catch at FPR {meta.get('input_fpr', INPUT_FPR):g} (the true trigger's own likelihood-ratio test, "
              "most powerful by Neyman-Pearson; closed form), so input_TPR is read against it. Worst model of each "
@@ -673,15 +700,52 @@ def _gallery(rows: list[dict], cache: Path, out: Path, defense: str) -> str | No
     return f"gallery_{defense}.png"
 
 
+def verdict_input_detection(rows: list[dict], defense: str, out: Path, model_dirs: dict[str, Path],
+                            meta: dict) -> None:
+    """Input detection as ``terd scan`` then ``check-inputs`` run it on a flagged model: over the candidates the
+    verdict implicates (terd.defense.implicated), on the same noises as the worker's any-candidate measurement
+    (closed form and saved candidates, no network). Kept as ``input_detection["by_verdict"]``; a model that is
+    not flagged, or whose verdict implicates none, keeps the any-candidate rule. ``model_dirs``: where each
+    model (its true trigger) is."""
+    from terd.attacks import load_true_trigger
+    from terd.defense.implicated import implicated_candidates
+    from terd.defense.input_detection import CandidateSetDetector
+    from terd.defense.trigger import load_candidates
+
+    for row in rows:
+        d = row["defenses"].get(defense, {})
+        inp, dec = d.get("input_detection"), d.get("decision", {})
+        if inp is not None:
+            inp.pop("by_verdict", None)  # judged afresh by this report's thresholds
+        path = out / "triggers" / f"{row['id']}--{defense}.candidates.safetensors"
+        if not (row["backdoored"] and inp and dec.get("flagged") and dec.get("cuts") and path.is_file()):
+            continue
+        cands = load_candidates(path)
+        probe = (d.get("patch_probe") or {}).get("candidate_index")
+        implicated = implicated_candidates(cands, dec["cuts"], probe, d)
+        if not implicated:
+            continue
+        fpr = meta.get("input_fpr", INPUT_FPR)
+        r_true, g_true = load_true_trigger(model_dirs[row["id"]])
+        det = CandidateSetDetector(cands, fpr=fpr, implicated=implicated)
+        met = input_detection_metrics(det, r_true, g_true, inp.get("n", meta.get("n_inputs", 10_000)),
+                                      meta.get("seed", 0) + 99)
+        inp["by_verdict"] = {"candidates": implicated, "tpr": met["tpr"], "tnr": met["tnr"]}
+
+
 def write_report(rows: list[dict], defenses: tuple[str, ...], out: Path, meta: dict, min_asr: float,
-                 cache: Path, fixed: dict[str, dict[str, Thresholds | None]] | None = None) -> dict:
+                 cache: Path, fixed: dict[str, dict[str, Thresholds | None]] | None = None,
+                 model_dirs: dict[str, Path] | None = None) -> dict:
     """``fixed``: {defense: {model id: thresholds}} fitted elsewhere (fixed_thresholds); other defenses are
-    judged leave-one-out."""
+    judged leave-one-out. ``model_dirs``: where each model is (default ``cache / id``)."""
+    model_dirs = {r["id"]: Path(cache) / r["id"] for r in rows} | (model_dirs or {})
     for d in defenses:
         if fixed and d in fixed:
             decide_fixed(rows, d, fixed[d], cache)
         else:
             decide(rows, d)
+        if d.startswith("terd-"):
+            verdict_input_detection(rows, d, out, model_dirs, meta)
     summary = summarise(rows, defenses, min_asr)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "models": rows}, indent=2,
@@ -864,4 +928,5 @@ def run_bench(zoo_file: str | Path, out: str | Path, *, defenses: tuple[str, ...
     fixed = fixed_thresholds(given, entries, cache, tuple(defenses)) if given is not None else None
     if fixed is not None:
         meta["thresholds"] = describe_fixed(thresholds, fixed, ordered, cache)
-    return write_report(ordered, tuple(defenses), out, meta, min_asr, cache, fixed)
+    return write_report(ordered, tuple(defenses), out, meta, min_asr, cache, fixed,
+                        {e.id: model_dir(e, cache) for e in entries})

@@ -176,7 +176,8 @@ def check_inputs(
                 f"LLR > {det.threshold:.4g} (benign FPR {fpr:g}, {det.method})")
     else:
         each = "LLR > 0 (paper rule)" if paper_rule else f"benign FPR {fpr / len(det.detectors):.3g} each, {fpr:g} in all"
-        rule = f"any of {len(det.detectors)} candidates flags ({each})"
+        which = " the scan's verdict implicates" if det.implicated else ""
+        rule = f"any of {len(det.detectors)} candidates{which} flags ({each})"
     typer.echo(f"{k} of {n} inputs flagged as backdoor inputs; rule: {rule}")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ import torch
 from scipy import integrate, optimize, special, stats
 
 from terd.defense import llr_kernel
-from terd.defense.trigger import GAMMA_FLOOR, Trigger, candidates_from_tensors
+from terd.defense.trigger import GAMMA_FLOOR, IMPLICATED, Trigger, candidates_from_tensors
 from terd.errors import TerdError
 from terd.rates import DEFAULT_FPR
 
@@ -358,19 +358,27 @@ class CandidateSetDetector:
     0.68-1.0), so any cut between 0.3 and 0.65 keeps the same candidates. When none passes, the one closest to
     passing is kept. ``fpr=None``: every candidate, each with the paper's LLR > 0. ``score`` is the largest
     margin over a kept candidate's threshold, so the threshold is 0.
+
+    That screen keeps ordinary candidates too (benign models' reversion candidates pass it), so once a scan has
+    judged the model backdoored, ``implicated`` -- the candidates its verdict implicates
+    (:func:`terd.defense.implicated.implicated_candidates`) -- replaces it: the budget is split over those alone.
     """
 
     def __init__(self, triggers: list[Trigger], fpr: float | None = DEFAULT_FPR, *,
-                 min_own_tpr: float = MIN_OWN_TPR) -> None:
+                 min_own_tpr: float = MIN_OWN_TPR, implicated: list[int] | None = None) -> None:
         if not triggers:
             raise TerdError("no candidate triggers given")
         if len({t.shape for t in triggers}) != 1:
             raise TerdError(f"candidate triggers differ in shape: {sorted({t.shape for t in triggers})}")
         if fpr is not None and not 0.0 < fpr < 1.0:
             raise TerdError(f"--fpr must be in (0, 1), got {fpr}")
-        self.fpr, self.own_tpr = fpr, None
+        if implicated and not all(0 <= i < len(triggers) for i in implicated):
+            raise TerdError(f"implicated candidates {list(implicated)} out of range for {len(triggers)} candidates")
+        self.fpr, self.own_tpr, self.implicated = fpr, None, sorted(set(implicated)) if implicated else None
         self.kept, built = list(range(len(triggers))), None
-        if fpr is not None and len(triggers) > 1:
+        if self.implicated:
+            self.kept = self.implicated
+        elif fpr is not None and len(triggers) > 1:
             even = [InputDetector(t, fpr=fpr / len(triggers)) for t in triggers]
             self.own_tpr = [d.expected_tpr() for d in even]
             self.kept = [i for i, v in enumerate(self.own_tpr) if v >= min_own_tpr]
@@ -397,7 +405,8 @@ class CandidateSetDetector:
         return min(1.0, sum(d.false_positive_rate() for d in self.detectors))
 
     def summary(self) -> dict:
-        return {"rule": "any candidate flags", "threshold": self.threshold, "target_fpr": self.fpr,
+        rule = "any candidate the verdict implicates flags" if self.implicated else "any candidate flags"
+        return {"rule": rule, "threshold": self.threshold, "target_fpr": self.fpr,
                 "fpr_bound": self.false_positive_bound(), "kept_candidates": self.kept,
                 "own_input_tpr": self.own_tpr, "candidates": [d.summary() for d in self.detectors]}
 
@@ -405,7 +414,8 @@ class CandidateSetDetector:
 def load_input_detector(path: str | Path, fpr: float | None = DEFAULT_FPR,
                         image_shape: tuple[int, int, int] | None = None) -> InputDetector | CandidateSetDetector:
     """The detector a scan's file defines: a candidates file (``r_0``, ``gamma_0``, ...) gives the any-candidate
-    detector, a trigger file (``r``, ``gamma``) the single-trigger one."""
+    detector (over the candidates its scan's verdict implicated, when it lists them), a trigger file (``r``,
+    ``gamma``) the single-trigger one."""
     from terd.models.safe_io import load_tensors
 
     tensors = load_tensors(path)  # read once: its tensor names say which kind of file it is
@@ -414,7 +424,16 @@ def load_input_detector(path: str | Path, fpr: float | None = DEFAULT_FPR,
         if image_shape is not None and cands[0].shape != tuple(image_shape):
             raise TerdError(f"{path}: candidates are {' x '.join(map(str, cands[0].shape))}, expected "
                             f"{' x '.join(map(str, image_shape))}")
-        return CandidateSetDetector(cands, fpr=fpr)
+        implicated = None
+        if IMPLICATED in tensors:
+            listed = tensors[IMPLICATED]
+            if listed.dim() != 1 or listed.is_floating_point() or listed.is_complex():
+                raise TerdError(f"{path}: '{IMPLICATED}' must be a 1-D tensor of candidate indices")
+            implicated = listed.tolist()
+        try:
+            return CandidateSetDetector(cands, fpr=fpr, implicated=implicated)
+        except TerdError as exc:
+            raise TerdError(f"{path}: {exc}") from None
     return InputDetector(Trigger.from_tensors(tensors, path, image_shape), fpr=fpr)
 
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from terd.defense.calibration import architecture, default_thresholds, shipped_families
+from terd.defense.implicated import implicated_candidates
 from terd.defense.input_detection import CandidateSetDetector
 from terd.defense.model_detection import Thresholds, detect_model, kl_peak_window, kl_per_dim
 from terd.defense.reversion import CHECKPOINT_NAME, Progress, get_config, reverse_trigger
@@ -162,9 +163,12 @@ def scan_model(
     ckpt = out / CHECKPOINT_NAME
     res = reverse_trigger(den, cfg, seed=seed, checkpoint=ckpt, resume=resume, progress=progress)
     res.trigger.save(out / TRIGGER)
-    save_candidates(res.input_candidates, out / CANDIDATES)
     verdict = detect_model(res.features, thr)  # any candidate over a threshold flags the model
-    det = CandidateSetDetector(res.input_candidates)  # flag an input when any candidate flags it
+    probe_index = (res.patch_probe or {}).get("candidate_index")
+    implicated = implicated_candidates(res.input_candidates, verdict.thresholds if verdict.backdoored else None,
+                                       probe_index, res.features)
+    save_candidates(res.input_candidates, out / CANDIDATES, implicated)
+    det = CandidateSetDetector(res.input_candidates, implicated=implicated)  # flag an input when any of them flags it
     _pictures(den, res.trigger, out, seed, n=samples)
     g = res.trigger.gamma
     report = {

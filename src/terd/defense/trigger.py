@@ -84,11 +84,17 @@ class Trigger:
             raise TerdError(f"{path}: {exc}") from None
 
 
-def save_candidates(triggers: list[Trigger], path: str | Path) -> None:
-    """All candidate triggers in one safetensors file: tensors ``r_<i>`` and ``gamma_<i>`` (C x H x W)."""
+IMPLICATED = "implicated"  # a candidates file's optional index tensor: the candidates a backdoor verdict implicates
+
+
+def save_candidates(triggers: list[Trigger], path: str | Path, implicated: list[int] | None = None) -> None:
+    """All candidate triggers in one safetensors file: tensors ``r_<i>`` and ``gamma_<i>`` (C x H x W), and
+    ``implicated`` (int64 indices) when a backdoor verdict implicated some (input detection then uses those)."""
     tensors = {}
     for i, trig in enumerate(triggers):  # a Trigger already holds detached CPU float32 tensors
         tensors[f"r_{i}"], tensors[f"gamma_{i}"] = trig.r.contiguous(), trig.gamma.contiguous()
+    if implicated:
+        tensors[IMPLICATED] = torch.tensor(sorted(implicated), dtype=torch.int64)
     save_file(tensors, str(path))
 
 
