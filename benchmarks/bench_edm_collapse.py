@@ -28,10 +28,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import noise_level, write_results  # noqa: E402
+from common import backdoor_under_test, noise_level, write_results  # noqa: E402
 
-from terd.attacks import load_true_trigger  # noqa: E402
-from terd.bench import attack_success  # noqa: E402
 from terd.models import load_denoiser  # noqa: E402
 from terd.sampling import predict_x0  # noqa: E402
 
@@ -84,12 +82,7 @@ def bounded_search(den, low: int, high: int) -> torch.Tensor:  # noqa: ANN001
 
 def main() -> None:
     torch.set_num_threads(1)
-    for name in MODELS:
-        if not (CACHE / name / "model_index.json").is_file():
-            raise SystemExit(f"{CACHE / name} is missing: build it first (see the docstring)")
-    success = attack_success(CACHE / BACKDOORED)
-    print(success, flush=True)
-    true_r = load_true_trigger(CACHE / BACKDOORED)[0]
+    success, true_r = backdoor_under_test(CACHE, MODELS, BACKDOORED)
     rows = []
     for low, high in BANDS:
         mid = (low + high) // 2

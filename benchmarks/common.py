@@ -130,3 +130,17 @@ def build_attack_model(name: str, out: Path, kind: str, options: dict, shape: tu
     print(f"[{name}] training {attack.describe()}", flush=True)
     attack_model(attack, base, out, epochs=epochs, overwrite=True, progress=sys.stderr.isatty(), **finetune)
     return round(time.perf_counter() - t0, 1)
+
+
+def backdoor_under_test(models_dir: Path, names: tuple[str, ...], backdoored: str) -> tuple[dict, torch.Tensor]:
+    """Stop unless every model is built; then the backdoored model's attack success (terd bench's measurement,
+    printed) and its true trigger r: what an EDM study reads its statistics against."""
+    from terd.attacks import load_true_trigger
+    from terd.bench import attack_success
+
+    for name in names:
+        if not (models_dir / name / "model_index.json").is_file():
+            raise SystemExit(f"{models_dir / name} is missing: build it first (see the docstring)")
+    success = attack_success(models_dir / backdoored)
+    print(success, flush=True)
+    return success, load_true_trigger(models_dir / backdoored)[0]
