@@ -359,8 +359,8 @@ class CandidateSetDetector:
     passing is kept. ``fpr=None``: every candidate, each with the paper's LLR > 0. ``score`` is the largest
     margin over a kept candidate's threshold, so the threshold is 0.
 
-    That screen keeps ordinary candidates too (benign models' reversion candidates pass it), so once a scan has
-    judged the model backdoored, ``implicated`` -- the candidates its verdict implicates
+    That screen keeps ordinary candidates too (benign models' reversion candidates pass it), so when a scan's
+    verdict flags the model through its patch probe, ``implicated`` -- the candidates that verdict implicates
     (:func:`terd.defense.implicated.implicated_candidates`) -- replaces it: the budget is split over those alone.
     """
 
