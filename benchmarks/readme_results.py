@@ -29,8 +29,7 @@ END = "<!-- results:end -->"
 # is left out: the same benign models, recorded before P_r existed, and neither of its attacks fired.
 BENCHES = (
     ("zoo-tiny, digits16 half, all 28 models (VP DDPM)", "bench_tiny"),
-    ("zoo-tiny, photos32 half, its 5 benign models (tiny-photos32-dc; its 23 attacks not yet evaluated)",
-     "bench_tiny_p32_benign"),
+    ("zoo-tiny, photos32 half, 5 benign models and 4 of 23 attacks so far (tiny-photos32-dc)", "bench_tiny_p32"),
     ("digits16 core, current code (VP DDPM)", "bench_digits16_core"),
     ("digits16 (VP DDPM)", "bench_digits16"),
     ("photos32 (VP DDPM)", "bench_photos32_e24"),
@@ -82,7 +81,7 @@ def _seconds(meta: dict, model_ids: list[str]) -> str:
         timed = {i for r in runs for i in r["evaluated"]}
         untimed = sum(i not in timed for i in model_ids)
         return ("runs recorded: " + " + ".join(f"{r['seconds']:,.0f}" for r in runs) + " s"
-                + (f" (and {untimed} models evaluated by earlier runs that recorded no time)" if untimed else ""))
+                + (f" (and {untimed} models evaluated by runs that recorded no time: interrupted, or from before run times were kept)" if untimed else ""))
     if meta.get("seconds") and not meta.get("reused_rows"):
         return f"one run of {meta['seconds']:,.0f} s"
     return "no run time recorded (the report was re-rendered from earlier rows)"

@@ -748,7 +748,7 @@ def test_a_report_from_before_run_history_keeps_its_last_run(tmp_path):
     line = _runs_line({"runs": runs, "entries": old["entries"]})[0]
     (tmp_path / "results.json").write_text(json.dumps({"meta": {"runs": [{"seconds": 1}]}}))
     assert _earlier_runs(tmp_path) == []  # a damaged record is dropped, not a crash
-    assert "7831.0 s with 1 worker(s), 2 model(s)" in line and "(no recorded time): a." in line
+    assert "7831.0 s with 1 worker(s), 2 model(s)" in line and "run times were kept): a." in line
     assert "building" not in line  # a run from before build times were kept says nothing of them
     # an --only report into the same directory lists only the runs that evaluated its models, and how many
     other = {"finished": "2026-12-08T02:22:20+00:00", "seconds": 2991.7, "workers": 2, "evaluated": ["p", "q"]}

@@ -46,6 +46,6 @@ def test_run_time_line_counts_models_no_recorded_run_evaluated():
     rr = _renderer()
     meta = {"runs": [{"seconds": 1522.2, "evaluated": ["c"]}, {"seconds": 0.5, "evaluated": []}]}
     assert rr._seconds(meta, ["a", "b", "c"]) == (
-        "runs recorded: 1,522 s (and 2 models evaluated by earlier runs that recorded no time)")
+        "runs recorded: 1,522 s (and 2 models evaluated by runs that recorded no time: interrupted, or from before run times were kept)")
     assert rr._seconds(meta, ["c"]) == "runs recorded: 1,522 s"
     assert rr._seconds({"seconds": 9.0, "reused_rows": ["a"]}, ["a"]).startswith("no run time recorded")

@@ -499,7 +499,7 @@ def _runs_line(meta: dict) -> list[str]:
         + f" with {r['workers']} worker(s), {models(r)}" for r in runs) + "."
     timed = {i for r in runs for i in r["evaluated"]}
     if untimed := [e["id"] for e in meta.get("entries", []) if e["id"] not in timed]:
-        line += f" Evaluated in runs before these (no recorded time): {', '.join(untimed)}."
+        line += f" Evaluated in runs that recorded no time (interrupted, or from before run times were kept): {', '.join(untimed)}."
     return [line, ""]
 
 
