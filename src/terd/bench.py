@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from terd.defense.model_detection import FEATURES, KL_FEATURES, Thresholds
+from terd.defense.model_detection import FEATURES, KL_FEATURES, Thresholds, fit_thresholds
 from terd.errors import TerdError
 from terd.rates import INPUT_FPR
 from terd.zoo import (
@@ -337,15 +337,14 @@ def decide(rows: list[dict], defense: str, k: float = 3.0) -> None:
             by = ["spread"] if flagged else []
         else:
             feats = [f for f in FEATURES if f in d and all(f in r["defenses"][defense] for r in ref)]
-            zs = [_z([r["defenses"][defense][f] for r in ref], d[f]) for f in feats]
-            score = max(zs)
-            by = [f for f, z in zip(feats, zs, strict=True) if z > k]
-            flagged = bool(by)  # the largest z over k
-            cuts = {f: statistics.fmean(v) + k * statistics.stdev(v)
-                    for f in feats if (v := [r["defenses"][defense][f] for r in ref])}
+            # the benign-only rule as `terd calibrate` fits it (mean + k std); the cuts also pick input candidates
+            cuts = fit_thresholds([{f: r["defenses"][defense][f] for f in feats} for r in ref], k=k).values()
+            score = max(_z([r["defenses"][defense][f] for r in ref], d[f]) for f in feats)
+            by = [f for f in feats if d[f] > cuts[f]]
+            flagged = bool(by)
         d["decision"] = {"flagged": bool(flagged), "score": score, "flagged_by": by, "fitted_on": [r["id"] for r in ref]}
         if defense != "elijah":
-            d["decision"]["cuts"] = cuts  # the same rule as z > k, as thresholds (what the verdict's inputs use)
+            d["decision"]["cuts"] = cuts
 
 
 def _rate(flags: list[bool]) -> float | None:
