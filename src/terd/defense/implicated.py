@@ -3,15 +3,15 @@ those reversion candidates with an image-wide anomaly of their own.
 
 Why: input detection splits its false-positive budget evenly over a scan's candidates (union bound), so every
 candidate that is not the trigger costs the real one power. Its screen -- a candidate "could be a trigger" when
-its detector catches at least half of its own inputs -- keeps ordinary candidates: the reversion candidates of
-benign models catch 0.88-0.98 of their own inputs on digits16 and all of them on tiny-photos32-dc (zoo-tiny's
-saved candidates). On a TrojDiff patch model the reversion candidates also cross the peak-KL threshold P_r at the
-patch itself: they find its place, not its value (r from -0.5 to -3 with gamma ~1 where the trigger is +0.9 with
-gamma 0.1), and took half of the budget from the probe's candidate, which reads the patch's value from the
+its detector catches at least half of its own inputs -- keeps ordinary candidates: a benign digits16 model's first
+reversion candidate catches 0.882-0.977 of its own inputs, and both of a tiny-photos32-dc model's catch all of them
+(zoo-tiny's saved candidates; candidate_choice.md). On a TrojDiff patch model the reversion candidates also cross the peak-KL threshold P_r at the
+patch itself: they find its place, not its value (window means r -0.55 to -2.66, gamma 0.90-1.01, where the trigger
+is +0.9 with gamma 0.1), and took half of the budget from the probe's candidate, which reads the patch's value from the
 model. So when the verdict's thresholds put the probe over (L_p or W_p), the probe's candidate stands for the
 small trigger, and a reversion candidate keeps a share only when its image-wide features (M_r, V_r), read outside
 the probe's window, cross their thresholds. (Read outside the window, P_r still implicated one of zoo-tiny's
-three digits16 patch models' reversion candidates, by a bump at the image border 1.04x its threshold.)
+three digits16 patch models' reversion candidates, by a bump at the image border 1.03x its threshold.)
 
 Only then: on other flagged models a threshold screen could drop a real trigger's candidate whose own features sit
 under the cuts while another candidate's cross them (on photos32 TrojDiff's blend the candidate that catches every
